@@ -1,0 +1,493 @@
+"""Attention kernels behind one interface, and the document layout they mask by.
+
+Every kernel computes, for query token i of head h (K = head dim, G kv heads shared by H/G query
+heads each, so query head h reads kv head ⌊h·G/H⌋):
+
+    out_i = Σ_j softmax_j( q_i·k_j / √K + b_h(i, j) ) v_j,   j ranging over keys i may see:
+    j ≤ i and j in i's document (causal within documents; rows without packing: plain causal)
+    b_h(i, j) = −m_h · (pos_i − pos_j) with ALiBi (slope m_h), 0 otherwise.
+
+Kernels: ``naive`` (materializes the B×H×T×T scores; the reference), ``sdpa`` (PyTorch
+``scaled_dot_product_attention``), ``xformers`` (``memory_efficient_attention`` with xformers' bias
+objects), ``flex`` (FlexAttention: document ``BlockMask``, ALiBi ``score_mod``) and ``auto`` (picks
+per device and batch layout; see ``AUTO_PREFERENCE``).
+
+Usage: ``kernel = make_kernel(name)``; once per forward ``ctx = kernel.prepare(layout,
+position_ids, alibi_slopes)``; in every layer ``out_BTHK = kernel(q_BTHK, k_BTGK, v_BTGK, ctx)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAMES = ("auto", "naive", "sdpa", "xformers", "flex")
+POSITION_SCHEMES = ("learned", "rope", "alibi", "none")
+
+# xformers has no ALiBi: it gets a dense [B, H, T, T] bias. Refuse biases above this many bytes.
+XFORMERS_DENSE_BIAS_BUDGET_BYTES = 2 * 2**30
+
+
+# --------------------------------------------------------------------------------------------
+# The facts a batch carries: document lengths per row.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DocLayout:
+    """Documents of each row: ``doc_lens[b]`` lists row b's document lengths in order; tokens past
+    ``sum(doc_lens[b])`` are padding. A row with one document is plain causal (padding follows every
+    real token, so no real token sees it); several documents make the row block-diagonal causal."""
+
+    doc_lens: tuple[tuple[int, ...], ...]
+    seq_len: int
+
+    def __init__(self, doc_lens, seq_len: int):
+        rows = tuple(tuple(int(n) for n in row) for row in doc_lens)
+        for b, row in enumerate(rows):
+            if not row or any(n < 1 for n in row) or sum(row) > seq_len:
+                raise ValueError(
+                    f"doc_lens row {b} = {list(row)}: need at least one document, lengths >= 1, summing to at most "
+                    f"seq_len={seq_len}"
+                )
+        object.__setattr__(self, "doc_lens", rows)
+        object.__setattr__(self, "seq_len", int(seq_len))
+
+    @classmethod
+    def causal(cls, batch_size: int, seq_len: int) -> DocLayout:
+        """One document filling each row."""
+        return cls([[seq_len]] * batch_size, seq_len)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.doc_lens)
+
+    @functools.cached_property
+    def packed(self) -> bool:
+        return any(len(row) > 1 for row in self.doc_lens)
+
+    def segment_lens(self) -> list[list[int]]:
+        """Per row, the blocks attention is confined to: the documents, then the padding (if any)
+        as one more block. Each row sums to ``seq_len``."""
+        out = []
+        for row in self.doc_lens:
+            pad = self.seq_len - sum(row)
+            out.append(list(row) + ([pad] if pad else []))
+        return out
+
+    def segment_ids(self, device=None) -> torch.Tensor:
+        """``[B, T]`` index of each token's block within its row (all zeros when not packed)."""
+        if not self.packed:
+            return torch.zeros(self.batch_size, self.seq_len, dtype=torch.long, device=device)
+        ids = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in self.segment_lens()]
+        return torch.stack(ids).to(device)
+
+    def position_ids(self, device=None) -> torch.Tensor:
+        """``[B, T]`` position of each token inside its document; padding continues counting."""
+        rows = []
+        for row in self.doc_lens:
+            tail = self.seq_len - sum(row[:-1])  # the last document and the padding after it
+            rows.append(torch.cat([torch.arange(n) for n in row[:-1]] + [torch.arange(tail)]))
+        return torch.stack(rows).to(device)
+
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """``[B, T, T]`` bool, True where query i may attend key j."""
+        t = torch.arange(self.seq_len, device=device)
+        causal = t[:, None] >= t[None, :]
+        seg = self.segment_ids(device)
+        return causal[None] & (seg[:, :, None] == seg[:, None, :])
+
+    def xformers_bias(self, device=None):
+        """The matching xformers bias: ``LowerTriangularMask`` for rows of one document, else a
+        ``BlockDiagonalCausalMask`` over all rows flattened to ``[1, B·T]`` (xformers needs batch 1)."""
+        from xformers.ops import fmha
+
+        if not self.packed:
+            return fmha.attn_bias.LowerTriangularMask()
+        flat = [n for row in self.segment_lens() for n in row]
+        return fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(flat, device=device)
+
+    def attended_pairs(self) -> int:
+        """Σ over real documents of L(L+1)/2: the (query, key) pairs causal attention computes."""
+        return sum(n * (n + 1) // 2 for row in self.doc_lens for n in row)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): for n a power of two, m_h = 2^(−8h/n), h = 1..n.
+    Otherwise the n' = 2^⌊log2 n⌋ slopes, then every other slope of the 2n' sequence."""
+
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    base = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(base) + powers(2 * base)[0::2][: n_heads - base]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def repeat_kv(x_BTGK: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[B, T, G, K] -> [B, T, H, K]``, each kv head repeated for its H/G query heads."""
+    B, T, G, K = x_BTGK.shape
+    if G == n_heads:
+        return x_BTGK
+    return x_BTGK[:, :, :, None, :].expand(B, T, G, n_heads // G, K).reshape(B, T, n_heads, K)
+
+
+def _alibi_bias(position_ids: torch.Tensor, slopes: torch.Tensor, dtype) -> torch.Tensor:
+    """``[B, H, T, T]`` additive bias −m_h·(pos_i − pos_j)."""
+    rel = (position_ids[:, None, None, :] - position_ids[:, None, :, None]).to(torch.float32)
+    return (slopes.to(rel.device)[None, :, None, None] * rel).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AttentionContext:
+    """What ``prepare`` built once per forward and every layer shares."""
+
+    kernel: AttentionKernel
+    layout: DocLayout
+    position_ids: torch.Tensor | None  # [B, T]
+    slopes: torch.Tensor | None  # [H] ALiBi slopes or None
+    bias: Any = None  # the kernel's own mask / bias object
+
+
+class AttentionKernel:
+    """One attention implementation. Subclasses set ``name`` and implement ``support`` (why a
+    configuration can't run, or None), ``_bias`` and ``_attend``."""
+
+    name = "base"
+
+    def support(self, *, device: torch.device, n_heads: int, n_kv_heads: int, alibi: bool,
+                training: bool, seq_len: int | None = None) -> str | None:
+        return None
+
+    def check(self, **config) -> None:
+        """Raise ``ValueError`` naming the combination and the kernels that would run it."""
+        reason = self.support(**config)
+        if reason:
+            ok = [n for n in KERNEL_NAMES[1:] if make_kernel(n).support(**config) is None]
+            raise ValueError(f"attention={self.name!r} can't run {_describe(config)}: {reason}. "
+                             f"Kernels that can: {', '.join(ok) or 'none'}.")
+
+    def prepare(self, layout: DocLayout, position_ids: torch.Tensor | None, slopes: torch.Tensor | None,
+                *, n_heads: int, n_kv_heads: int, dtype: torch.dtype, device) -> AttentionContext:
+        ctx = AttentionContext(self, layout, position_ids, slopes)
+        ctx.bias = self._bias(ctx, n_heads=n_heads, dtype=dtype, device=device)
+        return ctx
+
+    def __call__(self, q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext) -> torch.Tensor:
+        return ctx.kernel._attend(q_BTHK, k_BTGK, v_BTGK, ctx)
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        return None
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _describe(config: dict) -> str:
+    dev = torch.device(config["device"]).type
+    gqa = f"GQA {config['n_heads']}q/{config['n_kv_heads']}kv" if config["n_kv_heads"] != config["n_heads"] else "MHA"
+    return f"{gqa}{' + ALiBi' if config['alibi'] else ''} {'training' if config['training'] else 'inference'} on {dev}"
+
+
+def _dense_bias(ctx: AttentionContext, n_heads: int, dtype, device, pad_to: int = 1) -> torch.Tensor | None:
+    """Additive float bias ``[B, 1|H, T, T]``: −inf outside the mask, ALiBi inside. With ``pad_to``,
+    sliced from a buffer whose last dim is a multiple of it (xformers wants stride(-2) % 8 == 0)."""
+    layout = ctx.layout
+    T = layout.seq_len
+    heads = n_heads if ctx.slopes is not None else 1
+    buf = torch.zeros(layout.batch_size, heads, T, -(-T // pad_to) * pad_to, dtype=dtype, device=device)
+    bias = buf[..., :T]
+    if ctx.slopes is not None:
+        bias += _alibi_bias(ctx.position_ids, ctx.slopes, dtype)
+    bias.masked_fill_(~layout.dense_mask(device)[:, None], float("-inf"))
+    return bias
+
+
+class NaiveAttention(AttentionKernel):
+    """The reference: softmax(q kᵀ/√K + bias) v with the B×H×T×T scores materialized."""
+
+    name = "naive"
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        return _dense_bias(ctx, n_heads, dtype, device)
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        H, K = q_BTHK.shape[2], q_BTHK.shape[3]
+        q, k, v = (x.transpose(1, 2) for x in (q_BTHK, repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)))
+        scores_BHTT = q @ k.transpose(-1, -2) / math.sqrt(K) + ctx.bias
+        return (scores_BHTT.softmax(-1) @ v).transpose(1, 2)
+
+
+class SdpaAttention(AttentionKernel):
+    """``F.scaled_dot_product_attention``: ``is_causal`` for rows of one document (cuDNN / flash on
+    GPU), a dense boolean block-diagonal mask for packed rows, a dense float bias for ALiBi.
+    GQA through ``enable_gqa`` (no K/V copies)."""
+
+    name = "sdpa"
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        if ctx.slopes is not None:
+            return _dense_bias(ctx, n_heads, dtype, device)
+        if ctx.layout.packed:
+            return ctx.layout.dense_mask(device)[:, None]
+        return None
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        q, k, v = (x.transpose(1, 2) for x in (q_BTHK, k_BTGK, v_BTGK))
+        gqa = k.shape[1] != q.shape[1]
+        if ctx.bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.bias, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+
+class XformersAttention(AttentionKernel):
+    """``xformers.ops.memory_efficient_attention`` on ``[B, T, H, K]``: ``LowerTriangularMask`` for
+    rows of one document; packed rows flattened to ``[1, B·T, H, K]`` under a
+    ``BlockDiagonalCausalMask``. GQA repeats K/V to H heads (xformers' 5-D GQA layout has no
+    backward). ALiBi only as a dense, 8-aligned ``[B, H, T, T]`` bias, refused above
+    ``XFORMERS_DENSE_BIAS_BUDGET_BYTES``."""
+
+    name = "xformers"
+
+    def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
+        if torch.device(device).type != "cuda":
+            return "xformers' attention kernels are CUDA-only"
+        problem = xformers_problem()
+        if problem:
+            return problem
+        if alibi and seq_len is not None:
+            need = dense_bias_bytes(1, n_heads, seq_len)
+            if need > XFORMERS_DENSE_BIAS_BUDGET_BYTES:
+                return (f"ALiBi needs a dense {n_heads}×{seq_len}×{seq_len} bias per row "
+                        f"({need / 2**30:.1f} GiB > budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB)")
+        return None
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        if ctx.slopes is not None:
+            need = dense_bias_bytes(ctx.layout.batch_size, n_heads, ctx.layout.seq_len)
+            if need > XFORMERS_DENSE_BIAS_BUDGET_BYTES:
+                raise ValueError(f"xformers ALiBi bias for this batch needs {need / 2**30:.1f} GiB "
+                                 f"(budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB); "
+                                 "use attention='flex' (O(T) memory) or a smaller batch")
+            return _dense_bias(ctx, n_heads, dtype, device, pad_to=8)
+        return ctx.layout.xformers_bias(device)
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        from xformers.ops import memory_efficient_attention
+
+        B, T, H, K = q_BTHK.shape
+        k, v = repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)
+        if ctx.layout.packed and ctx.slopes is None:
+            out = memory_efficient_attention(q_BTHK.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
+                                             v.reshape(1, B * T, H, K), attn_bias=ctx.bias)
+            return out.view(B, T, H, K)
+        return memory_efficient_attention(q_BTHK, k, v, attn_bias=ctx.bias)
+
+
+def dense_bias_bytes(batch: int, n_heads: int, seq_len: int, itemsize: int = 2) -> int:
+    return batch * n_heads * seq_len * (-(-seq_len // 8) * 8) * itemsize
+
+
+class FlexAttention(AttentionKernel):
+    """FlexAttention: the document mask as a ``BlockMask`` (built once per forward from segment ids
+    by one compiled function, so new batches don't recompile), ALiBi as a ``score_mod``, native
+    GQA. O(T) memory. Compiled on CUDA; on CPU it runs eagerly and has no backward."""
+
+    name = "flex"
+
+    def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
+        if training and torch.device(device).type != "cuda":
+            return "FlexAttention has no backward on CPU"
+        return None
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        return _flex_block_mask(ctx.layout, torch.device(device))
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = (x.transpose(1, 2) for x in (q_BTHK, k_BTGK, v_BTGK))
+        score_mod = None
+        if ctx.slopes is not None:
+            pos_BT, slopes_H = ctx.position_ids, ctx.slopes.to(q.device)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + slopes_H[h] * (pos_BT[b, kv_idx] - pos_BT[b, q_idx])
+
+        attend = _compiled_flex() if q.is_cuda else flex_attention
+        out = attend(q, k, v, score_mod=score_mod, block_mask=ctx.bias, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _document_block_mask(seg_BT: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (seg_BT[b, q_idx] == seg_BT[b, kv_idx])
+
+    B, T = seg_BT.shape
+    return create_block_mask(same_doc_causal, B, None, T, T, device=seg_BT.device)
+
+
+@functools.cache
+def _causal_block_mask(seq_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seq_len, seq_len, device=device)
+
+
+@functools.cache
+def _compiled_document_block_mask():
+    # One compiled builder: the segment ids are a graph input, so a new batch of the same shape
+    # reuses the compiled code instead of recompiling for a new mask_mod closure.
+    return torch.compile(_document_block_mask, dynamic=False)
+
+
+def _flex_block_mask(layout: DocLayout, device: torch.device):
+    if not layout.packed:
+        return _causal_block_mask(layout.seq_len, device)
+    seg = layout.segment_ids(device)
+    return _compiled_document_block_mask()(seg) if device.type == "cuda" else _document_block_mask(seg)
+
+
+# --------------------------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------------------------
+# Fastest kernel per case on CUDA (H200 measurements in docs/attention.md), first supported wins.
+AUTO_PREFERENCE = {
+    # (packed, alibi, gqa) -> order
+    (False, False, False): ("sdpa", "xformers", "flex"),
+    (False, False, True): ("sdpa", "flex", "xformers"),
+    (True, False, False): ("xformers", "flex", "sdpa"),
+    (True, False, True): ("flex", "xformers", "sdpa"),
+    (False, True, False): ("flex", "xformers", "sdpa"),
+    (False, True, True): ("flex", "xformers", "sdpa"),
+    (True, True, False): ("flex", "xformers", "sdpa"),
+    (True, True, True): ("flex", "xformers", "sdpa"),
+}
+
+
+class AutoAttention(AttentionKernel):
+    """Picks per device and batch layout the fastest kernel that supports the case
+    (``AUTO_PREFERENCE`` on CUDA, ``sdpa`` on CPU) and logs each new choice once."""
+
+    name = "auto"
+
+    def __init__(self):
+        self._kernels = {n: make_kernel(n) for n in ("sdpa", "xformers", "flex")}
+        self._logged: set = set()
+        self.last_choice: str | None = None
+
+    def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None) -> str:
+        device = torch.device(device)
+        config = dict(device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi,
+                      training=training, seq_len=seq_len)
+        order = AUTO_PREFERENCE[(packed, alibi, n_kv_heads != n_heads)] if device.type == "cuda" else ("sdpa",)
+        for name in order:
+            if self._kernels[name].support(**config) is None:
+                key = (device.type, packed, alibi, n_kv_heads != n_heads, name)
+                if key not in self._logged:
+                    self._logged.add(key)
+                    skipped = {n: self._kernels[n].support(**config) for n in order[: order.index(name)]}
+                    why = "; ".join(f"{n}: {r}" for n, r in skipped.items())
+                    log.info("attention=auto chose %r for %s rows, %s%s", name,
+                             "packed" if packed else "causal", _describe(config), f" ({why})" if why else "")
+                return name
+        return "sdpa"
+
+    def prepare(self, layout, position_ids, slopes, *, n_heads, n_kv_heads, dtype, device):
+        name = self.choose(device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=slopes is not None,
+                           training=torch.is_grad_enabled(), packed=layout.packed, seq_len=layout.seq_len)
+        self.last_choice = name
+        return self._kernels[name].prepare(layout, position_ids, slopes, n_heads=n_heads,
+                                           n_kv_heads=n_kv_heads, dtype=dtype, device=device)
+
+
+KERNELS: dict[str, type[AttentionKernel]] = {
+    "naive": NaiveAttention,
+    "sdpa": SdpaAttention,
+    "xformers": XformersAttention,
+    "flex": FlexAttention,
+    "auto": AutoAttention,
+}
+
+
+def make_kernel(name: str) -> AttentionKernel:
+    """The kernel called ``name`` (one of ``KERNEL_NAMES``)."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    return KERNELS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# xformers loading: its _C.so links libcudart.so.12, which a CUDA-13 torch doesn't ship.
+# --------------------------------------------------------------------------------------------
+def _preload_cudart12() -> str | None:
+    """Load ``libcudart.so.12`` from the ``nvidia-cuda-runtime-cu12`` package (if installed) with
+    RTLD_GLOBAL, so xformers' extension resolves it without LD_LIBRARY_PATH. Returns its path."""
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    except ModuleNotFoundError:
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / "lib" / "libcudart.so.12"
+        if lib.exists():
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            return str(lib)
+    return None
+
+
+@functools.cache
+def xformers_problem() -> str | None:
+    """Why xformers' CUDA attention can't run here, or None if a tiny attention call succeeded."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if (torch.version.cuda or "").split(".")[0] != "12":
+        lib = _preload_cudart12()
+        if lib is None:
+            log.debug("libcudart.so.12 not found; xformers may fail to load its extension")
+    os.environ.setdefault("XFORMERS_IGNORE_FLASH_VERSION_CHECK", "1")
+    try:
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+    except Exception as e:  # broken install
+        return f"xformers failed to import ({type(e).__name__}: {e})"
+    try:
+        x = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+        memory_efficient_attention(x, x, x, attn_bias=LowerTriangularMask())
+    except Exception as e:
+        hint = " (pip install 'lit_xf[gpu]' for its CUDA-12 runtime)" if "build" in str(e).lower() else ""
+        return f"xformers can't run its CUDA kernels: {str(e).splitlines()[0][:160]}{hint}"
+    return None
+
+
+def kernel_report(device: torch.device | str, *, n_heads: int = 8, n_kv_heads: int | None = None,
+                  alibi: bool = False, training: bool = True) -> dict[str, str | None]:
+    """For each concrete kernel, None if it runs this configuration on ``device``, else why not."""
+    config = dict(device=torch.device(device), n_heads=n_heads, n_kv_heads=n_kv_heads or n_heads,
+                  alibi=alibi, training=training)
+    return {n: make_kernel(n).support(**config) for n in KERNEL_NAMES[1:]}

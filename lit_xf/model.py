@@ -1,0 +1,246 @@
+"""TinyGPT: a decoder-only transformer built from a pluggable attention kernel and a pluggable FFN.
+
+Pre-norm blocks: x ← x + Attn(Norm(x)); x ← x + FFN(Norm(x)). Plain ``nn.Module``, no Lightning.
+The defaults are the tutorial's model: d=128, 3 layers, 8 heads, SwiGLU with hidden 4·d,
+LayerNorm, learned absolute positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_xf.attention import (
+    KERNEL_NAMES,
+    POSITION_SCHEMES,
+    AttentionContext,
+    DocLayout,
+    alibi_slopes,
+    make_kernel,
+)
+
+
+class SwiGLU(nn.Module):
+    """w3( silu(x W1) ⊙ x W2 ), with W1 and W2 fused into one ``w12`` matmul; hidden = mult·dim.
+    (xformers' fused SwiGLU only has an eager path in 0.0.35, so this is the same math in torch.)"""
+
+    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = False):
+        super().__init__()
+        hidden = int(hidden_mult * dim)
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+        self.w3.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class GeluMLP(nn.Module):
+    """fc2( gelu(x fc1) ), hidden = mult·dim (GPT-2's MLP)."""
+
+    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = True):
+        super().__init__()
+        hidden = int(hidden_mult * dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc2.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(x, approximate="tanh"))
+
+
+FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+def rope_rotate(x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Su et al.): pairs (x_i, x_{i+K/2}) rotated by angle pos·θ_i."""
+    x1, x2 = x_BTHK.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x_BTHK * cos_BT1K + rotated * sin_BT1K).to(x_BTHK.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection (H query heads, G kv heads), optional RoPE, the shared kernel, output
+    projection."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.proj.is_residual_projection = True
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, K).split((H, G, G), dim=2)
+        if rope is not None:
+            q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
+        out_BTHK = ctx.kernel(q, k, v, ctx)
+        return self.proj(out_BTHK.reshape(B, T, H * K))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, ffn: nn.Module,
+                 norm: type[nn.Module], dropout: float):
+        super().__init__()
+        self.norm1, self.attn = norm(d_model), SelfAttention(d_model, n_heads, n_kv_heads)
+        self.norm2, self.ffn = norm(d_model), ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
+        x_BTD = x_BTD + self.drop(self.attn(self.norm1(x_BTD), ctx, rope))
+        return x_BTD + self.drop(self.ffn(self.norm2(x_BTD)))
+
+
+class TinyGPT(nn.Module):
+    """Decoder-only transformer.
+
+    Args:
+        vocab_size: number of token ids.
+        d_model, n_layers, n_heads: width, depth, query heads (``n_heads`` divides ``d_model``).
+        n_kv_heads: key/value heads for grouped-query attention (divides ``n_heads``; default
+            ``n_heads``; 1 is multi-query).
+        max_seq_len: longest row (tokens) the model accepts.
+        attention: kernel name, one of ``auto naive sdpa xformers flex``.
+        positions: ``learned`` (absolute embeddings), ``rope``, ``alibi`` or ``none``. Positions
+            count inside each document, so they restart at every document of a packed row.
+        ffn: ``swiglu``, ``gelu`` or a factory ``dim -> nn.Module`` (called once per layer).
+        norm: ``layernorm`` or ``rmsnorm``.
+        tie_embeddings: share the token embedding with the output projection.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 258,
+        d_model: int = 128,
+        n_layers: int = 3,
+        n_heads: int = 8,
+        n_kv_heads: int | None = None,
+        max_seq_len: int = 512,
+        attention: Literal["auto", "naive", "sdpa", "xformers", "flex"] = "auto",
+        positions: Literal["learned", "rope", "alibi", "none"] = "learned",
+        ffn: str | Callable[[int], nn.Module] = "swiglu",
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        tie_embeddings: bool = False,
+        dropout: float = 0.0,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions,
+                  ffn, norm)
+        self.n_heads, self.n_kv_heads, self.max_seq_len = n_heads, n_kv_heads, max_seq_len
+        self.positions = positions
+        self.kernel = make_kernel(attention)
+        # An explicit kernel that can't run on this machine fails now, not mid-step.
+        self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
+
+        ffn_factory = FFNS[ffn] if isinstance(ffn, str) else ffn
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model) if positions == "learned" else None
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, n_kv_heads, ffn_factory(d_model), NORMS[norm], dropout)
+            for _ in range(n_layers)
+        )
+        self.norm_f = NORMS[norm](d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if positions == "alibi" else None,
+                             persistent=False)
+        head_dim = d_model // n_heads
+        inv_freq = rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("rope_inv_freq", inv_freq if positions == "rope" else None, persistent=False)
+        self.apply(lambda m: _init_weights(m, n_layers))
+
+    def check_kernel(self, device: torch.device, training: bool) -> None:
+        """Raise ``ValueError`` if the configured kernel can't run this model on ``device``."""
+        self.kernel.check(device=device, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                          alibi=self.positions == "alibi", training=training, seq_len=self.max_seq_len)
+
+    @property
+    def attention_kernel_name(self) -> str:
+        """The kernel in use (for ``auto``, its latest choice)."""
+        return getattr(self.kernel, "last_choice", None) or self.kernel.name
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_lens: list[list[int]] | None = None) -> torch.Tensor:
+        """``input_ids [B, T]`` → logits ``[B, T, V]``. ``doc_lens`` (documents per row, as in the
+        batch contract) confines attention to each document; ``position_ids [B, T]`` default to
+        positions inside each document."""
+        B, T = input_ids.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
+        device = input_ids.device
+        layout = DocLayout(doc_lens, T) if doc_lens is not None else DocLayout.causal(B, T)
+        if position_ids is None:
+            position_ids = layout.position_ids(device)
+        x_BTD = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x_BTD = x_BTD + self.pos_emb(position_ids)
+        ctx = self.kernel.prepare(layout, position_ids, self.alibi_slopes, n_heads=self.n_heads,
+                                  n_kv_heads=self.n_kv_heads, dtype=_compute_dtype(x_BTD), device=device)
+        rope = None
+        if self.rope_inv_freq is not None:
+            angles_BTK = position_ids[..., None].float() * self.rope_inv_freq
+            angles_BTK = torch.cat((angles_BTK, angles_BTK), dim=-1)[:, :, None, :]
+            rope = (angles_BTK.cos(), angles_BTK.sin())
+        for block in self.blocks:
+            x_BTD = block(x_BTD, ctx, rope)
+        return self.lm_head(self.norm_f(x_BTD))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q/k/v will have: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _init_weights(module: nn.Module, n_layers: int) -> None:
+    """N(0, 0.02); residual projections N(0, 0.02/√(2·layers)) (GPT-2); zero biases."""
+    if isinstance(module, nn.Linear):
+        std = 0.02 / math.sqrt(2 * n_layers) if getattr(module, "is_residual_projection", False) else 0.02
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn,
+              norm) -> None:
+    for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                        ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if d_model % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide d_model={d_model} (e.g. n_heads="
+                         f"{max(h for h in range(1, min(n_heads, d_model) + 1) if d_model % h == 0)})")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} "
+                         f"(divisors: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]})")
+    if (d_model // n_heads) % 2 and positions == "rope":
+        raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={d_model // n_heads}")
+    if attention not in KERNEL_NAMES:
+        raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    if positions not in POSITION_SCHEMES:
+        raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITION_SCHEMES)}")
+    if isinstance(ffn, str) and ffn not in FFNS:
+        raise ValueError(f"unknown ffn {ffn!r}; choose one of {', '.join(FFNS)} or pass a factory dim -> nn.Module")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
