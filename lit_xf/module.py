@@ -1,0 +1,211 @@
+"""LitTinyGPT: the LightningModule users import.
+
+Loss = mean cross-entropy over real target tokens (labels ≠ −100: pads and document ends are
+ignored). AdamW (no decay on norms, biases, embeddings) with linear warm-up and cosine decay to
+``min_lr_ratio``·lr, stepped per optimizer step; LightningCLI's ``--optimizer`` / ``--lr_scheduler``
+replace it when given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_xf.attention import DocLayout
+from lit_xf.model import TinyGPT
+
+IGNORE_INDEX = -100
+# Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
+ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "positions", "ffn", "norm",
+                     "tie_embeddings")
+
+
+class LitTinyGPT(L.LightningModule):
+    """TinyGPT (see ``lit_xf.model.TinyGPT`` for the architecture arguments) plus training.
+
+    Args:
+        lr, weight_decay, betas: AdamW settings (fused on CUDA).
+        warmup_steps: linear warm-up from 0; then cosine decay to ``min_lr_ratio``·lr at the last step.
+        compile: ``torch.compile`` each transformer block (regional compilation: the attention
+            bias is built outside the compiled regions, once per forward).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 258,
+        d_model: int = 128,
+        n_layers: int = 3,
+        n_heads: int = 8,
+        n_kv_heads: int | None = None,
+        max_seq_len: int = 512,
+        attention: Literal["auto", "naive", "sdpa", "xformers", "flex"] = "auto",
+        positions: Literal["learned", "rope", "alibi", "none"] = "learned",
+        ffn: str | Callable[[int], nn.Module] = "swiglu",
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        tie_embeddings: bool = False,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got lr={lr}, "
+                             f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}")
+        self.model = TinyGPT(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions,
+                             ffn, norm, tie_embeddings, dropout)
+        self.train_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()  # weighted by real target tokens
+        self._compiled = False
+
+    # -- model -------------------------------------------------------------------------------
+    @property
+    def attention_kernel_name(self) -> str:
+        return self.model.attention_kernel_name
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not self._compiled:
+            for block in self.model.blocks:
+                block.compile()
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        # The device is known now: refuse a kernel that can't train here before the first step.
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        self.model.check_kernel(device, training=stage == "fit")
+
+    def forward(self, input_ids, position_ids=None, doc_lens=None) -> torch.Tensor:
+        return self.model(input_ids, position_ids, doc_lens)
+
+    # -- steps -------------------------------------------------------------------------------
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return loss, logits_BTV
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits = self._loss(batch)
+        self.train_acc(logits.detach().flatten(0, 1), batch["labels"].flatten())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: dict) -> None:
+        loss, logits = self._loss(batch)
+        self.val_loss.update(loss, weight=(batch["labels"] != IGNORE_INDEX).sum())
+        self.val_acc(logits.flatten(0, 1), batch["labels"].flatten())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/ppl": loss.exp(), f"{prefix}/acc": self.val_acc.compute()},
+                      prog_bar=prefix == "val")
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    # -- optimization --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "emb" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda",
+        )
+        total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        diff = {k: (saved[k], self.hparams[k]) for k in ARCHITECTURE_KEYS
+                if k in saved and k in self.hparams and _norm(saved[k]) != _norm(self.hparams[k])}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"checkpoint was saved by a model of another configuration ({what}); load it with "
+                             "LitTinyGPT.load_from_checkpoint(path) to rebuild its own model, or match these settings")
+
+    # -- accounting --------------------------------------------------------------------------
+    def flops_per_batch(self, batch: dict) -> int:
+        """Training FLOPs (forward + backward ≈ 3 × forward) of the useful work in a batch:
+        2·P_matmul per real token, plus per layer 4·H·K per attended (query, key) pair, where pairs
+        = Σ over documents L(L+1)/2 — causal and block-diagonal sparsity, not T² per row."""
+        layout = DocLayout(batch["doc_lens"], batch["input_ids"].shape[1])
+        real_tokens = sum(sum(row) for row in layout.doc_lens)
+        m = self.model
+        matmul_params = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+        head_dim = m.blocks[0].attn.head_dim
+        attention = 4 * len(m.blocks) * m.n_heads * head_dim * layout.attended_pairs()
+        return 3 * (2 * matmul_params * real_tokens + attention)
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of ``prompt_ids [B, T0]`` (or ``[T0]``): softmax(logits/temperature)
+        restricted to the top-k; temperature 0 is greedy. Stops early once every row emitted
+        ``eos_id``. Returns ``[B, T0 + n]``."""
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        ids = prompt_ids[None] if prompt_ids.ndim == 1 else prompt_ids
+        ids = ids.to(self.device)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.hparams.max_seq_len:])[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            if eos_id is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+                done |= nxt[:, 0] == eos_id
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return ids if prompt_ids.ndim > 1 else ids[0]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """lr multiplier: step/warmup during warm-up, then min + (1−min)·½(1 + cos(π·progress))."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _norm(value):
+    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
