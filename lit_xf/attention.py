@@ -46,13 +46,16 @@ XFORMERS_DENSE_BIAS_BUDGET_BYTES = 2 * 2**30
 @dataclass(frozen=True)
 class DocLayout:
     """Documents of each row: ``doc_lens[b]`` lists row b's document lengths in order; tokens past
-    ``sum(doc_lens[b])`` are padding. A row with one document is plain causal (padding follows every
-    real token, so no real token sees it); several documents make the row block-diagonal causal."""
+    ``sum(doc_lens[b])`` are padding. Tokens attend within their document, causally unless
+    ``causal=False``. A causal row with one document needs only a plain causal mask (padding follows
+    every real token, so no real token sees it); otherwise each row is block-diagonal, padding
+    being one more block."""
 
     doc_lens: tuple[tuple[int, ...], ...]
     seq_len: int
+    causal: bool
 
-    def __init__(self, doc_lens, seq_len: int):
+    def __init__(self, doc_lens, seq_len: int, causal: bool = True):
         rows = tuple(tuple(int(n) for n in row) for row in doc_lens)
         for b, row in enumerate(rows):
             if not row or any(n < 1 for n in row) or sum(row) > seq_len:
@@ -62,11 +65,12 @@ class DocLayout:
                 )
         object.__setattr__(self, "doc_lens", rows)
         object.__setattr__(self, "seq_len", int(seq_len))
+        object.__setattr__(self, "causal", bool(causal))
 
     @classmethod
-    def causal(cls, batch_size: int, seq_len: int) -> DocLayout:
+    def full_rows(cls, batch_size: int, seq_len: int, causal: bool = True) -> DocLayout:
         """One document filling each row."""
-        return cls([[seq_len]] * batch_size, seq_len)
+        return cls([[seq_len]] * batch_size, seq_len, causal)
 
     @property
     def batch_size(self) -> int:
@@ -74,7 +78,13 @@ class DocLayout:
 
     @functools.cached_property
     def packed(self) -> bool:
+        """Some row holds several documents."""
         return any(len(row) > 1 for row in self.doc_lens)
+
+    @functools.cached_property
+    def block_diagonal(self) -> bool:
+        """The mask needs blocks: packed rows, or padding that non-causal attention would see."""
+        return self.packed or (not self.causal and any(sum(row) < self.seq_len for row in self.doc_lens))
 
     def segment_lens(self) -> list[list[int]]:
         """Per row, the blocks attention is confined to: the documents, then the padding (if any)
@@ -86,8 +96,8 @@ class DocLayout:
         return out
 
     def segment_ids(self, device=None) -> torch.Tensor:
-        """``[B, T]`` index of each token's block within its row (all zeros when not packed)."""
-        if not self.packed:
+        """``[B, T]`` index of each token's block within its row (all zeros without blocks)."""
+        if not self.block_diagonal:
             return torch.zeros(self.batch_size, self.seq_len, dtype=torch.long, device=device)
         ids = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in self.segment_lens()]
         return torch.stack(ids).to(device)
@@ -102,24 +112,28 @@ class DocLayout:
 
     def dense_mask(self, device=None) -> torch.Tensor:
         """``[B, T, T]`` bool, True where query i may attend key j."""
-        t = torch.arange(self.seq_len, device=device)
-        causal = t[:, None] >= t[None, :]
         seg = self.segment_ids(device)
-        return causal[None] & (seg[:, :, None] == seg[:, None, :])
+        same_block = seg[:, :, None] == seg[:, None, :]
+        if not self.causal:
+            return same_block
+        t = torch.arange(self.seq_len, device=device)
+        return (t[:, None] >= t[None, :])[None] & same_block
 
     def xformers_bias(self, device=None):
-        """The matching xformers bias: ``LowerTriangularMask`` for rows of one document, else a
-        ``BlockDiagonalCausalMask`` over all rows flattened to ``[1, B·T]`` (xformers needs batch 1)."""
+        """The matching xformers bias: ``LowerTriangularMask`` (or None when not causal) without
+        blocks, else a ``BlockDiagonal[Causal]Mask`` over all rows flattened to ``[1, B·T]``
+        (xformers' block-diagonal biases need batch size 1)."""
         from xformers.ops import fmha
 
-        if not self.packed:
-            return fmha.attn_bias.LowerTriangularMask()
+        if not self.block_diagonal:
+            return fmha.attn_bias.LowerTriangularMask() if self.causal else None
         flat = [n for row in self.segment_lens() for n in row]
-        return fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(flat, device=device)
+        cls = fmha.attn_bias.BlockDiagonalCausalMask if self.causal else fmha.attn_bias.BlockDiagonalMask
+        return cls.from_seqlens(flat, device=device)
 
     def attended_pairs(self) -> int:
-        """Σ over real documents of L(L+1)/2: the (query, key) pairs causal attention computes."""
-        return sum(n * (n + 1) // 2 for row in self.doc_lens for n in row)
+        """(query, key) pairs attention computes over real documents: Σ L(L+1)/2 causal, Σ L² not."""
+        return sum(n * (n + 1) // 2 if self.causal else n * n for row in self.doc_lens for n in row)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -244,7 +258,7 @@ class SdpaAttention(AttentionKernel):
     def _bias(self, ctx, *, n_heads, dtype, device):
         if ctx.slopes is not None:
             return _dense_bias(ctx, n_heads, dtype, device)
-        if ctx.layout.packed:
+        if ctx.layout.block_diagonal:
             return ctx.layout.dense_mask(device)[:, None]
         return None
 
@@ -252,7 +266,7 @@ class SdpaAttention(AttentionKernel):
         q, k, v = (x.transpose(1, 2) for x in (q_BTHK, k_BTGK, v_BTGK))
         gqa = k.shape[1] != q.shape[1]
         if ctx.bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=ctx.layout.causal, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.bias, enable_gqa=gqa)
         return out.transpose(1, 2)
@@ -295,7 +309,7 @@ class XformersAttention(AttentionKernel):
 
         B, T, H, K = q_BTHK.shape
         k, v = repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)
-        if ctx.layout.packed and ctx.slopes is None:
+        if ctx.layout.block_diagonal and ctx.slopes is None:
             out = memory_efficient_attention(q_BTHK.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
                                              v.reshape(1, B * T, H, K), attn_bias=ctx.bias)
             return out.view(B, T, H, K)
@@ -344,14 +358,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _document_block_mask(seg_BT: torch.Tensor):
+def _document_block_mask(seg_BT: torch.Tensor, causal: bool):
     from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return seg_BT[b, q_idx] == seg_BT[b, kv_idx]
 
     def same_doc_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (seg_BT[b, q_idx] == seg_BT[b, kv_idx])
 
     B, T = seg_BT.shape
-    return create_block_mask(same_doc_causal, B, None, T, T, device=seg_BT.device)
+    return create_block_mask(same_doc_causal if causal else same_doc, B, None, T, T, device=seg_BT.device)
 
 
 @functools.cache
@@ -369,10 +386,12 @@ def _compiled_document_block_mask():
 
 
 def _flex_block_mask(layout: DocLayout, device: torch.device):
-    if not layout.packed:
-        return _causal_block_mask(layout.seq_len, device)
+    """``None`` (full attention), a cached causal mask, or a per-batch document mask."""
+    if not layout.block_diagonal:
+        return _causal_block_mask(layout.seq_len, device) if layout.causal else None
     seg = layout.segment_ids(device)
-    return _compiled_document_block_mask()(seg) if device.type == "cuda" else _document_block_mask(seg)
+    build = _compiled_document_block_mask() if device.type == "cuda" else _document_block_mask
+    return build(seg, layout.causal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +441,7 @@ class AutoAttention(AttentionKernel):
 
     def prepare(self, layout, position_ids, slopes, *, n_heads, n_kv_heads, dtype, device):
         name = self.choose(device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=slopes is not None,
-                           training=torch.is_grad_enabled(), packed=layout.packed, seq_len=layout.seq_len)
+                           training=torch.is_grad_enabled(), packed=layout.block_diagonal, seq_len=layout.seq_len)
         self.last_choice = name
         return self._kernels[name].prepare(layout, position_ids, slopes, n_heads=n_heads,
                                            n_kv_heads=n_kv_heads, dtype=dtype, device=device)

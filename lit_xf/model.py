@@ -180,7 +180,7 @@ class TinyGPT(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
         device = input_ids.device
-        layout = DocLayout(doc_lens, T) if doc_lens is not None else DocLayout.causal(B, T)
+        layout = DocLayout(doc_lens, T) if doc_lens is not None else DocLayout.full_rows(B, T)
         if position_ids is None:
             position_ids = layout.position_ids(device)
         x_BTD = self.tok_emb(input_ids)
