@@ -1,0 +1,253 @@
+"""Callbacks on a real CPU Trainer run, read back from TensorBoard event files."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.data import DataLoader
+
+from lit_xf.callbacks import (
+    ATTENTION_KERNEL_PATTERN,
+    TAGS,
+    KernelTimer,
+    PeakMemoryMonitor,
+    ThroughputMonitor,
+    attention_share,
+    dense_peak_flops,
+    resolve_peak_flops,
+    top_kernels_table,
+)
+
+VOCAB, T = 32, 16
+
+# Per batch: document lengths of its two rows (padded rows: one document; packed rows: several).
+DOC_LENS = [
+    [[16], [9]],
+    [[5, 7, 4], [3, 3]],
+    [[12], [16]],
+    [[2], [6, 6]],
+    [[16], [16]],
+    [[4, 4, 4], [1]],
+]
+
+
+def make_batch(doc_lens: list[list[int]], seq_len: int = T, seed: int = 0) -> dict:
+    """A batch in the project's contract: ids, labels, position ids, document lengths, stats."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(doc_lens)
+    input_ids = torch.zeros(B, seq_len, dtype=torch.long)  # pad id 0
+    labels = torch.full((B, seq_len), -100, dtype=torch.long)
+    position_ids = torch.zeros(B, seq_len, dtype=torch.long)
+    for b, lens in enumerate(doc_lens):
+        start = 0
+        for n in lens:
+            ids = torch.randint(1, VOCAB, (n,), generator=g)
+            input_ids[b, start : start + n] = ids
+            labels[b, start : start + n - 1] = ids[1:]
+            position_ids[b, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[b, start:] = torch.arange(start, seq_len) - start + (lens[-1] if lens else 0)
+    real = sum(sum(lens) for lens in doc_lens)
+    stats = {
+        "tokens": B * seq_len,
+        "real_tokens": real,
+        "pad_tokens": B * seq_len - real,
+        "documents": sum(len(lens) for lens in doc_lens),
+    }
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "doc_lens": doc_lens,
+        "stats": stats,
+    }
+
+
+class TinyLM(L.LightningModule):
+    """One causal SDPA attention layer and a head; exposes the two members the callbacks read."""
+
+    attention_kernel_name = "sdpa"
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x_BTD = self.emb(input_ids)
+        B, T_, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T_, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T_, D)
+        return self.head(x_BTD + self.out(y))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def flops_per_batch(self, batch: dict) -> int:
+        matmul_params = sum(m.weight.numel() for m in (self.qkv, self.out, self.head))
+        d = self.emb.embedding_dim
+        attn = sum(n * n for lens in batch["doc_lens"] for n in lens) * 2 * d  # causal QK^T + PV
+        return 3 * (2 * matmul_params * batch["stats"]["real_tokens"] + attn)
+
+
+def fit(tmp_path, callbacks, max_steps: int, accumulate: int = 1, **trainer_kwargs):
+    batches = [make_batch(lens, seed=i) for i, lens in enumerate(DOC_LENS)]
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **trainer_kwargs,
+    )
+    trainer.fit(TinyLM(), train_dataloaders=DataLoader(batches, batch_size=None))
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return batches, events
+
+
+def steps_and_values(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
+    scalars = events.Scalars(tag)
+    return [s.step for s in scalars], [s.value for s in scalars]
+
+
+def test_fit_logs_one_value_per_step(tmp_path):
+    callbacks = [
+        PeakMemoryMonitor(),
+        KernelTimer(profile_every_n_steps=3),
+        ThroughputMonitor(window=3, peak_flops=1e12),
+    ]
+    with pytest.warns(UserWarning, match="PeakMemoryMonitor.*not CUDA"):
+        batches, events = fit(tmp_path, callbacks, max_steps=6)
+    scalars = set(events.Tags()["scalars"])
+
+    assert not any(tag.startswith("memory/") for tag in scalars)  # no CUDA here
+    per_step = [t for t in TAGS if t.startswith(("time/", "throughput/")) and t != "time/attention_share"]
+    for tag in per_step:
+        steps, values = steps_and_values(events, tag)
+        assert steps == list(range(6)), tag
+        assert all(math.isfinite(v) and v > 0 for v in values), (tag, values)
+
+    _, eff = steps_and_values(events, "throughput/padding_efficiency")
+    expected = [b["stats"]["real_tokens"] / b["stats"]["tokens"] for b in batches]
+    assert eff == pytest.approx(expected, rel=1e-6)
+
+    # steps n-1, 2n-1 are profiled; on CPU the SDPA op is the attention share
+    steps, shares = steps_and_values(events, "time/attention_share")
+    assert steps == [2, 5]
+    assert all(0 < s <= 1 for s in shares)
+
+    # phases add up to at most the step
+    _, fwd = steps_and_values(events, "time/forward_ms")
+    _, bwd = steps_and_values(events, "time/backward_ms")
+    _, opt = steps_and_values(events, "time/optimizer_ms")
+    _, step = steps_and_values(events, "time/step_ms")
+    assert all(f + b + o <= s * 1.001 for f, b, o, s in zip(fwd, bwd, opt, step, strict=True))
+
+    # MFU is TFLOP/s over the given peak (1 TFLOP/s)
+    _, tflops = steps_and_values(events, "throughput/tflops")
+    _, mfu = steps_and_values(events, "throughput/mfu")
+    assert mfu == pytest.approx(tflops, rel=1e-5)
+
+    tensors = set(events.Tags()["tensors"])
+    assert "custom_scalars__config__" in tensors
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    layout_tags = {tag for cat in layout.category for chart in cat.chart for tag in chart.multiline.tag}
+    assert layout_tags == {t + "$" for t in TAGS}
+
+    info = events.Tensors("run/info/text_summary")
+    assert len(info) == 1
+    text = info[0].tensor_proto.string_val[0].decode()
+    assert "sdpa" in text and torch.__version__ in text and L.__version__ in text and "xformers" in text
+    top = events.Tensors("time/top_kernels/text_summary")
+    assert [t.step for t in top] == [2, 5]
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
+    callbacks = [KernelTimer(profile_every_n_steps=0), ThroughputMonitor(window=2)]
+    batches, events = fit(tmp_path, callbacks, max_steps=3, accumulate=2)
+    scalars = set(events.Tags()["scalars"])
+    assert "throughput/mfu" not in scalars  # CPU, no peak given
+    assert "time/attention_share" not in scalars  # profiling disabled
+    for tag in (
+        "time/forward_ms",
+        "time/backward_ms",
+        "time/optimizer_ms",
+        "time/step_ms",
+        "throughput/tokens_per_s",
+        "throughput/real_tokens_per_s",
+        "throughput/tflops",
+    ):
+        steps, values = steps_and_values(events, tag)
+        assert steps == [0, 1, 2], tag
+        assert all(math.isfinite(v) and v > 0 for v in values), tag
+
+    _, eff = steps_and_values(events, "throughput/padding_efficiency")
+    stats = [b["stats"] for b in batches]
+    expected = [
+        (stats[i]["real_tokens"] + stats[i + 1]["real_tokens"]) / (stats[i]["tokens"] + stats[i + 1]["tokens"])
+        for i in (0, 2, 4)
+    ]
+    assert eff == pytest.approx(expected, rel=1e-6)
+
+
+def test_invalid_arguments_are_rejected_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="profile_every_n_steps"):
+        fit(tmp_path, [KernelTimer(profile_every_n_steps=-1)], max_steps=1)
+    with pytest.raises(ValueError, match="window"):
+        fit(tmp_path, [ThroughputMonitor(window=0)], max_steps=1)
+
+
+def test_attention_share_from_kernel_list():
+    kernels = [
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 30.0),
+        ("fmha_cutlassB_bf16_aligned_64x128_k128_sm80", 50.0),
+        ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_256x128_32x3_tn_align8", 60.0),
+        ("flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", 10.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 20.0),
+        ("triton_tem_fused_flex_attention_0", 5.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 15.0),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", 5.0),
+        ("Memcpy HtoD (Pageable -> Device)", 5.0),
+    ]
+    total = sum(t for _, t in kernels)
+    assert attention_share(kernels) == pytest.approx((30 + 50 + 10 + 20 + 5) / total)
+    assert attention_share(kernels, pattern="fmha") == pytest.approx(80 / total)
+    assert attention_share([]) is None
+    assert attention_share([("gemm", 1.0)]) == 0.0
+    table = top_kernels_table(kernels, k=3)
+    assert table.count("\n") == 1 + 3
+    assert "cutlass_80_tensorop" in table.splitlines()[2]  # biggest first, not flagged as attention
+    assert "| yes |" not in table.splitlines()[2]
+    assert ATTENTION_KERNEL_PATTERN  # a constructor default, documented
+
+
+def test_peak_flops_lookup():
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB"):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert dense_peak_flops(name, dtype) == pytest.approx(989e12, rel=1e-3), name
+    assert dense_peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == pytest.approx(756e12)
+    assert dense_peak_flops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5e12)
+    assert dense_peak_flops("NVIDIA H100 80GB HBM3", torch.float32, tf32=True) == pytest.approx(494.7e12)
+    assert dense_peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) is None  # left to Lightning's table
+    cpu = torch.device("cpu")
+    assert resolve_peak_flops(cpu, "bf16-mixed") is None
+    assert resolve_peak_flops(cpu, "32-true", override=2e12) == 2e12
