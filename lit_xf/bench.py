@@ -1,0 +1,395 @@
+"""Benchmarks: ``python -m lit_xf.bench {attention,correctness,packing} [options]`` (or ``lit-xf bench``).
+
+- ``attention``: forward+backward time, TFLOP/s and peak memory per kernel across sequence lengths.
+  TFLOP/s counts 3.5 × 4·B·H·M²·K (× ½ when causal; Σ L² over documents when packed): forward
+  4·B·H·M²·K, backward 2.5× that (recomputing the scores).
+- ``correctness``: every kernel × dtype × mask × GQA × ALiBi, forward and q/k/v gradients, against
+  the naive kernel in float64; relative error ‖x − ref‖ / ‖ref‖ with per-dtype tolerances.
+- ``packing``: the same documents padded to the longest vs packed, per kernel.
+
+Each run prints a Markdown table last and writes ``<name>.csv``, ``<name>.json`` and (for
+``attention``) ``<name>.png`` under ``--out``. Times are medians of CUDA-event timings after warm-up
+(host clocks on CPU); memory is the peak allocated during forward+backward above what was allocated
+before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lit_xf.attention import KERNEL_NAMES, DocLayout, alibi_slopes, make_kernel
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+# Relative-error tolerance per dtype for the correctness matrix (outputs and gradients).
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> tuple[float, float]:
+    """(median ms, peak MiB above the memory allocated before) of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), peak
+
+
+def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
+    """Forward+backward FLOPs as FlashAttention counts them: 3.5 × 4·H·K·(attended pairs)."""
+    pairs = sum((n * n / 2 if layout.causal else n * n) for row in layout.doc_lens for n in row)
+    return 3.5 * 4 * n_heads * head_dim * pairs
+
+
+def fwd_bwd_case(kernel_name: str, layout: DocLayout, n_heads: int, n_kv_heads: int, head_dim: int, dtype,
+                 device, alibi: bool = False, seed: int = 0):
+    """Random q/k/v ``[B, T, heads, K]`` and a closure running the kernel forward + backward."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, T = layout.batch_size, layout.seq_len
+
+    def rand(h):
+        return torch.randn(B, T, h, head_dim, generator=g, device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
+    do = torch.randn(B, T, n_heads, head_dim, generator=g, device=device, dtype=dtype)
+    kernel = make_kernel(kernel_name)
+    position_ids = layout.position_ids(device)
+    slopes = alibi_slopes(n_heads).to(device) if alibi else None
+
+    def prepare():
+        return kernel.prepare(layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype,
+                              device=device)
+
+    ctx = prepare()
+
+    def step():
+        out = kernel(q, k, v, ctx)
+        out.backward(do)
+        return out
+
+    return step, prepare, (q, k, v, do), ctx
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def bench_attention(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for seq_len in args.seq_lens:
+        layout = DocLayout.full_rows(args.batch, seq_len, causal=args.causal)
+        for name in args.kernels:
+            row = dict(kernel=name, seq_len=seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+                       head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, alibi=args.alibi)
+            row.update(_run_case(name, layout, args, dtype, device))
+            rows.append(row)
+            _progress(row)
+    return rows
+
+
+def _run_case(name, layout, args, dtype, device) -> dict:
+    kv_heads = args.kv_heads or args.heads
+    reason = make_kernel(name).support(device=device, n_heads=args.heads, n_kv_heads=kv_heads, alibi=args.alibi,
+                                       training=True, seq_len=layout.seq_len) if name != "auto" else None
+    if reason:
+        return dict(ms=None, tflops=None, peak_mib=None, note=reason)
+    try:
+        step, prepare, _, ctx = fwd_bwd_case(name, layout, args.heads, kv_heads, args.head_dim, dtype, device,
+                                             alibi=args.alibi)
+        ms, peak = measure(step, device, args.warmup, args.reps)
+        prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
+        chosen = ctx.kernel.name
+        del step, ctx
+    except torch.OutOfMemoryError:
+        return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tflops = attention_flops(layout, args.heads, args.head_dim) / (ms * 1e-3) / 1e12
+    return dict(ms=round(ms, 3), tflops=round(tflops, 1), peak_mib=None if math.isnan(peak) else round(peak, 1),
+                prepare_ms=round(prep_ms, 3), note="" if name != "auto" else f"auto → {chosen}")
+
+
+# --------------------------------------------------------------------------------------------
+# correctness
+# --------------------------------------------------------------------------------------------
+def _layouts(batch: int, seq_len: int) -> dict[str, DocLayout]:
+    return {
+        "causal": DocLayout.full_rows(batch, seq_len),
+        "padded": DocLayout([[seq_len - 7 * (b + 1)] for b in range(batch)], seq_len),
+        "packed": DocLayout([[1, seq_len // 3, seq_len // 2 - 5, 3] for _ in range(batch)], seq_len),
+    }
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64; infinite when x holds NaN or inf."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _random_inputs(layout: DocLayout, H: int, kv: int, K: int, device, seed: int) -> list[torch.Tensor]:
+    """float64 q ``[B,T,H,K]``, k, v ``[B,T,kv,K]`` and an output gradient that is zero at pads."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, T = layout.batch_size, layout.seq_len
+    q, k, v, do = (torch.randn(B, T, h, K, generator=g, device=device, dtype=torch.float64) for h in (H, kv, kv, H))
+    for b, row in enumerate(layout.doc_lens):
+        do[b, sum(row):] = 0
+    return [q, k, v, do]
+
+
+def run_kernel(name: str, layout: DocLayout, inputs: list[torch.Tensor], dtype, alibi: bool):
+    """Forward + backward of kernel ``name`` on ``inputs`` cast to ``dtype``: (out, dq, dk, dv)."""
+    q, k, v = (x.detach().to(dtype, copy=True).requires_grad_() for x in inputs[:3])
+    H, kv = q.shape[2], k.shape[2]
+    kernel = make_kernel(name)
+    slopes = alibi_slopes(H).to(q.device) if alibi else None
+    ctx = kernel.prepare(layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=kv, dtype=dtype,
+                         device=q.device)
+    out = kernel(q, k, v, ctx)
+    out.backward(inputs[3].to(dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def bench_correctness(args) -> list[dict]:
+    device = torch.device(args.device)
+    H, K = args.heads, args.head_dim
+    rows = []
+    for layout_name, layout in _layouts(args.batch, args.seq_len).items():
+        real = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.bool, device=device)
+        for b, row in enumerate(layout.doc_lens):
+            real[b, : sum(row)] = True
+        for kv in sorted({H, 2, 1}, reverse=True):
+            for alibi in (False, True):
+                inputs = _random_inputs(layout, H, kv, K, device, seed=len(rows))
+                ref = run_kernel("naive", layout, inputs, torch.float64, alibi)
+                for dtype_name in args.dtypes:
+                    for name in args.kernels:
+                        row = dict(kernel=name, dtype=dtype_name, mask=layout_name, heads=f"{H}q/{kv}kv", alibi=alibi)
+                        row.update(_check(name, layout, inputs, ref, DTYPES[dtype_name], alibi, real))
+                        rows.append(row)
+                        _progress(row)
+    return rows
+
+
+def _check(name, layout, inputs, ref, dtype, alibi, real) -> dict:
+    H, kv = inputs[0].shape[2], inputs[1].shape[2]
+    reason = make_kernel(name).support(device=inputs[0].device, n_heads=H, n_kv_heads=kv, alibi=alibi,
+                                       training=True, seq_len=layout.seq_len)
+    if reason:
+        return dict(status="unsupported", note=reason)
+    try:
+        got = run_kernel(name, layout, inputs, dtype, alibi)
+    except Exception as e:  # a kernel failing is a result to report, not the end of the matrix
+        return dict(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    errs = dict(out=_rel_err(got[0][real], ref[0][real]), dq=_rel_err(got[1], ref[1]), dk=_rel_err(got[2], ref[2]),
+                dv=_rel_err(got[3], ref[3]))
+    worst = max(errs.values())
+    return dict(status="pass" if worst <= TOLERANCE[dtype] else "FAIL", max_rel_err=f"{worst:.1e}",
+                **{f"err_{k}": f"{e:.1e}" for k, e in errs.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------------------------
+def lognormal_doc_lens(n_docs: int, mean: float, max_len: int, seed: int = 0) -> list[int]:
+    """Log-normal document lengths (σ = 1) with the given mean, clipped to [1, max_len]."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(mean) - sigma**2 / 2
+    lens = torch.exp(mu + sigma * torch.randn(n_docs, generator=g)).round().clamp(1, max_len)
+    return [int(n) for n in lens]
+
+
+def bench_packing(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    lens = lognormal_doc_lens(args.docs, args.mean_len, args.max_len, args.seed)
+    longest = max(lens)
+    layouts = {
+        "padded": DocLayout([[n] for n in lens], longest),
+        "packed": DocLayout([lens], sum(lens)),
+    }
+    real = sum(lens)
+    rows = []
+    for mode, layout in layouts.items():
+        for name in args.kernels:
+            row = dict(mode=mode, kernel=name, docs=len(lens), real_tokens=real,
+                       row_tokens=layout.batch_size * layout.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+                       alibi=args.alibi)
+            res = _run_case(name, layout, args, dtype, device)
+            if res.get("ms"):
+                res["real_tokens_per_s"] = round(real / (res["ms"] * 1e-3))
+            row.update(res)
+            rows.append(row)
+            _progress(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+def _progress(row: dict) -> None:
+    print("  " + " ".join(f"{k}={v}" for k, v in row.items() if v not in (None, "")), flush=True)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out: Path, name: str, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_attention(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        pts = [r for r in rows if r["kernel"] == kernel and r.get("ms")]
+        if pts:
+            ax_ms.plot([r["seq_len"] for r in pts], [r["ms"] for r in pts], "o-", label=kernel)
+            mem = [r for r in pts if r.get("peak_mib")]
+            if mem:
+                ax_mem.plot([r["seq_len"] for r in mem], [r["peak_mib"] for r in mem], "o-", label=kernel)
+    for ax, ylabel in ((ax_ms, "fwd+bwd ms"), (ax_mem, "peak MiB (CUDA only)")):
+        ax.set_xscale("log", base=2)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend()
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    try:
+        import xformers
+
+        meta["xformers"] = xformers.__version__
+    except Exception:
+        pass
+    return meta
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _names(text: str) -> list[str]:
+    names = text.split(",")
+    bad = [n for n in names if n not in KERNEL_NAMES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(KERNEL_NAMES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = argparse.ArgumentParser(prog="lit-xf bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, kernels, dtype):
+        sp.add_argument("--device", default=default_device)
+        sp.add_argument("--kernels", type=_names, default=kernels)
+        sp.add_argument("--out", type=Path, default=Path("bench_results"))
+        sp.add_argument("--name", default=None, help="output file stem (default: the command)")
+        sp.add_argument("--heads", type=int, default=8)
+        sp.add_argument("--kv-heads", type=int, default=None)
+        sp.add_argument("--head-dim", type=int, default=64)
+        sp.add_argument("--alibi", action="store_true")
+        sp.add_argument("--warmup", type=int, default=3)
+        sp.add_argument("--reps", type=int, default=10)
+        sp.add_argument("--dtype", choices=DTYPES, default=dtype)
+
+    a = sub.add_parser("attention", help="time and memory per kernel across sequence lengths")
+    common(a, ["naive", "sdpa", "xformers", "flex", "auto"], "fp16" if default_device == "cuda" else "fp32")
+    a.add_argument("--seq-lens", type=_ints, default=[512, 1024, 2048, 4096])
+    a.add_argument("--batch", type=int, default=2)
+    a.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)
+
+    c = sub.add_parser("correctness", help="every kernel vs the float64 reference, forward and backward")
+    common(c, ["naive", "sdpa", "xformers", "flex"], "fp32")
+    c.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16"])
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--batch", type=int, default=2)
+
+    k = sub.add_parser("packing", help="the same documents padded to the longest vs packed")
+    common(k, ["sdpa", "xformers", "flex", "auto"], "bf16" if default_device == "cuda" else "fp32")
+    k.add_argument("--docs", type=int, default=256)
+    k.add_argument("--mean-len", type=float, default=422)
+    k.add_argument("--max-len", type=int, default=2048)
+    k.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(f"# {meta}", flush=True)
+    run = {"attention": bench_attention, "correctness": bench_correctness, "packing": bench_packing}[args.command]
+    rows = run(args)
+    name = args.name or args.command
+    write_outputs(rows, args.out, name, meta)
+    if args.command == "attention":
+        plot_attention(rows, args.out / f"{name}.png",
+                       f"B={args.batch} H={args.heads} K={args.head_dim} {args.dtype} "
+                       f"{'causal' if args.causal else 'non-causal'} fwd+bwd")
+    print(markdown_table(rows))
+    failed = [r for r in rows if r.get("status") in ("FAIL", "error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
