@@ -1,0 +1,243 @@
+"""The ``lit-xf`` command.
+
+    lit-xf fit --config configs/default.yaml        # also validate / test / predict (LightningCLI)
+    lit-xf fit --config configs/default.yaml --print_config
+    lit-xf env                                      # versions, device, attention kernels that run here
+    lit-xf bench ...                                # benchmarks (lit_xf.bench)
+
+``LitXfCLI`` is a plain ``LightningCLI`` over ``LitTinyGPT`` and ``TextDataModule`` with two links:
+``data.seq_len`` sets ``model.max_seq_len`` when the config is parsed, and the data module's
+``vocab_size`` sets ``model.vocab_size`` when the classes are instantiated (so neither is given twice).
+
+Errors lit_xf raises while building or setting up the run (``ValueError``, ``FileNotFoundError``:
+an impossible model, a missing corpus) print as one ``lit-xf: error: ...`` line and exit with 1;
+``LIT_XF_DEBUG=1`` shows the traceback instead. Argument and config-file errors are jsonargparse's
+(one message, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Sequence
+from importlib import metadata
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_xf.data import TextDataModule
+from lit_xf.module import LitTinyGPT
+
+log = logging.getLogger("lit_xf")
+
+DEBUG_ENV = "LIT_XF_DEBUG"
+PROG = "lit-xf"
+
+
+class _Parser(LightningArgumentParser):
+    def print_usage(self, file=None) -> None:
+        # argparse prints the whole usage before an error; with a few hundred options that buries the
+        # error line. jsonargparse's error already adds "run --help for the accepted options".
+        return None
+
+
+class LitXfCLI(LightningCLI):
+    """``LightningCLI`` for ``LitTinyGPT`` on a ``TextDataModule``, with sequence length and
+    vocabulary size taken from the data."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("model_class", LitTinyGPT)
+        kwargs.setdefault("datamodule_class", TextDataModule)
+        kwargs.setdefault("seed_everything_default", 0)
+        # Each run logs to a new versioned folder; overwriting only matters for loggerless runs
+        # (fast_dev_run), which all write config.yaml to the same default_root_dir.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        kwargs.setdefault("parser_class", _Parser)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.seq_len", "model.max_seq_len")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+
+
+# ------------------------------------------------------------------------------------------------
+# lit-xf env
+# ------------------------------------------------------------------------------------------------
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _device_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"cuda:{device.index or 0} {props.name}, compute capability {props.major}.{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB ({torch.cuda.device_count()} visible)")
+    return f"cpu ({os.cpu_count()} cores; no CUDA device visible)"
+
+
+def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2, seq_len: int = 2048,
+               training: bool = True) -> str:
+    """Versions, the device, and for every mask case which attention kernels run and which one
+    ``auto`` picks, with the reason each other kernel can't run."""
+    from lit_xf.attention import AUTO_PREFERENCE, KERNEL_NAMES, AutoAttention, kernel_report, xformers_problem
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    problem = xformers_problem() if dev.type == "cuda" else "xformers' attention kernels are CUDA-only"
+    lines = [
+        f"lit_xf      {_version('lit_xf')}",
+        f"python      {platform.python_version()} ({sys.executable})",
+        f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})",
+        f"lightning   {_version('lightning')}",
+        f"xformers    {_version('xformers')} ({problem or 'its attention runs here'})",
+        f"cuda        {_cuda_line()}",
+        f"device      {_device_line(dev)}",
+        "",
+        f"Attention kernels for {'training' if training else 'inference'} on {dev.type}: {n_heads} query heads, "
+        f"GQA = {n_heads}q/{n_kv_heads}kv, seq_len {seq_len}.",
+        "'yes' runs, 'no [n]' can't (reason below); auto picks the fastest that runs"
+        + (" (sdpa on CPU)." if dev.type != "cuda" else " (order measured on an H200)."),
+        "",
+    ]
+    kernels = KERNEL_NAMES[1:]
+    header = ["mask", "heads", "positions", "auto"] + list(kernels)
+    rows, reasons = [], {}
+    auto = AutoAttention()
+    for packed in (False, True):
+        for gqa in (False, True):
+            for alibi in (False, True):
+                kv = n_kv_heads if gqa else n_heads
+                report = kernel_report(dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training)
+                # xformers' ALiBi limit depends on seq_len, which kernel_report doesn't take.
+                report["xformers"] = auto._kernels["xformers"].support(
+                    device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len)
+                choice = auto.choose(device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training,
+                                     packed=packed, seq_len=seq_len)
+                cells = []
+                for name in kernels:
+                    reason = report[name]
+                    if reason is None:
+                        cells.append("yes")
+                    else:
+                        key = (name, reason)
+                        reasons.setdefault(key, len(reasons) + 1)
+                        cells.append(f"no [{reasons[key]}]")
+                rows.append(["packed" if packed else "causal", f"GQA {n_heads}/{n_kv_heads}" if gqa else "MHA",
+                             "alibi" if alibi else "rope/learned", choice] + cells)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    lines.append("")
+    for (name, reason), number in reasons.items():
+        lines.append(f"[{number}] {name}: {reason}")
+    lines.append("naive is the reference (it materializes the T×T scores); auto never picks it.")
+    if dev.type == "cuda":
+        order = "; ".join(
+            f"{'packed' if p else 'causal'}{' ALiBi' if a else ''}{' GQA' if g else ''}: {' > '.join(o)}"
+            for (p, a, g), o in AUTO_PREFERENCE.items())
+        lines.append(f"auto's preference on CUDA: {order}")
+    return "\n".join(lines)
+
+
+def _cuda_line() -> str:
+    if not torch.cuda.is_available():
+        return "not available"
+    return f"available, runtime {torch.version.cuda}, driver reports {torch.cuda.device_count()} device(s)"
+
+
+def _env_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} env", description="Versions, device and attention kernels.")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--n_heads", type=int, default=8, help="query heads of the cases shown (default 8)")
+    parser.add_argument("--n_kv_heads", type=int, default=2, help="kv heads of the GQA cases (default 2)")
+    parser.add_argument("--seq_len", type=int, default=2048, help="row length (xformers' ALiBi bias grows with T²)")
+    parser.add_argument("--inference", action="store_true", help="report inference (no backward) instead")
+    args = parser.parse_args(list(argv))
+    if args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads:
+        parser.error(f"--n_kv_heads={args.n_kv_heads} must divide --n_heads={args.n_heads}")
+    print(env_report(args.device, args.n_heads, args.n_kv_heads, args.seq_len, training=not args.inference))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# lit-xf bench
+# ------------------------------------------------------------------------------------------------
+def _bench_main(argv: Sequence[str]) -> int:
+    try:
+        from lit_xf import bench
+    except ModuleNotFoundError as err:
+        if err.name not in ("lit_xf.bench",):
+            raise
+        print(f"{PROG}: error: benchmarks are not part of this lit_xf installation (no module lit_xf.bench)",
+              file=sys.stderr)
+        return 2
+    return int(bench.main(list(argv)) or 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+class _DropAdverts(logging.Filter):
+    """Lightning's "Tip: try installing <cloud service>" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show lit_xf's INFO messages (e.g. the kernel ``auto`` chose) on stderr, once; quiet Lightning's
+    advertisements and a deprecation warning Lightning triggers in torch that users can't act on."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _DropAdverts) for f in handler.filters):
+            handler.addFilter(_DropAdverts())
+    logger = logging.getLogger("lit_xf")
+    logger.setLevel(level)
+    if not any(getattr(h, "_lit_xf", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[lit_xf] %(message)s"))
+        handler._lit_xf = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lit-xf``: ``env``, ``bench`` or a LightningCLI subcommand. Returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "env":
+        return _env_main(args[1:])
+    if args and args[0] == "bench":
+        return _bench_main(args[1:])
+    setup_logging()
+    try:
+        LitXfCLI(args=None if argv is None else args)
+    except SystemExit as exit_:  # --help, --print_config, parse errors
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
