@@ -48,6 +48,7 @@ and need no sync. The profiler window (``KernelTimer``) syncs when it stops, onc
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import sys
@@ -107,11 +108,10 @@ TEXT_TAGS = ("run/info", "time/top_kernels")
 
 #: Kernel (or, on CPU, op) names counted as attention: xformers/PyTorch memory-efficient
 #: (``fmha_cutlassF/B``), FlashAttention 2/3/4 (``flash_*``), cuDNN SDPA (``*sdpa*``/``*fmha*``),
-#: FlexAttention (``*flex*``) and anything naming attention. GEMMs (``cutlass_80_...``, ``sm90_xmma``)
-#: and softmax are not attention kernels, so a naive attention counts as ~0.
-ATTENTION_KERNEL_PATTERN = (
-    r"fmha|flash|attention|attn|cutlass[FB]|sdpa|efficient_attention|flex_attention|flex_decoding|flex"
-)
+#: FlexAttention (``*flex*``) and anything naming attention (``efficient_attention``, ...).
+#: GEMMs (``cutlass_80_...``, ``sm90_xmma...``) and softmax are not matched, so a naive
+#: (matmul + softmax) attention counts as ~0.
+ATTENTION_KERNEL_PATTERN = r"fmha|flash|attention|attn|cutlass[FB]|sdpa|flex"
 
 _MIB = 2**20
 _MAX_PENDING = 8  # unread CUDA-event steps before the oldest is waited for
@@ -216,7 +216,7 @@ def resolve_peak_flops(device: torch.device, precision: str | int, override: flo
         return None
     dtype = _compute_dtype(precision)
     if device.type == "cuda":
-        tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+        tf32 = torch.get_float32_matmul_precision() != "highest"
         found = dense_peak_flops(torch.cuda.get_device_name(device), dtype, tf32=tf32)
         if found is not None:
             return found
@@ -528,8 +528,6 @@ class PeakMemoryMonitor(_StepCallback):
             self._snapshot_from = step
 
     def _dump_snapshot(self, trainer: Trainer) -> None:
-        import os
-
         directory = self.snapshot_dir or trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         last = trainer.global_step - 1
@@ -774,10 +772,15 @@ class ThroughputMonitor(_StepCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._anchor = None
+        self._counts = [0, 0, 0]
         self._history.clear()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._anchor = None  # validation time is not training time
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._step is not None and trainer.is_global_zero:  # validation inside an accumulation window
+            self._anchor = self._clock.mark()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._open(trainer):
