@@ -252,10 +252,33 @@ def bench_packing(args) -> list[dict]:
             res = _run_case(name, layout, args, dtype, device)
             if res.get("ms"):
                 res["real_tokens_per_s"] = round(real / (res["ms"] * 1e-3))
+                res["new_batch_prepare_ms"] = _new_batch_prepare_ms(name, lens, mode, args, dtype, device)
             row.update(res)
             rows.append(row)
             _progress(row)
     return rows
+
+
+def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 5) -> float:
+    """Median time to build the mask of a *new* batch of the same shape (documents reordered):
+    what each training step pays, recompilation included."""
+    kernel = make_kernel(name)
+    g = torch.Generator().manual_seed(1)
+    times = []
+    for _ in range(batches + 1):
+        order = [lens[i] for i in torch.randperm(len(lens), generator=g)]
+        layout = DocLayout([[n] for n in order], max(lens)) if mode == "padded" else DocLayout([order], sum(lens))
+        pos = layout.position_ids(device)
+        slopes = alibi_slopes(args.heads).to(device) if args.alibi else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        kernel.prepare(layout, pos, slopes, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads, dtype=dtype,
+                       device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times[1:]), 3)
 
 
 # --------------------------------------------------------------------------------------------
