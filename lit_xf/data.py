@@ -169,20 +169,18 @@ def load_text_corpus(corpus: str, text_field: str = "text", doc_separator: str =
     A ``.jsonl`` file gives one document per line (``text_field``); another single file is split
     on ``doc_separator`` lines (blank lines by default); a folder or glob gives one per file.
     """
+    files = [] if corpus == "fortunes" else corpus_files(corpus)
+    single = len(files) == 1 and files[0] == Path(corpus).expanduser()  # not a folder's or glob's only file
     if corpus == "fortunes":
         docs = read_fortunes()
+    elif single and files[0].stat().st_size == 0:
+        raise ValueError(f"corpus file {str(files[0])!r} is empty")
+    elif single and files[0].suffix == ".jsonl":
+        docs = read_jsonl(files[0], text_field)
+    elif single:
+        docs = split_documents(read_text(files[0]), doc_separator)
     else:
-        files = corpus_files(corpus)
-        if len(files) == 1 and not Path(corpus).is_dir() and not any(ch in corpus for ch in "*?["):
-            path = files[0]
-            if path.stat().st_size == 0:
-                raise ValueError(f"corpus file {str(path)!r} is empty")
-            if path.suffix == ".jsonl":
-                docs = read_jsonl(path, text_field)
-            else:
-                docs = split_documents(read_text(path), doc_separator)
-        else:
-            docs = [read_text(path) for path in files]
+        docs = [read_text(path) for path in files]
     docs = [doc for doc in docs if doc.strip()]
     if not docs:
         raise ValueError(f"corpus={corpus!r} has no non-empty documents (all were empty or whitespace)")
@@ -333,6 +331,18 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], append_eos: boo
 # --------------------------------------------------------------------------------------------------
 # Rows: splitting, packing, collation
 # --------------------------------------------------------------------------------------------------
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted train and val document indices: ``round(n * val_fraction)`` (>= 1 when > 0) random ones to val."""
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise ValueError(
+            f"the corpus has {n} document(s); val_fraction={val_fraction} leaves none for training "
+            f"(use more documents or val_fraction=0)"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
 def split_long_documents(docs: Sequence[list[int]], seq_len: int) -> tuple[list[list[int]], int]:
@@ -802,14 +812,3 @@ class TextDataModule(LightningDataModule):
             self._train_sampler.resume(*self._resume)
             self._resume = None
 
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Sorted train and val document indices: ``round(n * val_fraction)`` (>= 1 when > 0) random ones to val."""
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
-    if n - n_val < 1:
-        raise ValueError(
-            f"the corpus has {n} document(s); val_fraction={val_fraction} leaves none for training "
-            f"(use more documents or val_fraction=0)"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
