@@ -296,7 +296,8 @@ class XformersAttention(AttentionKernel):
 
     def _bias(self, ctx, *, n_heads, dtype, device):
         if ctx.slopes is not None:
-            need = dense_bias_bytes(ctx.layout.batch_size, n_heads, ctx.layout.seq_len)
+            need = dense_bias_bytes(ctx.layout.batch_size, n_heads, ctx.layout.seq_len,
+                                    itemsize=torch.finfo(dtype).bits // 8)
             if need > XFORMERS_DENSE_BIAS_BUDGET_BYTES:
                 raise ValueError(f"xformers ALiBi bias for this batch needs {need / 2**30:.1f} GiB "
                                  f"(budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB); "
@@ -403,7 +404,7 @@ AUTO_PREFERENCE = {
     (False, False, False): ("sdpa", "xformers", "flex"),
     (False, False, True): ("sdpa", "flex", "xformers"),
     (True, False, False): ("xformers", "flex", "sdpa"),
-    (True, False, True): ("flex", "xformers", "sdpa"),
+    (True, False, True): ("xformers", "flex", "sdpa"),
     (False, True, False): ("flex", "xformers", "sdpa"),
     (False, True, True): ("flex", "xformers", "sdpa"),
     (True, True, False): ("flex", "xformers", "sdpa"),

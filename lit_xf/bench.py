@@ -133,6 +133,8 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         del step, ctx
     except torch.OutOfMemoryError:
         return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")
+    except ValueError as e:  # a kernel refusing this batch (e.g. the dense ALiBi budget) is a result
+        return dict(ms=None, tflops=None, peak_mib=None, note=str(e).split(";")[0])
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
