@@ -52,7 +52,7 @@ class GeluMLP(nn.Module):
         self.fc2.is_residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(x, approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}

@@ -143,13 +143,19 @@ class LitTinyGPT(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        diff = {k: (saved[k], self.hparams[k]) for k in ARCHITECTURE_KEYS
-                if k in saved and k in self.hparams and _norm(saved[k]) != _norm(self.hparams[k])}
-        if diff:
-            what = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"checkpoint was saved by a model of another configuration ({what}); load it with "
-                             "LitTinyGPT.load_from_checkpoint(path) to rebuild its own model, or match these settings")
+        """Refuse, with the differences named, a checkpoint whose weights don't fit this model."""
+        saved_hp = checkpoint.get("hyper_parameters", {})
+        hp_diff = [f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}" for k in ARCHITECTURE_KEYS
+                   if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])]
+        saved, mine = checkpoint.get("state_dict", {}), self.state_dict()
+        shape_diff = [f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
+                      for k, v in saved.items() if k in mine and v.shape != mine[k].shape]
+        missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()
+        if hp_diff or shape_diff or missing or unexpected:
+            what = hp_diff + shape_diff[:3] + [f"{len(s)} {name} weights" for s, name in
+                                               ((missing, "missing"), (unexpected, "unexpected")) if s]
+            raise ValueError(f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
+                             "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model")
 
     # -- accounting --------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
