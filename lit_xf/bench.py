@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from lit_xf.attention import KERNEL_NAMES, DocLayout, alibi_slopes, make_kernel
@@ -284,6 +285,139 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
 
 
 # --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def bench_train(args) -> list[dict]:
+    """The same model, data and steps three ways: a hand-written PyTorch loop, a bare Lightning
+    Trainer, and lit_xf as configured (monitoring callbacks + TensorBoard). Times steps after
+    ``--warmup-steps`` with synchronized host clocks."""
+    import yaml
+
+    from lit_xf.data import TextDataModule
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    data_kwargs = dict(cfg.get("data") or {})
+    if args.batch_size:
+        data_kwargs["batch_size"] = args.batch_size
+    dm = TextDataModule(**data_kwargs)
+    dm.setup("fit")
+    model_kwargs = dict(cfg.get("model") or {}) | dict(vocab_size=dm.vocab_size, max_seq_len=dm.hparams.seq_len)
+    if args.attention:
+        model_kwargs["attention"] = args.attention
+    trainer_cfg = cfg.get("trainer") or {}
+    precision = args.precision or trainer_cfg.get("precision", "32-true")
+    device = torch.device(args.device)
+    rows = []
+    for variant in args.variants:
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        run = _hand_loop if variant == "loop" else _lightning_run
+        res = run(variant, model_kwargs, dm, precision, args, trainer_cfg, device)
+        tokens = dm.hparams.batch_size * dm.hparams.seq_len
+        row = dict(variant=variant, precision=precision, attention=res.pop("attention"), steps=args.steps,
+                   ms_per_step=round(res["ms"], 3), tokens_per_s=round(tokens / res["ms"] * 1e3),
+                   real_tokens_per_s=round(res["real_tokens"] / res["timed_s"]), final_loss=round(res["loss"], 4),
+                   peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None)
+        rows.append(row)
+        _progress(row)
+    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "loop"), None)
+    for r in rows:
+        r["vs_loop"] = round(r["tokens_per_s"] / base, 3) if base else None
+    return rows
+
+
+def _hand_loop(variant, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+    """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
+    import torch.nn.functional as F
+
+    from lit_xf.module import LitTinyGPT, param_groups, warmup_cosine
+
+    lit = LitTinyGPT(**model_kwargs)  # the same initialization as the Lightning runs
+    hp, model = lit.hparams, lit.model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps,
+                                                                           hp.min_lr_ratio))
+    amp_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
+    batches = _cycle(dm.train_dataloader())
+    real, t0 = 0, None
+    for step in range(args.steps):
+        if step == args.warmup_steps:
+            _sync(device)
+            t0 = time.perf_counter()
+        batch = next(batches)
+        ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
+        pos = batch["position_ids"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(ids, pos, batch["doc_lens"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if t0 is not None:
+            real += batch["stats"]["real_tokens"]
+    _sync(device)
+    timed = time.perf_counter() - t0
+    return dict(ms=timed / (args.steps - args.warmup_steps) * 1e3, timed_s=timed, real_tokens=real,
+                loss=float(loss), attention=model.attention_kernel_name)
+
+
+def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+    import tempfile
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
+    from lit_xf.module import LitTinyGPT
+
+    clock = _StepClock(args.warmup_steps, device)
+    monitors = [PeakMemoryMonitor(), KernelTimer(), ThroughputMonitor()] if variant == "lit_xf" else []
+    logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if variant == "lit_xf" else False
+    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=args.steps,
+                        logger=logger, callbacks=[clock, *monitors], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, log_every_n_steps=trainer_cfg.get("log_every_n_steps", 50))
+    model = LitTinyGPT(**model_kwargs)
+    trainer.fit(model, dm)
+    return dict(ms=clock.seconds / (args.steps - args.warmup_steps) * 1e3, timed_s=clock.seconds,
+                real_tokens=clock.real_tokens, loss=float(trainer.callback_metrics["train/loss"]),
+                attention=model.attention_kernel_name)
+
+
+class _StepClock(L.Callback):
+    """Synchronized host time from the start of step ``warmup`` to the end of training."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.t0, self.seconds, self.real_tokens = warmup, device, None, 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.t0 is None:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
+        if self.t0 is not None:
+            self.real_tokens += batch["stats"]["real_tokens"]
+
+    def on_train_end(self, trainer, pl_module):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
 def _progress(row: dict) -> None:
@@ -390,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--batch", type=int, default=2)
 
+    t = sub.add_parser("train", help="end-to-end steps: hand-written loop vs Lightning vs lit_xf with monitors")
+    t.add_argument("--config", default="configs/counting.yaml")
+    t.add_argument("--device", default=default_device)
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--warmup-steps", type=int, default=50)
+    t.add_argument("--precision", default=None, help="default: the config's trainer.precision")
+    t.add_argument("--attention", default=None, help="override the config's model.attention")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--variants", type=lambda s: s.split(","), default=["loop", "lightning", "lit_xf"])
+    t.add_argument("--out", type=Path, default=Path("bench_results"))
+    t.add_argument("--name", default=None)
+
     k = sub.add_parser("packing", help="the same documents padded to the longest vs packed")
     common(k, ["sdpa", "xformers", "flex", "auto"], "bf16" if default_device == "cuda" else "fp32")
     k.add_argument("--docs", type=int, default=256)
@@ -403,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# {meta}", flush=True)
-    run = {"attention": bench_attention, "correctness": bench_correctness, "packing": bench_packing}[args.command]
+    run = {"attention": bench_attention, "correctness": bench_correctness, "packing": bench_packing,
+           "train": bench_train}[args.command]
     rows = run(args)
     name = args.name or args.command
     write_outputs(rows, args.out, name, meta)

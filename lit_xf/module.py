@@ -130,12 +130,8 @@ class LitTinyGPT(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim >= 2 and "emb" not in n]
-        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "emb" not in n)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda",
-        )
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                      fused=self.device.type == "cuda")
         total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
@@ -203,6 +199,15 @@ class LitTinyGPT(L.LightningModule):
                 break
         self.train(was_training)
         return ids if prompt_ids.ndim > 1 else ids[0]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
