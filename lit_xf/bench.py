@@ -407,6 +407,52 @@ class _StepClock(L.Callback):
         self.seconds = time.perf_counter() - self.t0
 
 
+# --------------------------------------------------------------------------------------------
+# curves: TensorBoard runs rendered side by side
+# --------------------------------------------------------------------------------------------
+CURVE_TAGS = ("memory/peak_allocated_mib", "time/step_ms", "throughput/real_tokens_per_s", "time/attention_share")
+
+
+def read_scalars(logdir: Path, tags=CURVE_TAGS) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the TensorBoard event files under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags if t in have}
+
+
+def bench_curves(args) -> list[dict]:
+    """Per-step curves of several runs in one PNG, and each run's medians (after the first steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {Path(d).parent.name if Path(d).name.startswith("version_") else Path(d).name: read_scalars(Path(d))
+            for d in args.logdirs}
+    fig, axes = plt.subplots(1, len(CURVE_TAGS), figsize=(5 * len(CURVE_TAGS), 3.6))
+    rows = []
+    for name, scalars in runs.items():
+        row = {"run": name}
+        for ax, tag in zip(axes, CURVE_TAGS, strict=True):
+            pts = scalars.get(tag, [])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "." if len(pts) < 20 else "-", label=name)
+                row[tag] = round(statistics.median(v for _, v in pts[len(pts) // 10:]), 3)
+            ax.set_title(tag)
+            ax.set_xlabel("step")
+            ax.grid(True, alpha=0.3)
+        rows.append(row)
+    axes[0].legend()
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / f"{args.name or 'curves'}.png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
 def _cycle(loader):
     while True:
         yield from loader
@@ -536,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=Path("bench_results"))
     t.add_argument("--name", default=None)
 
+    cv = sub.add_parser("curves", help="render TensorBoard runs' memory/time/throughput curves to one PNG")
+    cv.add_argument("logdirs", nargs="+", help="TensorBoard run folders (e.g. runs/fortunes_packed/version_0)")
+    cv.add_argument("--out", type=Path, default=Path("bench_results"))
+    cv.add_argument("--name", default=None)
+
     k = sub.add_parser("packing", help="the same documents padded to the longest vs packed")
     common(k, ["sdpa", "xformers", "flex", "auto"], "bf16" if default_device == "cuda" else "fp32")
     k.add_argument("--docs", type=int, default=256)
@@ -550,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# {meta}", flush=True)
     run = {"attention": bench_attention, "correctness": bench_correctness, "packing": bench_packing,
-           "train": bench_train}[args.command]
+           "train": bench_train, "curves": bench_curves}[args.command]
     rows = run(args)
     name = args.name or args.command
     write_outputs(rows, args.out, name, meta)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Reproduces the GPU figures quoted in docs/ on one CUDA GPU (H200 for the committed numbers).
+# Usage, from the repository root:  scripts/gpu_figures.sh [OUTDIR] [STEP ...]
+# Steps (default: all): correctness tutorial causal packing train runs curves gputests
+set -uo pipefail
+OUT=${1:-gpu_results}; shift || true
+STEPS=${*:-correctness tutorial causal packing train runs curves gputests}
+PY=${PYTHON:-python3}
+CLI="$PY -m lit_xf.cli"
+BENCH="$PY -m lit_xf.bench"
+mkdir -p "$OUT"
+run() {  # run NAME CMD...: log to $OUT/NAME.log, print the command, its exit code and its last table
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  timeout "${LIMIT:-300}" "$@" > "$OUT/$name.log" 2>&1
+  echo "   rc=$? in $((SECONDS - t0)) s"
+}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+
+has correctness && run correctness $BENCH correctness --dtypes fp16,bf16 --out "$OUT"
+has correctness && run correctness_h6 $BENCH correctness --dtypes bf16 --heads 6 --kernels sdpa,xformers,flex --out "$OUT" --name correctness_h6
+has tutorial && run tutorial $BENCH attention --seq-lens 512,1024,2048,4096,8192,16384 --out "$OUT" --name tutorial
+if has causal; then
+  for bm in 16:1024 4:4096 1:16384; do
+    run "causal_${bm#*:}" $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch "${bm%:*}" \
+      --seq-lens "${bm#*:}" --reps 20 --out "$OUT" --name "causal_${bm#*:}"
+    run "causal_gqa_${bm#*:}" $BENCH attention --heads 16 --kv-heads 4 --head-dim 128 --dtype bf16 --causal \
+      --batch "${bm%:*}" --seq-lens "${bm#*:}" --kernels sdpa,xformers,flex,auto --reps 20 --out "$OUT" \
+      --name "causal_gqa_${bm#*:}"
+  done
+  run causal_alibi $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 4 --seq-lens 4096 \
+    --alibi --kernels sdpa,xformers,flex,auto --reps 20 --out "$OUT" --name causal_alibi
+fi
+if has packing; then
+  P="packing --heads 16 --head-dim 128 --kernels sdpa,xformers,flex,auto --out $OUT"
+  run pack_mha $BENCH $P --name pack_mha
+  run pack_gqa $BENCH $P --kv-heads 4 --name pack_gqa
+  run pack_alibi $BENCH $P --alibi --name pack_alibi
+  run pack_alibi_gqa $BENCH $P --alibi --kv-heads 4 --name pack_alibi_gqa
+fi
+has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting
+if has runs; then
+  for cfg in counting fortunes_padded fortunes_packed default; do
+    extra=()
+    [[ $cfg == counting ]] && extra=(--model.attention xformers)
+    run "fit_$cfg" $CLI fit --config "configs/$cfg.yaml" "${extra[@]}" --trainer.enable_progress_bar false \
+      --trainer.logger.init_args.save_dir "$OUT/runs"
+  done
+fi
+has curves && run curves $BENCH curves "$OUT"/runs/fortunes_padded/version_0 "$OUT"/runs/fortunes_packed/version_0 \
+  --out "$OUT" --name padded_vs_packed
+has gputests && run gputests $PY -m pytest -q -m gpu -p no:cacheprovider tests
+exit 0
