@@ -1,0 +1,745 @@
+"""Attention kernels, masks and positions checked against references written here, independently of
+``lit_xf``'s own mask helpers.
+
+The reference (``reference_attention``) loops over rows and documents in float64: for query i and
+key j of one document (offsets measured inside the document) and query head h,
+
+    out_i = Σ_{j ≤ i} softmax_j( q_i·k_j / √K − m_h·(i − j) ) v_j,   kv head = h // (H / G),
+
+with m_h = 0 without ALiBi; non-causal layouts (``DocLayout(..., causal=False)``) drop j ≤ i and keep
+attention inside the document. Padding positions are left out (their outputs are zero in the reference
+and never compared; losses only cover real tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import zlib
+
+import pytest
+import torch
+
+from lit_xf import attention as attn
+from lit_xf.attention import (
+    AUTO_PREFERENCE,
+    KERNEL_NAMES,
+    XFORMERS_DENSE_BIAS_BUDGET_BYTES,
+    DocLayout,
+    XformersAttention,
+    alibi_slopes,
+    dense_bias_bytes,
+    make_kernel,
+)
+from lit_xf.model import TinyGPT, rope_rotate
+
+CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex"}
+T = 48
+# Document lengths per row; tokens after a row's documents are padding.
+LAYOUTS = {
+    "causal": [[T], [T]],  # one document filling each row
+    "padded": [[T - 7], [19]],  # one shorter document per row
+    "packed": [[1, 12, 1, 20, 5], [7, 1, 30, 1]],  # length-1 documents, trailing padding
+    "single": [[T]],  # batch of one, a single document filling the row
+    "mixed": [[5, 1, 42], [T]],  # a packed row without padding beside a full single-document row
+}
+# Non-causal (bidirectional inside each document; padding must stay invisible to real tokens).
+BIDIR_LAYOUTS = {"bidir-full": LAYOUTS["causal"], "bidir-padded": LAYOUTS["padded"], "bidir-packed": LAYOUTS["packed"]}
+
+
+def layout_spec(name: str) -> tuple[list[list[int]], bool]:
+    """``(doc_lens, causal)`` of a named layout."""
+    return (LAYOUTS[name], True) if name in LAYOUTS else (BIDIR_LAYOUTS[name], False)
+
+
+KV = {"mqa": lambda h: 1, "gqa": lambda h: 2, "mha": lambda h: h}
+HEADS_POSITIONS = [(4, "none"), (4, "alibi"), (6, "alibi")]  # 6: a non-power-of-two head count
+CPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """These tensors are tiny: intra-op threads only add synchronization (40x slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Independent references
+# --------------------------------------------------------------------------------------------
+def paper_slopes(n: int) -> list[float]:
+    """ALiBi slopes as built in Press et al.'s code: 2^(−8h/n) for n a power of two; otherwise the
+    slopes of the closest smaller power of two p, then the odd-indexed slopes of 2p, 2^(−4(2i+1)/p)."""
+    p = 1 << (n.bit_length() - 1)
+    first = [2.0 ** (-8.0 * h / p) for h in range(1, p + 1)]
+    extra = [2.0 ** (-4.0 * (2 * i + 1) / p) for i in range(n - p)]
+    return first + extra
+
+
+def reference_attention(q_BTHK, k_BTGK, v_BTGK, doc_lens, slopes=None, causal: bool = True) -> torch.Tensor:
+    """float64 attention, one document at a time (see the module docstring). Zero at padding."""
+    q, k, v = (x.double() for x in (q_BTHK, k_BTGK, v_BTGK))
+    B, T_, H, K = q.shape
+    G = k.shape[2]
+    kv_of_head = torch.arange(H, device=q.device) // (H // G)
+    m_H = torch.tensor(slopes if slopes is not None else [0.0] * H, dtype=torch.float64, device=q.device)
+    rows = []
+    for b, row in enumerate(doc_lens):
+        pieces, start = [], 0
+        for L in row:
+            idx = torch.arange(L, device=q.device)
+            dist_LL = (idx[:, None] - idx[None, :]).double()  # i − j inside the document
+            doc = slice(start, start + L)
+            q_LHK, k_LHK, v_LHK = q[b, doc], k[b, doc][:, kv_of_head], v[b, doc][:, kv_of_head]
+            scores_HLL = torch.einsum("ihk,jhk->hij", q_LHK, k_LHK) / math.sqrt(K) - m_H[:, None, None] * dist_LL
+            if causal:
+                scores_HLL = scores_HLL.masked_fill(idx[None, :] > idx[:, None], float("-inf"))
+            pieces.append(torch.einsum("hij,jhk->ihk", scores_HLL.softmax(-1), v_LHK))
+            start += L
+        pieces.append(q.new_zeros(T_ - start, H, K))
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows)
+
+
+def real_mask(doc_lens, seq_len, device=None) -> torch.Tensor:
+    """``[B, T]`` bool, True at tokens inside a document."""
+    mask = torch.zeros(len(doc_lens), seq_len, dtype=torch.bool, device=device)
+    for b, row in enumerate(doc_lens):
+        mask[b, : sum(row)] = True
+    return mask
+
+
+def positions_in_doc(doc_lens, seq_len) -> torch.Tensor:
+    """``[B, T]`` position inside each token's document; padding continues the last document."""
+    out = torch.zeros(len(doc_lens), seq_len, dtype=torch.long)
+    for b, row in enumerate(doc_lens):
+        start = 0
+        for n, L in enumerate(row):
+            end = seq_len if n == len(row) - 1 else start + L
+            out[b, start:end] = torch.arange(end - start)
+            start += L
+    return out
+
+
+def block_causal_allowed(doc_lens, seq_len, causal: bool = True) -> torch.Tensor:
+    """``[B·T, B·T]`` bool over the flattened rows: key j visible to query i iff both lie in the same
+    block (a document, or a row's trailing padding as one block) and (if causal) j ≤ i."""
+    block_of, n_blocks = [], 0
+    for row in doc_lens:
+        for L in list(row) + ([seq_len - sum(row)] if sum(row) < seq_len else []):
+            block_of += [n_blocks] * L
+            n_blocks += 1
+    block = torch.tensor(block_of)
+    pos = torch.arange(len(block_of))
+    same = block[:, None] == block[None, :]
+    return same & (pos[None, :] <= pos[:, None]) if causal else same
+
+
+def case_generator(request) -> torch.Generator:
+    """A generator seeded from the test id: fresh inputs per case, reproducible per case."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def random_qkv(gen, B, T_, H, G, K, dtype, device="cpu"):
+    shapes = ((B, T_, H, K), (B, T_, G, K), (B, T_, G, K))
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+
+
+def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = True):
+    """Kernel output and (if ``grad``) the gradients of Σ out·dout over real tokens; and the same for
+    the float64 reference on the same (rounded) inputs."""
+    B, T_, H, _ = q.shape
+    G = k.shape[2]
+    layout = DocLayout(doc_lens, T_, causal)
+    real = real_mask(doc_lens, T_, q.device)[:, :, None, None]
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * real.cpu()
+
+    kernel = make_kernel(name)
+    leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+    with torch.set_grad_enabled(grad):
+        ctx = kernel.prepare(layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=G,
+                             dtype=q.dtype, device=q.device)
+        out = kernel(*leaves, ctx)
+        if grad:
+            (out * dout.to(q.device, q.dtype)).sum().backward()
+
+    ref_leaves = [x.detach().cpu().double().requires_grad_(grad) for x in (q, k, v)]
+    ref_slopes = paper_slopes(H) if slopes is not None else None
+    with torch.set_grad_enabled(grad):
+        ref = reference_attention(*ref_leaves, doc_lens, ref_slopes, causal)
+        if grad:
+            (ref * dout).sum().backward()
+    got = [out.detach()] + ([x.grad for x in leaves] if grad else [])
+    want = [ref.detach()] + ([x.grad for x in ref_leaves] if grad else [])
+    return got, want, real.cpu()
+
+
+def assert_matches(got, want, real, tol):
+    out, ref = got[0].cpu().double(), want[0]
+    assert torch.isfinite(got[0]).all(), "non-finite output (padding included)"
+    mask = real.expand_as(ref)
+    torch.testing.assert_close(out[mask], ref[mask], atol=tol, rtol=tol, msg=lambda m: f"output: {m}")
+    for name, g, r in zip("qkv"[: len(got) - 1], got[1:], want[1:], strict=True):
+        assert g is not None, f"no gradient for {name}"
+        torch.testing.assert_close(g.cpu().double(), r, atol=tol, rtol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# The reference itself
+# --------------------------------------------------------------------------------------------
+def test_reference_by_hand():
+    """Length-1 documents return their value vector; a 2-token document matches scalar arithmetic."""
+    gen = torch.Generator().manual_seed(0)
+    H, G, K = 4, 2, 3
+    q, k, v = random_qkv(gen, 1, 4, H, G, K, torch.float64)
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    out = reference_attention(q, k, v, [[1, 2, 1]], slopes)
+    for h in range(H):
+        g = h // 2
+        torch.testing.assert_close(out[0, 0, h], v[0, 0, g])
+        torch.testing.assert_close(out[0, 3, h], v[0, 3, g])
+        torch.testing.assert_close(out[0, 1, h], v[0, 1, g])  # first token of the second document
+        s0 = float(q[0, 2, h] @ k[0, 1, g]) / math.sqrt(K) - slopes[h] * 1
+        s1 = float(q[0, 2, h] @ k[0, 2, g]) / math.sqrt(K)
+        w0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
+        torch.testing.assert_close(out[0, 2, h], w0 * v[0, 1, g] + (1 - w0) * v[0, 2, g])
+    # Non-causal: the first token of a document sees the later one too.
+    bidir = reference_attention(q, k, v, [[1, 2, 1]], causal=False)
+    for h in range(H):
+        g = h // 2
+        s0 = float(q[0, 1, h] @ k[0, 1, g]) / math.sqrt(K)
+        s1 = float(q[0, 1, h] @ k[0, 2, g]) / math.sqrt(K)
+        w0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
+        torch.testing.assert_close(bidir[0, 1, h], w0 * v[0, 1, g] + (1 - w0) * v[0, 2, g])
+        torch.testing.assert_close(bidir[0, 3, h], v[0, 3, g])
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels vs the reference (CPU)
+# --------------------------------------------------------------------------------------------
+# (layout, kv heads, (heads, positions)). Non-causal layouts run without ALiBi: the kernels' bias
+# −m·(pos_i − pos_j) turns into a reward growing with distance for future keys, not a bidirectional
+# ALiBi worth pinning down in a test.
+CPU_CASES = [(layout, kv, hp) for layout in LAYOUTS for kv in KV for hp in HEADS_POSITIONS] + [
+    (layout, kv, (4, "none")) for layout in BIDIR_LAYOUTS for kv in KV
+]
+CASE_IDS = [f"{lay}-{kv}-{p}{h}" for lay, kv, (h, p) in CPU_CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout_name,kv,heads_positions", CPU_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kernel_name", ["naive", "sdpa"])
+def test_kernel_matches_reference(request, kernel_name, layout_name, kv, heads_positions, dtype):
+    doc_lens, causal = layout_spec(layout_name)
+    H, positions = heads_positions
+    q, k, v = random_qkv(case_generator(request), len(doc_lens), T, H, KV[kv](H), 8, dtype)
+    slopes = alibi_slopes(H) if positions == "alibi" else None
+    got, want, real = run_kernel(kernel_name, doc_lens, q, k, v, slopes, grad=True, causal=causal)
+    assert_matches(got, want, real, CPU_TOL[dtype])
+
+
+# Eager FlexAttention on CPU traces every new shape / score_mod / mask (~0.3 s each): float32 on a few.
+FLEX_CASES = [(*case, torch.float64) for case in CPU_CASES] + [
+    ("packed", kv, hp, torch.float32) for kv, hp in [("mqa", (4, "none")), ("gqa", (6, "alibi")), ("mha", (4, "alibi"))]
+]
+
+
+@pytest.mark.parametrize(
+    "layout_name,kv,heads_positions,dtype",
+    FLEX_CASES,
+    ids=[f"{lay}-{kv}-{p}{h}-{str(dt)[6:]}" for lay, kv, (h, p), dt in FLEX_CASES],
+)
+def test_flex_forward_matches_reference(request, layout_name, kv, heads_positions, dtype):
+    """FlexAttention has no backward on CPU: forward only, eager."""
+    doc_lens, causal = layout_spec(layout_name)
+    H, positions = heads_positions
+    q, k, v = random_qkv(case_generator(request), len(doc_lens), T, H, KV[kv](H), 8, dtype)
+    slopes = alibi_slopes(H) if positions == "alibi" else None
+    got, want, real = run_kernel("flex", doc_lens, q, k, v, slopes, grad=False, causal=causal)
+    assert_matches(got, want, real, CPU_TOL[dtype])
+
+
+def test_custom_position_ids_drive_alibi():
+    """ALiBi distances come from ``position_ids``: shifting every position by a constant changes
+    nothing, while positions that don't restart per document are not what the reference computes
+    (so the kernel really reads them)."""
+    gen = torch.Generator().manual_seed(5)
+    doc_lens = [[10, 14]]
+    layout = DocLayout(doc_lens, 24)
+    q, k, v = random_qkv(gen, 1, 24, 4, 4, 8, torch.float64)
+    kernel = make_kernel("naive")
+
+    def attend(pos):
+        ctx = kernel.prepare(layout, pos, alibi_slopes(4), n_heads=4, n_kv_heads=4, dtype=q.dtype, device="cpu")
+        return kernel(q, k, v, ctx)
+
+    base = attend(layout.position_ids())
+    torch.testing.assert_close(attend(layout.position_ids() + 7), base, atol=1e-12, rtol=0)
+    ref = reference_attention(q, k, v, doc_lens, paper_slopes(4))
+    torch.testing.assert_close(base, ref, atol=1e-10, rtol=1e-10)
+    # A scaled position ramp changes ALiBi distances, hence the output.
+    assert not torch.allclose(attend(2 * layout.position_ids()), base, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+def complex_rope(x_BTHK: torch.Tensor, pos_BT: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate the pairs (x_i, x_{i+K/2}) as complex numbers z_i = x_i + i·x_{i+K/2} by pos·θ_i,
+    θ_i = base^(−2i/K)."""
+    K = x_BTHK.shape[-1]
+    theta = base ** (-torch.arange(K // 2, dtype=torch.float64) * 2 / K)
+    z = torch.complex(x_BTHK[..., : K // 2].double(), x_BTHK[..., K // 2:].double())
+    z = z * torch.polar(torch.ones_like(theta), pos_BT[..., None, None].double() * theta)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def rope_tables(pos_BT: torch.Tensor, K: int, base: float = 10000.0):
+    """cos/sin ``[B, T, 1, K]`` in ``rope_rotate``'s layout (the K/2 angles repeated twice)."""
+    theta = base ** (-torch.arange(0, K, 2, dtype=torch.float64) / K)
+    ang = pos_BT[..., None].double() * theta
+    ang = torch.cat((ang, ang), dim=-1)[:, :, None, :]
+    return ang.cos(), ang.sin()
+
+
+def test_rope_rotate_matches_complex_multiplication():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 3, 16, generator=gen, dtype=torch.float64)
+    pos = torch.randint(0, 500, (2, 11), generator=gen)
+    got = rope_rotate(x, *rope_tables(pos, 16))
+    torch.testing.assert_close(got, complex_rope(x, pos), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
+
+
+def test_rope_scores_depend_only_on_position_difference():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, 1, 32, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 32, generator=gen, dtype=torch.float64)
+
+    def score(m: int, n: int) -> float:
+        qm = rope_rotate(q, *rope_tables(torch.tensor([[m]]), 32))
+        kn = rope_rotate(k, *rope_tables(torch.tensor([[n]]), 32))
+        return float((qm * kn).sum())
+
+    for m, n in [(5, 2), (0, 0), (3, 9), (40, 1)]:
+        for shift in (1, 17, 1000):
+            assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-9)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-6)
+
+
+def test_packed_tinygpt_restarts_rope_positions_per_document(monkeypatch):
+    """The cos/sin tables a packed forward hands to ``rope_rotate`` use positions inside each
+    document (padding continues counting)."""
+    doc_lens, T_, K = [[3, 1, 9, 4], [16]], 20, 8
+    model = TinyGPT(vocab_size=32, d_model=32, n_layers=1, n_heads=4, max_seq_len=T_, attention="sdpa",
+                    positions="rope").double()
+    seen = []
+
+    def spy(x, cos, sin):
+        seen.append((cos, sin))
+        return rope_rotate(x, cos, sin)
+
+    monkeypatch.setattr("lit_xf.model.rope_rotate", spy)
+    model(torch.randint(0, 32, (2, T_)), doc_lens=doc_lens)
+    assert len(seen) == 2  # q and k
+    cos, sin = rope_tables(positions_in_doc(doc_lens, T_), K)
+    for c, s in seen:
+        torch.testing.assert_close(c.double(), cos, atol=1e-6, rtol=0)
+        torch.testing.assert_close(s.double(), sin, atol=1e-6, rtol=0)
+
+
+def test_layout_position_ids():
+    for doc_lens in LAYOUTS.values():
+        assert torch.equal(DocLayout(doc_lens, T).position_ids(), positions_in_doc(doc_lens, T))
+
+
+# --------------------------------------------------------------------------------------------
+# ALiBi slopes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32])
+def test_alibi_slopes_powers_of_two(n):
+    expected = torch.tensor([2.0 ** (-8.0 * h / n) for h in range(1, n + 1)], dtype=torch.float64)
+    torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    "n,exponents",
+    [
+        # 2^(−e) for e in: the slopes of the closest smaller power of two, then every other slope of
+        # twice that power.
+        (5, [2, 4, 6, 8, 1]),
+        (6, [2, 4, 6, 8, 1, 3]),
+        (12, [1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5]),
+    ],
+)
+def test_alibi_slopes_non_powers_of_two(n, exponents):
+    expected = torch.tensor([2.0 ** -e for e in exponents], dtype=torch.float64)
+    torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-7, atol=0)
+    torch.testing.assert_close(torch.tensor(paper_slopes(n), dtype=torch.float64), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks: DocLayout.dense_mask and the xformers bias objects (they work on CPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout_name", [*LAYOUTS, *BIDIR_LAYOUTS])
+def test_dense_mask_on_real_tokens(layout_name):
+    doc_lens, causal = layout_spec(layout_name)
+    dense = DocLayout(doc_lens, T, causal).dense_mask()
+    allowed = block_causal_allowed(doc_lens, T, causal)
+    real = real_mask(doc_lens, T)
+    for b in range(len(doc_lens)):
+        rows = slice(b * T, (b + 1) * T)
+        # Every real query sees exactly its document (its past, if causal); padding queries see at
+        # least themselves, so no softmax row is empty.
+        assert torch.equal(dense[b][real[b]], allowed[rows, rows][real[b]])
+        assert dense[b].diagonal().all()
+
+
+@pytest.mark.parametrize("layout_name", ["causal", "padded", "single", "bidir-full"])
+def test_xformers_bias_for_rows_without_blocks(layout_name):
+    """Causal rows of one document: ``LowerTriangularMask``; non-causal full rows: no bias at all."""
+    fmha = pytest.importorskip("xformers.ops.fmha")
+    doc_lens, causal = layout_spec(layout_name)
+    bias = DocLayout(doc_lens, T, causal).xformers_bias()
+    if not causal:
+        assert bias is None
+        return
+    assert type(bias) is fmha.attn_bias.LowerTriangularMask
+    m = bias.materialize((T, T))
+    lower = torch.ones(T, T, dtype=torch.bool).tril()
+    assert torch.equal(torch.isfinite(m), lower)
+    assert (m[lower] == 0).all()
+
+
+@pytest.mark.parametrize("layout_name", ["packed", "mixed", "bidir-padded", "bidir-packed"])
+def test_xformers_bias_for_packed_rows_is_block_diagonal(layout_name):
+    """Rows flattened to ``[1, B·T]``: ``BlockDiagonalCausalMask`` (``BlockDiagonalMask`` when not
+    causal) whose materialized mask is the block-diagonal mask built here, and per row the dense mask."""
+    fmha = pytest.importorskip("xformers.ops.fmha")
+    doc_lens, causal = layout_spec(layout_name)
+    B = len(doc_lens)
+    layout = DocLayout(doc_lens, T, causal)
+    bias = layout.xformers_bias()
+    want_type = fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
+    assert type(bias) is want_type
+    m = bias.materialize((B * T, B * T))
+    allowed = block_causal_allowed(doc_lens, T, causal)
+    assert torch.equal(torch.isfinite(m), allowed)
+    assert (m[allowed] == 0).all()
+    dense = layout.dense_mask()
+    for b in range(B):
+        rows = slice(b * T, (b + 1) * T)
+        assert torch.equal(allowed[rows, rows], dense[b])
+
+
+def test_xformers_alibi_bias_is_aligned_and_correct():
+    """The dense ALiBi bias xformers gets: ``[B, H, T, T]`` with stride(−2) a multiple of 8 (T = 13
+    isn't), −m_h·(i − j) inside each document, −inf elsewhere."""
+    doc_lens, T_, H = [[5, 1, 4], [13]], 13, 3
+    layout = DocLayout(doc_lens, T_)
+    ctx = XformersAttention().prepare(layout, layout.position_ids(), alibi_slopes(H), n_heads=H, n_kv_heads=H,
+                                      dtype=torch.float32, device="cpu")
+    bias = ctx.bias
+    assert bias.shape == (2, H, T_, T_)
+    assert bias.stride(-2) % 8 == 0
+    slopes = paper_slopes(H)
+    real = real_mask(doc_lens, T_)
+    allowed = block_causal_allowed(doc_lens, T_)
+    for b in range(2):
+        rows = slice(b * T_, (b + 1) * T_)
+        pos = positions_in_doc(doc_lens, T_)[b].double()
+        for h in range(H):
+            want = (-slopes[h] * (pos[:, None] - pos[None, :])).masked_fill(~allowed[rows, rows], float("-inf"))
+            torch.testing.assert_close(bias[b, h][real[b]].double(), want[real[b]])
+            assert torch.isfinite(bias[b, h]).any(dim=-1).all()  # no query row is fully masked
+
+
+# --------------------------------------------------------------------------------------------
+# No leakage across documents: a packed forward equals each document alone
+# --------------------------------------------------------------------------------------------
+LEAK_LAYOUTS = {"packed": [[1, 9, 14, 1, 6], [20, 3]], "padded": [[31], [12]]}
+LEAK_CASES = [
+    (kernel, layout, positions)
+    for kernel in ("naive", "sdpa", "auto")
+    for layout in LEAK_LAYOUTS
+    for positions in ("learned", "rope", "alibi", "none")
+] + [("flex", "packed", "rope"), ("flex", "packed", "alibi")]  # eager flex traces each new length
+
+
+@pytest.mark.parametrize("kernel_name,layout_name,positions", LEAK_CASES, ids=["-".join(c) for c in LEAK_CASES])
+def test_packed_forward_equals_documents_alone(kernel_name, layout_name, positions):
+    T_, layout = 32, LEAK_LAYOUTS[layout_name]
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T_,
+                    attention=kernel_name, positions=positions).double().eval()
+    ids = torch.randint(0, 64, (len(layout), T_))
+    with torch.no_grad():
+        packed = model(ids, doc_lens=layout)
+        assert torch.isfinite(packed).all()
+        for b, row in enumerate(layout):
+            start = 0
+            for L in row:
+                alone = model(ids[b : b + 1, start:start + L])
+                torch.testing.assert_close(packed[b, start:start + L], alone[0], atol=1e-10, rtol=1e-10)
+                start += L
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
+def test_positions_that_do_not_restart(positions):
+    """Feeding a later document absolute row positions changes it with learned embeddings; RoPE and
+    ALiBi only see position differences inside a document, so for them the offset cancels."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, attention="sdpa",
+                    positions=positions).double()
+    ids = torch.randint(0, 64, (1, 16))
+    doc_lens = [[6, 10]]
+    with torch.no_grad():
+        restart = model(ids, doc_lens=doc_lens)
+        absolute = model(ids, position_ids=torch.arange(16)[None], doc_lens=doc_lens)
+    torch.testing.assert_close(restart[:, :6], absolute[:, :6])
+    if positions == "learned":
+        assert not torch.allclose(restart[:, 6:], absolute[:, 6:], atol=1e-6)
+    else:
+        torch.testing.assert_close(restart[:, 6:], absolute[:, 6:], atol=1e-10, rtol=1e-10)
+
+
+def test_packed_forward_float32_sdpa_with_grad():
+    """The training path (grad on, float32, MQA, ALiBi) keeps documents apart too: a document's
+    logits match it run alone, and its loss has no gradient on other documents' embeddings."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=24,
+                    attention="sdpa", positions="alibi")
+    ids = torch.randint(0, 64, (1, 24))
+    emb = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        emb["x"] = out
+
+    hook = model.tok_emb.register_forward_hook(keep)
+    logits = model(ids, doc_lens=[[8, 10]])
+    hook.remove()
+    logits[:, 8:18].sum().backward()
+    grad = emb["x"].grad
+    assert (grad[:, :8] == 0).all() and (grad[:, 18:] == 0).all()
+    assert grad[:, 8:18].abs().sum() > 0
+    torch.testing.assert_close(logits[:, 8:18], model(ids[:, 8:18]), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration-time errors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_xformers_on_cpu_is_refused_at_construction():
+    with pytest.raises(ValueError, match="xformers") as err:
+        TinyGPT(attention="xformers")
+    msg = str(err.value)
+    assert "CUDA" in msg
+    assert "Kernels that can: naive, sdpa, flex" in msg
+
+
+def test_flex_training_on_cpu_is_refused():
+    flex = make_kernel("flex")
+    with pytest.raises(ValueError, match="flex") as err:
+        flex.check(device="cpu", n_heads=8, n_kv_heads=8, alibi=False, training=True)
+    assert "no backward on CPU" in str(err.value)
+    assert "naive, sdpa" in str(err.value)
+    flex.check(device="cpu", n_heads=8, n_kv_heads=8, alibi=False, training=False)  # inference is fine
+
+
+def test_flex_backward_on_cpu_really_raises():
+    """The refusal above mirrors torch: if this starts passing, the support table can be relaxed."""
+    layout = DocLayout([[6]], 6)
+    q = torch.randn(1, 6, 2, 8, requires_grad=True)
+    flex = make_kernel("flex")
+    ctx = flex.prepare(layout, layout.position_ids(), None, n_heads=2, n_kv_heads=2, dtype=q.dtype, device="cpu")
+    with pytest.raises(NotImplementedError):
+        flex(q, q, q, ctx).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(d_model=30, n_heads=8), r"n_heads=8 must divide d_model=30 \(e.g. n_heads=6\)"),
+        (dict(n_heads=8, n_kv_heads=3), r"n_kv_heads=3 must divide n_heads=8 \(divisors: \[1, 2, 4, 8\]\)"),
+        (dict(attention="fast"), r"unknown attention kernel 'fast'; choose one of auto, naive, sdpa, xformers, flex"),
+        (dict(positions="sinusoidal"), r"unknown positions 'sinusoidal'; choose one of learned, rope, alibi, none"),
+        (dict(ffn="relu"), r"unknown ffn 'relu'; choose one of swiglu, gelu"),
+        (dict(norm="batchnorm"), r"unknown norm 'batchnorm'; choose one of layernorm, rmsnorm"),
+        (dict(d_model=24, n_heads=8, positions="rope"), r"RoPE needs an even head dim"),
+        (dict(n_layers=0), r"n_layers must be a positive integer"),
+    ],
+)
+def test_bad_model_config_raises(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        TinyGPT(**{"attention": "sdpa", **kwargs})
+
+
+def test_unknown_kernel_name():
+    with pytest.raises(ValueError, match="unknown attention kernel 'fast'; choose one of auto, naive"):
+        make_kernel("fast")
+
+
+@pytest.mark.parametrize("doc_lens", [[[49]], [[10, 0, 5]], [[]], [[20], [30, 19]]])
+def test_doc_layout_rejects_bad_rows(doc_lens):
+    with pytest.raises(ValueError, match="doc_lens row"):
+        DocLayout(doc_lens, 48)
+
+
+def test_dense_bias_bytes_counts_the_8_aligned_buffer():
+    assert dense_bias_bytes(1, 8, 16) == 8 * 16 * 16 * 2
+    assert dense_bias_bytes(1, 8, 10) == 8 * 10 * 16 * 2  # last dim padded 10 -> 16
+    assert dense_bias_bytes(3, 2, 17, itemsize=4) == 3 * 2 * 17 * 24 * 4
+
+
+def test_xformers_alibi_budget_refused_in_support(monkeypatch):
+    """``support`` first needs CUDA and a working xformers; pretend both to reach the budget rule."""
+    assert "CUDA" in XformersAttention().support(device="cpu", n_heads=8, n_kv_heads=8, alibi=True,
+                                                 training=True, seq_len=128)
+    monkeypatch.setattr(attn, "xformers_problem", lambda: None)
+    xf = XformersAttention()
+    config = dict(device="cuda", n_heads=16, n_kv_heads=16, alibi=True, training=True)
+    assert xf.support(**config, seq_len=4096) is None  # 16·4096·4096·2 B = 512 MiB
+    reason = xf.support(**config, seq_len=16384)  # 8 GiB
+    assert reason is not None and "ALiBi" in reason and "8.0 GiB" in reason
+    assert xf.support(**{**config, "alibi": False}, seq_len=16384) is None
+    # The largest seq_len within budget for one row and 16 heads (T multiple of 8: 16·T²·2 ≤ budget).
+    t_max = int(math.isqrt(XFORMERS_DENSE_BIAS_BUDGET_BYTES // (16 * 2))) // 8 * 8
+    assert xf.support(**config, seq_len=t_max) is None
+    assert xf.support(**config, seq_len=t_max + 8) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_xformers_alibi_budget_refused_per_batch(monkeypatch, dtype):
+    """``prepare`` refuses a batch whose dense bias (in the batch's dtype) exceeds the budget, naming
+    flex as the way out; it builds the bias when it fits."""
+    B, H, T_ = 2, 4, 13
+    layout = DocLayout([[13], [6, 7]], T_)
+    need = dense_bias_bytes(B, H, T_, itemsize=torch.finfo(dtype).bits // 8)
+
+    def prepare():
+        return XformersAttention().prepare(layout, layout.position_ids(), alibi_slopes(H), n_heads=H,
+                                           n_kv_heads=H, dtype=dtype, device="cpu")
+
+    monkeypatch.setattr(attn, "XFORMERS_DENSE_BIAS_BUDGET_BYTES", need - 1)
+    with pytest.raises(ValueError, match="attention='flex'"):
+        prepare()
+    monkeypatch.setattr(attn, "XFORMERS_DENSE_BIAS_BUDGET_BYTES", need)
+    bias = prepare().bias
+    assert bias.dtype == dtype and bias.shape == (B, H, T_, T_)
+    assert bias.untyped_storage().nbytes() == need
+
+
+# --------------------------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------------------------
+def test_auto_on_cpu_picks_sdpa_and_logs_once(caplog):
+    caplog.set_level(logging.INFO, logger="lit_xf.attention")
+    auto = make_kernel("auto")
+    layout = DocLayout([[10]], 10)
+    for _ in range(3):
+        ctx = auto.prepare(layout, layout.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32,
+                           device="cpu")
+        assert ctx.kernel.name == "sdpa" and auto.last_choice == "sdpa"
+    msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "'sdpa'" in msgs[0] and "cpu" in msgs[0]
+    packed = DocLayout([[4, 6]], 10)
+    for _ in range(2):
+        auto.prepare(packed, packed.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32,
+                     device="cpu")
+    msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
+    assert len(msgs) == 2 and "packed" in msgs[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU auto picks per AUTO_PREFERENCE")
+def test_auto_model_on_cpu_reports_sdpa():
+    model = TinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="auto")
+    model(torch.randint(0, 16, (1, 8)))
+    assert model.attention_kernel_name == "sdpa"
+
+
+def test_auto_preference_covers_every_case_with_concrete_kernels():
+    assert set(AUTO_PREFERENCE) == set(itertools.product([False, True], repeat=3))
+    auto = make_kernel("auto")
+    for case, order in AUTO_PREFERENCE.items():
+        assert order, case
+        assert len(set(order)) == len(order), case
+        assert set(order) <= CONCRETE_KERNELS and set(order) <= set(KERNEL_NAMES), case
+        assert set(order) <= set(auto._kernels), f"{case}: auto can't build {set(order) - set(auto._kernels)}"
+
+
+def test_auto_on_cuda_follows_preference_order(monkeypatch):
+    """With every kernel pretending to support everything, CUDA picks each case's first choice; with
+    the first refusing, the second."""
+    auto = make_kernel("auto")
+    refuse: set[str] = set()
+    for name, kernel in auto._kernels.items():
+        monkeypatch.setattr(kernel, "support", lambda n=name, **config: "nope" if n in refuse else None)
+    for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
+        config = dict(device="cuda", n_heads=8, n_kv_heads=2 if gqa else 8, alibi=alibi, training=True,
+                      packed=packed)
+        refuse.clear()
+        assert auto.choose(**config) == order[0]
+        refuse.add(order[0])
+        assert auto.choose(**config) == order[1]
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: every kernel in half precision against the float64 reference
+# --------------------------------------------------------------------------------------------
+GPU_REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+GPU_K = 16  # FlexAttention's compiled kernels want head_dim >= 16
+# Flex compiles one kernel per shape / dtype / score_mod / mask kind: keep its cases few (B = 2, one T).
+GPU_CASES = [(kernel, *case) for kernel in ("naive", "sdpa", "xformers") for case in CPU_CASES] + [
+    ("flex", "padded", "mqa", (4, "alibi")),
+    ("flex", "padded", "mha", (4, "none")),
+    ("flex", "packed", "mha", (4, "none")),
+    ("flex", "packed", "gqa", (4, "alibi")),
+    ("flex", "bidir-packed", "gqa", (4, "none")),
+]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; NaN/inf anywhere gives inf."""
+    got = got.double().cpu()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestGpuKernelsAgainstReference:
+    @pytest.fixture(autouse=True)
+    def _room_for_flex_recompiles(self):
+        import torch._dynamo.config as dynamo_config
+
+        # Hitting the recompile limit would silently fall back to eager flex and test the wrong thing.
+        with dynamo_config.patch(recompile_limit=64):
+            yield
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    @pytest.mark.parametrize(
+        "kernel_name,layout_name,kv,heads_positions",
+        GPU_CASES,
+        ids=[f"{k}-{lay}-{kv}-{p}{h}" for k, lay, kv, (h, p) in GPU_CASES],
+    )
+    def test_forward_and_backward(self, request, kernel_name, layout_name, kv, heads_positions, dtype):
+        if kernel_name == "xformers" and (problem := attn.xformers_problem()):
+            pytest.skip(problem)
+        H, positions = heads_positions
+        doc_lens, causal = layout_spec(layout_name)
+        q, k, v = random_qkv(case_generator(request), len(doc_lens), T, H, KV[kv](H), GPU_K, dtype, device="cuda")
+        slopes = alibi_slopes(H).cuda() if positions == "alibi" else None
+        got, want, real = run_kernel(kernel_name, doc_lens, q, k, v, slopes, grad=True, causal=causal)
+        tol = GPU_REL_TOL[dtype]
+        mask = real.expand_as(want[0])
+        errors = {"out": relative_error(got[0].cpu()[mask], want[0][mask])}
+        for name, g, r in zip("qkv", got[1:], want[1:], strict=True):
+            errors[f"d{name}"] = relative_error(g, r) if g is not None else math.inf
+        bad = {n: e for n, e in errors.items() if not e < tol}
+        assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
