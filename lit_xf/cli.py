@@ -9,8 +9,9 @@
 ``data.seq_len`` sets ``model.max_seq_len`` when the config is parsed, and the data module's
 ``vocab_size`` sets ``model.vocab_size`` when the classes are instantiated (so neither is given twice).
 
-Errors lit_xf raises while building or setting up the run (``ValueError``, ``FileNotFoundError``:
-an impossible model, a missing corpus) print as one ``lit-xf: error: ...`` line and exit with 1;
+Errors raised while building or setting up the run (``ValueError``, ``FileNotFoundError``: an
+impossible model, a missing corpus; Lightning's ``MisconfigurationException``: e.g. fp16 AMP on a
+CPU) print as one ``lit-xf: error: ...`` message and exit with 1;
 ``LIT_XF_DEBUG=1`` shows the traceback instead. Argument and config-file errors are jsonargparse's
 (one message, exit 2).
 """
@@ -18,6 +19,7 @@ an impossible model, a missing corpus) print as one ``lit-xf: error: ...`` line 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import platform
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_xf.data import TextDataModule
@@ -178,9 +181,9 @@ def _env_main(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 def _bench_main(argv: Sequence[str]) -> int:
     try:
-        from lit_xf import bench
+        bench = importlib.import_module("lit_xf.bench")
     except ModuleNotFoundError as err:
-        if err.name not in ("lit_xf.bench",):
+        if err.name != "lit_xf.bench":
             raise
         print(f"{PROG}: error: benchmarks are not part of this lit_xf installation (no module lit_xf.bench)",
               file=sys.stderr)
@@ -215,9 +218,25 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY VALUE ...]
+       {PROG} env [--device DEVICE]
+       {PROG} bench COMMAND [...]
+
+  fit, validate, test, predict   LightningCLI over LitTinyGPT and TextDataModule
+                                 (`{PROG} fit --help` lists every key; `--print_config` shows the result)
+  env                            versions, device, and which attention kernels run here
+  bench                          benchmarks (`{PROG} bench --help`)
+
+Set {DEBUG_ENV}=1 to see the traceback behind a `{PROG}: error:` message.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``lit-xf``: ``env``, ``bench`` or a LightningCLI subcommand. Returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
     if args and args[0] == "env":
         return _env_main(args[1:])
     if args and args[0] == "bench":
@@ -231,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code or 0
         print(code, file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"{PROG}: error: {err}", file=sys.stderr)
