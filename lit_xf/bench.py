@@ -376,8 +376,16 @@ def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, devi
     from lit_xf.module import LitTinyGPT
 
     clock = _StepClock(args.warmup_steps, device)
-    monitors = [PeakMemoryMonitor(), KernelTimer(), ThroughputMonitor()] if variant == "lit_xf" else []
-    logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if variant == "lit_xf" else False
+    # "lit_xf": every monitor + TensorBoard; "lightning": none; "lightning+memory+tb": the ones named.
+    parts = {"tb", "memory", "timer", "throughput"} if variant == "lit_xf" else set(variant.split("+")[1:])
+    unknown = parts - {"tb", "memory", "timer", "throughput", "noprofile"}
+    if unknown:
+        raise ValueError(f"unknown train variant part(s) {sorted(unknown)}: use loop, lightning, lit_xf or "
+                         "lightning+tb+memory+timer+throughput(+noprofile)")
+    monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
+    if "timer" in parts:
+        monitors.append(KernelTimer(profile_every_n_steps=0 if "noprofile" in parts else 50))
+    logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if "tb" in parts else False
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=args.steps,
                         logger=logger, callbacks=[clock, *monitors], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
