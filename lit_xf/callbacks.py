@@ -474,6 +474,9 @@ class PeakMemoryMonitor(_StepCallback):
             raise ValueError(f"snapshot_max_entries must be positive, got {self.snapshot_max_entries}")
         self._device = trainer.strategy.root_device
         self._enabled = self._device.type == "cuda"
+        if self._enabled:
+            stats = torch.cuda.memory_stats(self._device)
+            self._base = (stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0))
         if not self._enabled and not self._warned:
             self._warned = True
             rank_zero_warn(
@@ -503,17 +506,16 @@ class PeakMemoryMonitor(_StepCallback):
             return
         if step is None:
             torch.cuda.reset_peak_memory_stats(self._device)
-            stats = torch.cuda.memory_stats(self._device)
-            self._base = (stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0))
             self._maybe_start_snapshot(trainer.global_step)
             return
-        stats = torch.cuda.memory_stats(self._device)
+        stats = torch.cuda.memory_stats(self._device)  # one read per step: it builds a large dict
         metrics = {
             "memory/peak_allocated_mib": stats.get("allocated_bytes.all.peak", 0) / _MIB,
             "memory/peak_reserved_mib": stats.get("reserved_bytes.all.peak", 0) / _MIB,
             "memory/alloc_retries": float(stats.get("num_alloc_retries", 0) - self._base[0]),
             "memory/ooms": float(stats.get("num_ooms", 0) - self._base[1]),
         }
+        self._base = (stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0))
         _log_metrics(trainer, metrics, step)
         if self._recording and step >= self.snapshot_steps[1] - 1:
             self._dump_snapshot(trainer)
@@ -578,7 +580,7 @@ class KernelTimer(_StepCallback):
 
     def __init__(
         self,
-        profile_every_n_steps: int = 50,
+        profile_every_n_steps: int = 500,
         attention_pattern: str = ATTENTION_KERNEL_PATTERN,
         top_k: int = 10,
     ) -> None:
@@ -671,9 +673,10 @@ class KernelTimer(_StepCallback):
         n = self.profile_every_n_steps
         if n <= 0 or (step + 1) % n != 0:
             return
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self._clock.on_cuda:
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        # On a GPU only device kernels are collected: CPU-op events would multiply the cost of
+        # processing the window, and the attention share is a share of GPU time.
+        kinds = torch.profiler.ProfilerActivity
+        activities = [kinds.CUDA if self._clock.on_cuda else kinds.CPU]
         profiler = torch.profiler.profile(activities=activities)
         try:
             profiler.start()
