@@ -384,7 +384,7 @@ def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, devi
                          "lightning+tb+memory+timer+throughput(+noprofile)")
     monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
     if "timer" in parts:
-        monitors.append(KernelTimer(profile_every_n_steps=0 if "noprofile" in parts else 50))
+        monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
     logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if "tb" in parts else False
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=args.steps,
                         logger=logger, callbacks=[clock, *monitors], enable_checkpointing=False,
