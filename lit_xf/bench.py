@@ -376,12 +376,15 @@ def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, devi
     from lit_xf.module import LitTinyGPT
 
     clock = _StepClock(args.warmup_steps, device)
-    # "lit_xf": every monitor + TensorBoard; "lightning": none; "lightning+memory+tb": the ones named.
-    parts = {"tb", "memory", "timer", "throughput"} if variant == "lit_xf" else set(variant.split("+")[1:])
-    unknown = parts - {"tb", "memory", "timer", "throughput", "noprofile"}
+    # "lit_xf": every monitor + TensorBoard; "lightning": none; "lightning+memory+tb": the ones named;
+    # "+compile" compiles the model's blocks (LitTinyGPT(compile=True)).
+    base, *extra = variant.split("+")
+    parts = set(extra) | ({"tb", "memory", "timer", "throughput"} if base == "lit_xf" else set())
+    known = {"tb", "memory", "timer", "throughput", "noprofile", "compile"}
+    unknown = (parts - known) | ({base} - {"lightning", "lit_xf"})
     if unknown:
-        raise ValueError(f"unknown train variant part(s) {sorted(unknown)}: use loop, lightning, lit_xf or "
-                         "lightning+tb+memory+timer+throughput(+noprofile)")
+        raise ValueError(f"unknown train variant part(s) {sorted(unknown)}: use loop, lightning, lit_xf, each "
+                         "Lightning one optionally with +tb +memory +timer +throughput +noprofile +compile")
     monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
     if "timer" in parts:
         monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
@@ -390,7 +393,7 @@ def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, devi
                         logger=logger, callbacks=[clock, *monitors], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, log_every_n_steps=trainer_cfg.get("log_every_n_steps", 50))
-    model = LitTinyGPT(**model_kwargs)
+    model = LitTinyGPT(**(model_kwargs | {"compile": "compile" in parts}))
     trainer.fit(model, dm)
     return dict(ms=clock.seconds / (args.steps - args.warmup_steps) * 1e3, timed_s=clock.seconds,
                 real_tokens=clock.real_tokens, loss=float(trainer.callback_metrics["train/loss"]),
@@ -562,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-heads", type=int, default=None)
         sp.add_argument("--head-dim", type=int, default=64)
         sp.add_argument("--alibi", action="store_true")
-        sp.add_argument("--warmup", type=int, default=3)
-        sp.add_argument("--reps", type=int, default=10)
+        sp.add_argument("--warmup", type=int, default=5)
+        sp.add_argument("--reps", type=int, default=30)
         sp.add_argument("--dtype", choices=DTYPES, default=dtype)
 
     a = sub.add_parser("attention", help="time and memory per kernel across sequence lengths")

@@ -692,7 +692,7 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
 # GPU: every kernel in half precision against the float64 reference
 # --------------------------------------------------------------------------------------------
 GPU_REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
-GPU_K = 16  # FlexAttention's compiled kernels want head_dim >= 16
+GPU_K = 64  # compiled flex found no kernel config for head_dim 16 (MQA + ALiBi, bf16 backward, torch 2.11)
 # Flex compiles one kernel per shape / dtype / score_mod / mask kind: keep its cases few (B = 2, one T).
 GPU_CASES = [(kernel, *case) for kernel in ("naive", "sdpa", "xformers") for case in CPU_CASES] + [
     ("flex", "padded", "mqa", (4, "alibi")),
