@@ -79,56 +79,93 @@ def test_bench_without_bench_module_says_so(monkeypatch, capsys):
 
 
 # -- --print_config ----------------------------------------------------------------------------------
-def test_print_config_shows_links_and_round_trips(tmp_path):
-    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), "--print_config", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    config = yaml.safe_load(proc.stdout)
+def test_print_config_shows_links_and_round_trips(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit-xf"])
+    assert cli.main(["fit", "--config", str(DEFAULT_CONFIG), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
     assert config["data"]["corpus"] == "fortunes" and config["data"]["batch_mode"] == "packed"
     assert config["model"]["attention"] == "auto"
+    assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]][:3] == [
+        "PeakMemoryMonitor", "KernelTimer", "ThroughputMonitor"]
     # Linked: set from data.seq_len / data.vocab_size, so they are not keys of their own.
     assert "max_seq_len" not in config["model"] and "vocab_size" not in config["model"]
-    printed = tmp_path / "printed.yaml"
-    printed.write_text(proc.stdout)
-    again = run_cli("fit", "--config", str(printed), "--print_config", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert yaml.safe_load(again.stdout) == config
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert cli.main(["fit", "--config", "printed.yaml", "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config
 
 
 # -- bad input: one clear message, non-zero exit, no traceback -------------------------------------
-def test_unknown_key_on_the_command_line(tmp_path):
-    proc = run_cli("fit", "--model.d_modle", "64", cwd=tmp_path)
-    assert_one_clear_error(proc, "--model.d_modle")
+# case -> (arguments, extra environment, texts the error must name, exit status or None for any non-zero)
+BAD_INPUTS = {
+    "unknown_key_on_the_command_line": (["fit", "--model.d_modle", "64"], {}, ["--model.d_modle"], 2),
+    "unknown_key_in_a_config_file": (["fit", "--config", "bad_key.yaml"], {}, ["model.d_modle"], 2),
+    "wrong_type": (["fit", "--trainer.max_steps", "ten"], {}, ["trainer.max_steps", "ten"], 2),
+    "missing_config_file": (["fit", "--config", "configs/nope.yaml"], {}, ["nope.yaml", "does not exist"], 2),
+    "missing_corpus": (["fit", "--data.corpus", "no_such_corpus.txt"], {},
+                       ["lit-xf: error:", "no_such_corpus.txt"], 1),
+    "heads_not_dividing_width": (["fit", "--config", str(DEFAULT_CONFIG), "--model.n_heads", "5"], {},
+                                 ["lit-xf: error:", "n_heads=5 must divide d_model=192"], 1),
+    "kv_heads_not_dividing_heads": (["fit", "--model.n_kv_heads", "3"], {},
+                                    ["lit-xf: error:", "n_kv_heads=3 must divide n_heads=8"], 1),
+}
 
 
-def test_unknown_key_in_a_config_file(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  d_modle: 64\n")
-    proc = run_cli("fit", "--config", str(config), cwd=tmp_path)
-    assert_one_clear_error(proc, "model.d_modle")
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad-input case (and one with LIT_XF_DEBUG=1), started together: each pays for importing
+    torch and Lightning, so they share the cores instead of queueing."""
+    cwd = tmp_path_factory.mktemp("bad_input")
+    (cwd / "bad_key.yaml").write_text("model:\n  d_modle: 64\n")
+    env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
+    cases = {name: (args, extra) for name, (args, extra, _, _) in BAD_INPUTS.items()}
+    cases["debug"] = (["fit", "--data.corpus", "missing.txt"], {"LIT_XF_DEBUG": "1"})
+    procs = {name: subprocess.Popen([sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env={**env, **extra},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, extra) in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
 
 
-def test_wrong_type(tmp_path):
-    proc = run_cli("fit", "--trainer.max_steps", "ten", cwd=tmp_path)
-    assert_one_clear_error(proc, "trainer.max_steps", "ten")
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_with_one_clear_message(case, bad_runs):
+    _, _, needles, status = BAD_INPUTS[case]
+    proc = bad_runs[case]
+    assert_one_clear_error(proc, *needles)
+    assert proc.returncode == status, proc.stderr
 
 
-def test_missing_config_file(tmp_path):
-    proc = run_cli("fit", "--config", "configs/nope.yaml", cwd=tmp_path)
-    assert_one_clear_error(proc, "nope.yaml", "does not exist")
-
-
-def test_missing_corpus(tmp_path):
-    proc = run_cli("fit", "--data.corpus", str(tmp_path / "no_such_corpus.txt"), cwd=tmp_path)
-    assert_one_clear_error(proc, "lit-xf: error:", "no_such_corpus.txt")
-    assert proc.returncode == 1
-
-
-def test_heads_not_dividing_width(tmp_path):
-    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), "--model.n_heads", "5", cwd=tmp_path)
-    assert_one_clear_error(proc, "lit-xf: error:", "n_heads=5 must divide d_model=128")
-
-
-def test_debug_env_shows_the_traceback(tmp_path):
-    proc = run_cli("fit", "--data.corpus", str(tmp_path / "missing.txt"), cwd=tmp_path, env={"LIT_XF_DEBUG": "1"})
+def test_debug_env_shows_the_traceback(bad_runs):
+    proc = bad_runs["debug"]
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "CorpusNotFoundError" in proc.stderr
+
+
+# -- the README ----------------------------------------------------------------------------------
+README = ROOT / "README.md"
+
+
+def test_readme_commands_name_real_configs():
+    text = README.read_text()
+    for name in set(__import__("re").findall(r"configs/(\w+\.yaml)", text)):
+        assert (ROOT / "configs" / name).is_file(), name
+    assert 'pip install torch==2.13.0 -e . && lit-xf fit --config configs/default.yaml' in text
+    assert 'pip install torch==2.13.0 -e ".[dev]" && pytest' in text
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The "Using LitTinyGPT in your own project" example, as printed, on a folder of small texts."""
+    text = README.read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    corpus = tmp_path / "my_texts"
+    corpus.mkdir()
+    for i in range(400):  # enough for 20 steps in one epoch (small corpora validate after every epoch)
+        (corpus / f"{i}.txt").write_text(f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\n" * (1 + i % 5))
+    (tmp_path / "example.py").write_text(example)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
