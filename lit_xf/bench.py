@@ -452,6 +452,8 @@ def bench_curves(args) -> list[dict]:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "." if len(pts) < 20 else "-", label=name)
                 row[tag] = round(statistics.median(v for _, v in pts[len(pts) // 10:]), 3)
+                if tag.startswith("time/step"):  # keep the first (compiling) steps from flattening the rest
+                    ax.set_ylim(0, 3 * max(row[tag] for row in rows + [row] if row.get(tag)))
             ax.set_title(tag)
             ax.set_xlabel("step")
             ax.grid(True, alpha=0.3)
