@@ -191,3 +191,15 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_lightning_module_and_model_share_architecture_defaults():
+    """LitTinyGPT repeats TinyGPT's arguments (flat YAML keys); their defaults must not drift apart."""
+    import inspect
+
+    model_params = inspect.signature(TinyGPT.__init__).parameters
+    module_params = inspect.signature(LitTinyGPT.__init__).parameters
+    shared = [name for name in model_params if name != "self" and name in module_params]
+    assert len(shared) >= 12
+    for name in shared:
+        assert module_params[name].default == model_params[name].default, name
