@@ -1,9 +1,10 @@
 """LitTinyGPT: the LightningModule users import.
 
 Loss = mean cross-entropy over real target tokens (labels ≠ −100: pads and document ends are
-ignored). AdamW (no decay on norms, biases, embeddings) with linear warm-up and cosine decay to
-``min_lr_ratio``·lr, stepped per optimizer step; LightningCLI's ``--optimizer`` / ``--lr_scheduler``
-replace it when given.
+ignored); with several processes, over the real tokens of all ranks' batches together (see
+``LitTinyGPT.training_step``). AdamW (no decay on norms, biases, embeddings) with linear warm-up and
+cosine decay to ``min_lr_ratio``·lr, stepped per optimizer step; LightningCLI's ``--optimizer`` /
+``--lr_scheduler`` replace it when given.
 """
 
 from __future__ import annotations
@@ -97,13 +98,47 @@ class LitTinyGPT(L.LightningModule):
         return loss, logits_BTV
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logits = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        """Mean cross-entropy over the real target tokens of the whole step, all ranks together.
+
+        One process: ``F.cross_entropy`` mean over this batch, no communication. Several (DDP, FSDP):
+        ranks' batches hold different numbers of real tokens, so the mean of per-rank means is not
+        the mean over tokens. Each rank backpropagates ``Σ nll · world_size / N``, where ``N`` is the
+        real-token count summed over ranks (one all-reduce of two numbers per batch); DDP/FSDP average
+        the gradients over ranks, which gives the gradient of ``Σ_ranks Σ nll / N``. ``train/loss``
+        logs that global mean (the same value on every rank); the returned per-rank loss is not it.
+
+        Gradient accumulation: Lightning divides each micro-batch's loss by
+        ``accumulate_grad_batches``, so each micro-batch's (global) token mean weighs equally,
+        whatever its number of real tokens. Weighting by tokens would need the whole window's count
+        before the first backward; packed rows are nearly full, so the counts barely differ there.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            loss, logits = self._loss(batch)
+            self.log("train/loss", loss, prog_bar=True)
+        else:
+            loss, logits = self._distributed_loss(batch)
         if self._trainer is None or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # accuracy only on the steps that log it: it costs kernels every step otherwise
             self.train_acc(logits.detach().flatten(0, 1), batch["labels"].flatten())
             self.log("train/acc", self.train_acc, prog_bar=True)
         return loss
+
+    def _distributed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate on this rank, logits); logs ``train/loss`` as the global token mean."""
+        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        labels = batch["labels"].flatten()
+        nll_sum = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX,
+                                  reduction="sum")
+        # [Σ nll, real tokens] of this rank -> of all ranks, in one collective (fp32 counts are exact
+        # up to 2^24 real tokens per global batch)
+        totals = torch.stack([nll_sum.detach(), (labels != IGNORE_INDEX).sum().to(nll_sum.dtype)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # sum
+        else:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        tokens = totals[1].clamp(min=1)  # no real token anywhere: loss 0, not NaN
+        self.log("train/loss", totals[0] / tokens, prog_bar=True)  # already global: no sync_dist
+        return nll_sum * self.trainer.world_size / tokens, logits_BTV
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
