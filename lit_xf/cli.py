@@ -35,8 +35,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_xf.data import TextDataModule
 from lit_xf.module import LitTinyGPT
 
-log = logging.getLogger("lit_xf")
-
 DEBUG_ENV = "LIT_XF_DEBUG"
 PROG = "lit-xf"
 
@@ -95,7 +93,14 @@ def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2,
                training: bool = True) -> str:
     """Versions, the device, and for every mask case which attention kernels run and which one
     ``auto`` picks, with the reason each other kernel can't run."""
-    from lit_xf.attention import AUTO_PREFERENCE, KERNEL_NAMES, AutoAttention, kernel_report, xformers_problem
+    from lit_xf.attention import (
+        AUTO_PREFERENCE,
+        KERNEL_NAMES,
+        AutoAttention,
+        kernel_report,
+        make_kernel,
+        xformers_problem,
+    )
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
@@ -126,7 +131,7 @@ def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2,
                 kv = n_kv_heads if gqa else n_heads
                 report = kernel_report(dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training)
                 # xformers' ALiBi limit depends on seq_len, which kernel_report doesn't take.
-                report["xformers"] = auto._kernels["xformers"].support(
+                report["xformers"] = make_kernel("xformers").support(
                     device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len)
                 choice = auto.choose(device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training,
                                      packed=packed, seq_len=seq_len)
@@ -149,10 +154,10 @@ def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2,
         lines.append(f"[{number}] {name}: {reason}")
     lines.append("naive is the reference (it materializes the T×T scores); auto never picks it.")
     if dev.type == "cuda":
-        order = "; ".join(
-            f"{'packed' if p else 'causal'}{' ALiBi' if a else ''}{' GQA' if g else ''}: {' > '.join(o)}"
-            for (p, a, g), o in AUTO_PREFERENCE.items())
-        lines.append(f"auto's preference on CUDA: {order}")
+        lines.append("auto's order on CUDA (the first kernel that runs the case wins):")
+        for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
+            case = f"{'packed' if packed else 'causal'}{' GQA' if gqa else ''}{' ALiBi' if alibi else ''}"
+            lines.append(f"  {case:20s} {' > '.join(order)}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,32 @@ def test_env_report_in_process_lists_every_case():
     assert report.count(" sdpa ") >= 8
 
 
+def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
+    """The GPU report, on a pretend GPU whose xformers can't load its CUDA-12 extension."""
+    import types
+
+    import torch
+
+    import lit_xf.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(
+        name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30))
+    broken = "xformers can't run its CUDA kernels: xFormers wasn't build with CUDA support"
+    monkeypatch.setattr(attention, "xformers_problem", lambda: broken)
+    report = cli.env_report("cuda", seq_len=1024)
+    assert "NVIDIA H200, compute capability 9.0" in report
+    assert f"xformers: {broken}" in report
+    rows = {tuple(line.split()[:3]): line.split() for line in report.splitlines()
+            if line.startswith(("causal ", "packed "))}
+    assert rows[("packed", "MHA", "rope/learned")][3] == "flex"  # xformers would be first, but can't run
+    assert rows[("causal", "MHA", "rope/learned")][3] == "sdpa"
+    assert rows[("causal", "MHA", "alibi")][3] == "flex"
+    assert "auto's order on CUDA" in report
+
+
 # -- the console script and the top-level usage ---------------------------------------------------
 def test_console_script_is_installed():
     script = Path(sysconfig.get_path("scripts")) / "lit-xf"
@@ -70,6 +96,14 @@ def test_console_script_is_installed():
 def test_no_subcommand_prints_usage_and_fails(capsys):
     assert cli.main([]) == 2
     assert "usage: lit-xf" in capsys.readouterr().err
+
+
+def test_bench_is_routed_to_lit_xf_bench(capsys):
+    pytest.importorskip("lit_xf.bench")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "attention" in capsys.readouterr().out
 
 
 def test_bench_without_bench_module_says_so(monkeypatch, capsys):
