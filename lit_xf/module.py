@@ -182,7 +182,10 @@ class LitTinyGPT(L.LightningModule):
         saved_hp = checkpoint.get("hyper_parameters", {})
         hp_diff = [f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}" for k in ARCHITECTURE_KEYS
                    if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])]
-        saved, mine = checkpoint.get("state_dict", {}), self.state_dict()
+        # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
+        saved = checkpoint.get("state_dict")
+        mine = self.state_dict() if saved is not None else {}
+        saved = saved or {}
         shape_diff = [f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
                       for k, v in saved.items() if k in mine and v.shape != mine[k].shape]
         missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()

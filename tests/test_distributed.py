@@ -275,8 +275,6 @@ def test_fsdp_on_cpu_gives_the_ddp_losses(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="LitTinyGPT.on_load_checkpoint expects checkpoint['state_dict'], which a "
-                                       "sharded FSDP checkpoint lacks (the strategy loads the weights itself)")
 def test_fsdp_resumes_from_its_sharded_checkpoint(runs):
     """Resumed from the sharded step-2 checkpoint: batches 2 and 3, with the DDP run's losses."""
     for rank in range(WORLD):
