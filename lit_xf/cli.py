@@ -258,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        hint = ""
+        if isinstance(err, MisconfigurationException) and "gpu backend" in str(err).lower():
+            hint = " (the config asks for a GPU; --trainer.accelerator cpu runs it on the CPU)"
+        print(f"{PROG}: error: {err}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -144,6 +144,9 @@ BAD_INPUTS = {
     "kv_heads_not_dividing_heads": (["fit", "--model.n_kv_heads", "3"], {},
                                     ["lit-xf: error:", "n_kv_heads=3 must divide n_heads=8"], 1),
 }
+if not __import__("torch").cuda.is_available():
+    BAD_INPUTS["gpu_config_on_a_cpu"] = (["fit", "--config", str(ROOT / "configs" / "gpt2_small.yaml")], {},
+                                         ["lit-xf: error:", "--trainer.accelerator cpu"], 1)
 
 
 @pytest.fixture(scope="module")
