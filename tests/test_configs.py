@@ -19,6 +19,22 @@ SHRINK = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_distributed_leftovers():
+    """A config with ``strategy: ddp`` run in this process leaves a process group and MASTER_PORT /
+    WORLD_SIZE / LOCAL_RANK behind, which would break later multi-process tests: undo both."""
+    import os
+
+    import torch.distributed as dist
+
+    environ = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 def test_there_are_configs():
     names = {path.name for path in CONFIGS}
     assert {"default.yaml", "counting.yaml", "fortunes_padded.yaml", "fortunes_packed.yaml", "gqa_alibi.yaml",
