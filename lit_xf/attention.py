@@ -433,7 +433,7 @@ class AutoAttention(AttentionKernel):
         order = AUTO_PREFERENCE[(packed, alibi, n_kv_heads != n_heads)] if device.type == "cuda" else ("sdpa",)
         for name in order:
             if self._kernels[name].support(**config) is None:
-                key = (device.type, packed, alibi, n_kv_heads != n_heads, name)
+                key = (device.type, packed, alibi, n_kv_heads != n_heads, training, name)
                 if key not in self._logged:
                     self._logged.add(key)
                     skipped = {n: self._kernels[n].support(**config) for n in order[: order.index(name)]}
@@ -509,8 +509,8 @@ def xformers_problem() -> str | None:
 
 
 def kernel_report(device: torch.device | str, *, n_heads: int = 8, n_kv_heads: int | None = None,
-                  alibi: bool = False, training: bool = True) -> dict[str, str | None]:
+                  alibi: bool = False, training: bool = True, seq_len: int | None = None) -> dict[str, str | None]:
     """For each concrete kernel, None if it runs this configuration on ``device``, else why not."""
     config = dict(device=torch.device(device), n_heads=n_heads, n_kv_heads=n_kv_heads or n_heads,
-                  alibi=alibi, training=training)
+                  alibi=alibi, training=training, seq_len=seq_len)
     return {n: make_kernel(n).support(**config) for n in KERNEL_NAMES[1:]}
