@@ -112,18 +112,31 @@ class LitTinyGPT(L.LightningModule):
         whatever its number of real tokens. Weighting by tokens would need the whole window's count
         before the first backward; packed rows are nearly full, so the counts barely differ there.
         """
+        # Metrics only on the steps Lightning writes: ``self.log`` costs about as much host time as
+        # this small model's forward, and accuracy costs kernels.
+        log_now = self._logs_this_step()
         if self._trainer is None or self.trainer.world_size == 1:
             loss, logits = self._loss(batch)
-            self.log("train/loss", loss, prog_bar=True)
+            if log_now:
+                self.log("train/loss", loss, prog_bar=True)
         else:
-            loss, logits = self._distributed_loss(batch)
-        if self._trainer is None or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # accuracy only on the steps that log it: it costs kernels every step otherwise
+            loss, logits = self._distributed_loss(batch, log_now)
+        if log_now:
             self.train_acc(logits.detach().flatten(0, 1), batch["labels"].flatten())
             self.log("train/acc", self.train_acc, prog_bar=True)
         return loss
 
-    def _distributed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def on_train_start(self) -> None:
+        self._last_step = self.trainer.estimated_stepping_batches
+
+    def _logs_this_step(self) -> bool:
+        """Every ``log_every_n_steps`` optimizer steps and on the last one (as Lightning writes logs)."""
+        if self._trainer is None:
+            return True
+        step = self.global_step + 1
+        return step % self.trainer.log_every_n_steps == 0 or step >= getattr(self, "_last_step", step)
+
+    def _distributed_loss(self, batch: dict, log_now: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate on this rank, logits); logs ``train/loss`` as the global token mean."""
         logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
         labels = batch["labels"].flatten()
@@ -137,7 +150,8 @@ class LitTinyGPT(L.LightningModule):
         else:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         tokens = totals[1].clamp(min=1)  # no real token anywhere: loss 0, not NaN
-        self.log("train/loss", totals[0] / tokens, prog_bar=True)  # already global: no sync_dist
+        if log_now:
+            self.log("train/loss", totals[0] / tokens, prog_bar=True)  # already global: no sync_dist
         return nll_sum * self.trainer.world_size / tokens, logits_BTV
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -32,7 +32,8 @@ DATA = dict(corpus="counting", batch_mode="packed", seq_len=32, batch_size=2, co
             counting_length=24, counting_min_length=10, counting_vocab=64, val_fraction=0.05, seed=3)
 MODEL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, attention="sdpa", warmup_steps=10)
 TRAINER = dict(accelerator="cpu", devices=WORLD, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1)
+               enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1,
+               log_every_n_steps=1)  # train/loss is read after every step
 TIMEOUT = timedelta(seconds=120)  # a rank that dies makes the other fail soon, not after gloo's 30 min
 
 
