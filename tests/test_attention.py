@@ -743,3 +743,13 @@ class TestGpuKernelsAgainstReference:
             errors[f"d{name}"] = relative_error(g, r) if g is not None else math.inf
         bad = {n: e for n, e in errors.items() if not e < tol}
         assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+def test_sdpa_warns_once_about_dense_masks_on_cuda(caplog, monkeypatch):
+    monkeypatch.setattr(attn.SdpaAttention, "_warned_dense", False)
+    with caplog.at_level("WARNING", logger="lit_xf.attention"):
+        attn.SdpaAttention.warn_dense("cpu")  # CPU: sdpa is what auto picks there; no warning
+        assert not caplog.records
+        attn.SdpaAttention.warn_dense(torch.device("cuda"))
+        attn.SdpaAttention.warn_dense(torch.device("cuda", 0))
+    assert len(caplog.records) == 1 and "auto" in caplog.records[0].getMessage()
