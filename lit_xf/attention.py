@@ -131,10 +131,6 @@ class DocLayout:
         cls = fmha.attn_bias.BlockDiagonalCausalMask if self.causal else fmha.attn_bias.BlockDiagonalMask
         return cls.from_seqlens(flat, device=device)
 
-    def attended_pairs(self) -> int:
-        """(query, key) pairs attention computes over real documents: Σ L(L+1)/2 causal, Σ L² not."""
-        return sum(n * (n + 1) // 2 if self.causal else n * n for row in self.doc_lens for n in row)
-
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """ALiBi head slopes (Press et al. 2022): for n a power of two, m_h = 2^(−8h/n), h = 1..n.
