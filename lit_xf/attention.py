@@ -181,8 +181,16 @@ class AttentionKernel:
 
     name = "base"
 
-    def support(self, *, device: torch.device, n_heads: int, n_kv_heads: int, alibi: bool,
-                training: bool, seq_len: int | None = None) -> str | None:
+    def support(
+        self,
+        *,
+        device: torch.device,
+        n_heads: int,
+        n_kv_heads: int,
+        alibi: bool,
+        training: bool,
+        seq_len: int | None = None,
+    ) -> str | None:
         return None
 
     def check(self, **config) -> None:
@@ -190,11 +198,22 @@ class AttentionKernel:
         reason = self.support(**config)
         if reason:
             ok = [n for n in KERNEL_NAMES[1:] if make_kernel(n).support(**config) is None]
-            raise ValueError(f"attention={self.name!r} can't run {_describe(config)}: {reason}. "
-                             f"Kernels that can: {', '.join(ok) or 'none'}.")
+            raise ValueError(
+                f"attention={self.name!r} can't run {_describe(config)}: {reason}. "
+                f"Kernels that can: {', '.join(ok) or 'none'}."
+            )
 
-    def prepare(self, layout: DocLayout, position_ids: torch.Tensor | None, slopes: torch.Tensor | None,
-                *, n_heads: int, n_kv_heads: int, dtype: torch.dtype, device) -> AttentionContext:
+    def prepare(
+        self,
+        layout: DocLayout,
+        position_ids: torch.Tensor | None,
+        slopes: torch.Tensor | None,
+        *,
+        n_heads: int,
+        n_kv_heads: int,
+        dtype: torch.dtype,
+        device,
+    ) -> AttentionContext:
         ctx = AttentionContext(self, layout, position_ids, slopes)
         ctx.bias = self._bias(ctx, n_heads=n_heads, dtype=dtype, device=device)
         return ctx
@@ -269,9 +288,11 @@ class SdpaAttention(AttentionKernel):
         """Once per process on CUDA: a dense mask sends SDPA down its slow path."""
         if torch.device(device).type == "cuda" and not cls._warned_dense:
             cls._warned_dense = True
-            log.warning("attention='sdpa' with packed rows or ALiBi builds a dense [B, (H,) T, T] mask and runs "
-                        "SDPA's slow path (H200: 1.37 s vs 7.9 ms for xformers on 99k packed tokens); "
-                        "attention='auto' picks xformers or flex for these batches")
+            log.warning(
+                "attention='sdpa' with packed rows or ALiBi builds a dense [B, (H,) T, T] mask and runs "
+                "SDPA's slow path (H200: 1.37 s vs 7.9 ms for xformers on 99k packed tokens); "
+                "attention='auto' picks xformers or flex for these batches"
+            )
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
         q, k, v = (x.transpose(1, 2) for x in (q_BTHK, k_BTGK, v_BTGK))
@@ -301,18 +322,23 @@ class XformersAttention(AttentionKernel):
         if alibi and seq_len is not None:
             need = dense_bias_bytes(1, n_heads, seq_len)
             if need > XFORMERS_DENSE_BIAS_BUDGET_BYTES:
-                return (f"ALiBi needs a dense {n_heads}×{seq_len}×{seq_len} bias per row "
-                        f"({need / 2**30:.1f} GiB > budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB)")
+                return (
+                    f"ALiBi needs a dense {n_heads}×{seq_len}×{seq_len} bias per row "
+                    f"({need / 2**30:.1f} GiB > budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB)"
+                )
         return None
 
     def _bias(self, ctx, *, n_heads, dtype, device):
         if ctx.slopes is not None:
-            need = dense_bias_bytes(ctx.layout.batch_size, n_heads, ctx.layout.seq_len,
-                                    itemsize=torch.finfo(dtype).bits // 8)
+            need = dense_bias_bytes(
+                ctx.layout.batch_size, n_heads, ctx.layout.seq_len, itemsize=torch.finfo(dtype).bits // 8
+            )
             if need > XFORMERS_DENSE_BIAS_BUDGET_BYTES:
-                raise ValueError(f"xformers ALiBi bias for this batch needs {need / 2**30:.1f} GiB "
-                                 f"(budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB); "
-                                 "use attention='flex' (O(T) memory) or a smaller batch")
+                raise ValueError(
+                    f"xformers ALiBi bias for this batch needs {need / 2**30:.1f} GiB "
+                    f"(budget {XFORMERS_DENSE_BIAS_BUDGET_BYTES / 2**30:.0f} GiB); "
+                    "use attention='flex' (O(T) memory) or a smaller batch"
+                )
             return _dense_bias(ctx, n_heads, dtype, device, pad_to=8)
         return ctx.layout.xformers_bias(device)
 
@@ -322,8 +348,9 @@ class XformersAttention(AttentionKernel):
         B, T, H, K = q_BTHK.shape
         k, v = repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)
         if ctx.layout.block_diagonal and ctx.slopes is None:
-            out = memory_efficient_attention(q_BTHK.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
-                                             v.reshape(1, B * T, H, K), attn_bias=ctx.bias)
+            out = memory_efficient_attention(
+                q_BTHK.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K), v.reshape(1, B * T, H, K), attn_bias=ctx.bias
+            )
             return out.view(B, T, H, K)
         return memory_efficient_attention(q_BTHK, k, v, attn_bias=ctx.bias)
 
@@ -350,6 +377,9 @@ class FlexAttention(AttentionKernel):
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
         from torch.nn.attention.flex_attention import flex_attention
 
+        T, H, G = q_BTHK.shape[1], q_BTHK.shape[2], k_BTGK.shape[2]
+        if q_BTHK.is_cuda and torch.is_grad_enabled() and (G := flex_trainable_kv_heads(H, G, T)):
+            k_BTGK, v_BTGK = repeat_kv(k_BTGK, G), repeat_kv(v_BTGK, G)
         q, k, v = (x.transpose(1, 2) for x in (q_BTHK, k_BTGK, v_BTGK))
         score_mod = None
         if ctx.slopes is not None:
@@ -361,6 +391,19 @@ class FlexAttention(AttentionKernel):
         attend = _compiled_flex() if q.is_cuda else flex_attention
         out = attend(q, k, v, score_mod=score_mod, block_mask=ctx.bias, enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
+
+
+def flex_trainable_kv_heads(n_heads: int, n_kv_heads: int, seq_len: int) -> int | None:
+    """kv heads to repeat K/V to so compiled flex can train, or ``None`` if ``n_kv_heads`` is fine.
+
+    With more than 2 query heads per kv head and ``seq_len % 128 != 0``, inductor (torch 2.11) finds
+    no kernel for flex's backward (``NoValidChoicesError``; H200: groups of 4 and 8 fail, 2 passes).
+    Groups of 2 (or plain MHA) do: the copies' gradients sum back through the repeat.
+    """
+    if seq_len % 128 == 0 or n_heads // n_kv_heads <= 2:
+        return None
+    half = n_heads // 2
+    return half if n_heads % 2 == 0 and half % n_kv_heads == 0 else n_heads
 
 
 @functools.cache
@@ -436,8 +479,9 @@ class AutoAttention(AttentionKernel):
 
     def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None) -> str:
         device = torch.device(device)
-        config = dict(device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi,
-                      training=training, seq_len=seq_len)
+        config = dict(
+            device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi, training=training, seq_len=seq_len
+        )
         order = AUTO_PREFERENCE[(packed, alibi, n_kv_heads != n_heads)] if device.type == "cuda" else ("sdpa",)
         for name in order:
             if self._kernels[name].support(**config) is None:
@@ -446,17 +490,30 @@ class AutoAttention(AttentionKernel):
                     self._logged.add(key)
                     skipped = {n: self._kernels[n].support(**config) for n in order[: order.index(name)]}
                     why = "; ".join(f"{n}: {r}" for n, r in skipped.items())
-                    log.info("attention=auto chose %r for %s rows, %s%s", name,
-                             "packed" if packed else "causal", _describe(config), f" ({why})" if why else "")
+                    log.info(
+                        "attention=auto chose %r for %s rows, %s%s",
+                        name,
+                        "packed" if packed else "causal",
+                        _describe(config),
+                        f" ({why})" if why else "",
+                    )
                 return name
         return "sdpa"
 
     def prepare(self, layout, position_ids, slopes, *, n_heads, n_kv_heads, dtype, device):
-        name = self.choose(device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=slopes is not None,
-                           training=torch.is_grad_enabled(), packed=layout.block_diagonal, seq_len=layout.seq_len)
+        name = self.choose(
+            device=device,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            alibi=slopes is not None,
+            training=torch.is_grad_enabled(),
+            packed=layout.block_diagonal,
+            seq_len=layout.seq_len,
+        )
         self.last_choice = name
-        return self._kernels[name].prepare(layout, position_ids, slopes, n_heads=n_heads,
-                                           n_kv_heads=n_kv_heads, dtype=dtype, device=device)
+        return self._kernels[name].prepare(
+            layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype, device=device
+        )
 
 
 KERNELS: dict[str, type[AttentionKernel]] = {
@@ -516,9 +573,22 @@ def xformers_problem() -> str | None:
     return None
 
 
-def kernel_report(device: torch.device | str, *, n_heads: int = 8, n_kv_heads: int | None = None,
-                  alibi: bool = False, training: bool = True, seq_len: int | None = None) -> dict[str, str | None]:
+def kernel_report(
+    device: torch.device | str,
+    *,
+    n_heads: int = 8,
+    n_kv_heads: int | None = None,
+    alibi: bool = False,
+    training: bool = True,
+    seq_len: int | None = None,
+) -> dict[str, str | None]:
     """For each concrete kernel, None if it runs this configuration on ``device``, else why not."""
-    config = dict(device=torch.device(device), n_heads=n_heads, n_kv_heads=n_kv_heads or n_heads,
-                  alibi=alibi, training=training, seq_len=seq_len)
+    config = dict(
+        device=torch.device(device),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads or n_heads,
+        alibi=alibi,
+        training=training,
+        seq_len=seq_len,
+    )
     return {n: make_kernel(n).support(**config) for n in KERNEL_NAMES[1:]}

@@ -72,8 +72,17 @@ def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
     return 3.5 * 4 * n_heads * head_dim * pairs
 
 
-def fwd_bwd_case(kernel_name: str, layout: DocLayout, n_heads: int, n_kv_heads: int, head_dim: int, dtype,
-                 device, alibi: bool = False, seed: int = 0):
+def fwd_bwd_case(
+    kernel_name: str,
+    layout: DocLayout,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    dtype,
+    device,
+    alibi: bool = False,
+    seed: int = 0,
+):
     """Random q/k/v ``[B, T, heads, K]`` and a closure running the kernel forward + backward."""
     g = torch.Generator(device=device).manual_seed(seed)
     B, T = layout.batch_size, layout.seq_len
@@ -88,8 +97,9 @@ def fwd_bwd_case(kernel_name: str, layout: DocLayout, n_heads: int, n_kv_heads: 
     slopes = alibi_slopes(n_heads).to(device) if alibi else None
 
     def prepare():
-        return kernel.prepare(layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype,
-                              device=device)
+        return kernel.prepare(
+            layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype, device=device
+        )
 
     ctx = prepare()
 
@@ -111,8 +121,17 @@ def bench_attention(args) -> list[dict]:
     for seq_len in args.seq_lens:
         layout = DocLayout.full_rows(args.batch, seq_len, causal=args.causal)
         for name in args.kernels:
-            row = dict(kernel=name, seq_len=seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, alibi=args.alibi)
+            row = dict(
+                kernel=name,
+                seq_len=seq_len,
+                batch=args.batch,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                head_dim=args.head_dim,
+                dtype=args.dtype,
+                causal=args.causal,
+                alibi=args.alibi,
+            )
             row.update(_run_case(name, layout, args, dtype, device))
             rows.append(row)
             _progress(row)
@@ -121,13 +140,24 @@ def bench_attention(args) -> list[dict]:
 
 def _run_case(name, layout, args, dtype, device) -> dict:
     kv_heads = args.kv_heads or args.heads
-    reason = make_kernel(name).support(device=device, n_heads=args.heads, n_kv_heads=kv_heads, alibi=args.alibi,
-                                       training=True, seq_len=layout.seq_len) if name != "auto" else None
+    reason = (
+        make_kernel(name).support(
+            device=device,
+            n_heads=args.heads,
+            n_kv_heads=kv_heads,
+            alibi=args.alibi,
+            training=True,
+            seq_len=layout.seq_len,
+        )
+        if name != "auto"
+        else None
+    )
     if reason:
         return dict(ms=None, tflops=None, peak_mib=None, note=reason)
     try:
-        step, prepare, _, ctx = fwd_bwd_case(name, layout, args.heads, kv_heads, args.head_dim, dtype, device,
-                                             alibi=args.alibi)
+        step, prepare, _, ctx = fwd_bwd_case(
+            name, layout, args.heads, kv_heads, args.head_dim, dtype, device, alibi=args.alibi
+        )
         ms, peak = measure(step, device, args.warmup, args.reps)
         prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
         chosen = ctx.kernel.name
@@ -140,8 +170,13 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     tflops = attention_flops(layout, args.heads, args.head_dim) / (ms * 1e-3) / 1e12
-    return dict(ms=round(ms, 3), tflops=round(tflops, 1), peak_mib=None if math.isnan(peak) else round(peak, 1),
-                prepare_ms=round(prep_ms, 3), note="" if name != "auto" else f"auto → {chosen}")
+    return dict(
+        ms=round(ms, 3),
+        tflops=round(tflops, 1),
+        peak_mib=None if math.isnan(peak) else round(peak, 1),
+        prepare_ms=round(prep_ms, 3),
+        note="" if name != "auto" else f"auto → {chosen}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +204,7 @@ def _random_inputs(layout: DocLayout, H: int, kv: int, K: int, device, seed: int
     B, T = layout.batch_size, layout.seq_len
     q, k, v, do = (torch.randn(B, T, h, K, generator=g, device=device, dtype=torch.float64) for h in (H, kv, kv, H))
     for b, row in enumerate(layout.doc_lens):
-        do[b, sum(row):] = 0
+        do[b, sum(row) :] = 0
     return [q, k, v, do]
 
 
@@ -179,8 +214,9 @@ def run_kernel(name: str, layout: DocLayout, inputs: list[torch.Tensor], dtype, 
     H, kv = q.shape[2], k.shape[2]
     kernel = make_kernel(name)
     slopes = alibi_slopes(H).to(q.device) if alibi else None
-    ctx = kernel.prepare(layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=kv, dtype=dtype,
-                         device=q.device)
+    ctx = kernel.prepare(
+        layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=kv, dtype=dtype, device=q.device
+    )
     out = kernel(q, k, v, ctx)
     out.backward(inputs[3].to(dtype))
     return out.detach(), q.grad, k.grad, v.grad
@@ -209,19 +245,27 @@ def bench_correctness(args) -> list[dict]:
 
 def _check(name, layout, inputs, ref, dtype, alibi, real) -> dict:
     H, kv = inputs[0].shape[2], inputs[1].shape[2]
-    reason = make_kernel(name).support(device=inputs[0].device, n_heads=H, n_kv_heads=kv, alibi=alibi,
-                                       training=True, seq_len=layout.seq_len)
+    reason = make_kernel(name).support(
+        device=inputs[0].device, n_heads=H, n_kv_heads=kv, alibi=alibi, training=True, seq_len=layout.seq_len
+    )
     if reason:
         return dict(status="unsupported", note=reason)
     try:
         got = run_kernel(name, layout, inputs, dtype, alibi)
     except Exception as e:  # a kernel failing is a result to report, not the end of the matrix
         return dict(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    errs = dict(out=_rel_err(got[0][real], ref[0][real]), dq=_rel_err(got[1], ref[1]), dk=_rel_err(got[2], ref[2]),
-                dv=_rel_err(got[3], ref[3]))
+    errs = dict(
+        out=_rel_err(got[0][real], ref[0][real]),
+        dq=_rel_err(got[1], ref[1]),
+        dk=_rel_err(got[2], ref[2]),
+        dv=_rel_err(got[3], ref[3]),
+    )
     worst = max(errs.values())
-    return dict(status="pass" if worst <= TOLERANCE[dtype] else "FAIL", max_rel_err=f"{worst:.1e}",
-                **{f"err_{k}": f"{e:.1e}" for k, e in errs.items()})
+    return dict(
+        status="pass" if worst <= TOLERANCE[dtype] else "FAIL",
+        max_rel_err=f"{worst:.1e}",
+        **{f"err_{k}": f"{e:.1e}" for k, e in errs.items()},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +293,16 @@ def bench_packing(args) -> list[dict]:
     rows = []
     for mode, layout in layouts.items():
         for name in args.kernels:
-            row = dict(mode=mode, kernel=name, docs=len(lens), real_tokens=real,
-                       row_tokens=layout.batch_size * layout.seq_len, heads=args.heads, kv_heads=args.kv_heads,
-                       alibi=args.alibi)
+            row = dict(
+                mode=mode,
+                kernel=name,
+                docs=len(lens),
+                real_tokens=real,
+                row_tokens=layout.batch_size * layout.seq_len,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                alibi=args.alibi,
+            )
             res = _run_case(name, layout, args, dtype, device)
             if res.get("ms"):
                 res["real_tokens_per_s"] = round(real / (res["ms"] * 1e-3))
@@ -276,8 +327,9 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        kernel.prepare(layout, pos, slopes, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads, dtype=dtype,
-                       device=device)
+        kernel.prepare(
+            layout, pos, slopes, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads, dtype=dtype, device=device
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -288,9 +340,12 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
 # train
 # --------------------------------------------------------------------------------------------
 def bench_train(args) -> list[dict]:
-    """The same model, data and steps three ways: a hand-written PyTorch loop, a bare Lightning
-    Trainer, and lit_xf as configured (monitoring callbacks + TensorBoard). Times steps after
-    ``--warmup-steps`` with synchronized host clocks."""
+    """The same model, data and steps several ways (``--variants``): a hand-written PyTorch loop, a
+    bare Lightning Trainer, lit_xf as configured (monitoring callbacks + TensorBoard), each eager or
+    compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
+    time before them (compilation included). MFU counts ``LitTinyGPT.flops_per_batch`` against the
+    device's dense peak. Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean
+    absolute difference from the first variant's (same data, same initialization)."""
     import yaml
 
     from lit_xf.data import TextDataModule
@@ -307,28 +362,71 @@ def bench_train(args) -> list[dict]:
     trainer_cfg = cfg.get("trainer") or {}
     precision = args.precision or trainer_cfg.get("precision", "32-true")
     device = torch.device(args.device)
-    rows = []
+    from lit_xf.callbacks import resolve_peak_flops
+
+    peak = resolve_peak_flops(device, precision)
+    rows, curves = [], {}
     for variant in args.variants:
         torch.manual_seed(0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        run = _hand_loop if variant == "loop" else _lightning_run
-        res = run(variant, model_kwargs, dm, precision, args, trainer_cfg, device)
+        base, parts = _parse_variant(variant)
+        run = _hand_loop if base == "loop" else _lightning_run
+        res = run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device)
         tokens = dm.hparams.batch_size * dm.hparams.seq_len
-        row = dict(variant=variant, precision=precision, attention=res.pop("attention"), steps=args.steps,
-                   ms_per_step=round(res["ms"], 3), tokens_per_s=round(tokens / res["ms"] * 1e3),
-                   real_tokens_per_s=round(res["real_tokens"] / res["timed_s"]), final_loss=round(res["loss"], 4),
-                   peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None)
+        row = dict(
+            variant=variant,
+            precision=precision,
+            attention=res.pop("attention"),
+            steps=args.steps,
+            ms_per_step=round(res["ms"], 3),
+            tokens_per_s=round(tokens / res["ms"] * 1e3),
+            real_tokens_per_s=round(res["real_tokens"] / res["timed_s"]),
+            final_loss=round(res["loss"], 4),
+            peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+            mfu=round(res["flops"] / res["timed_s"] / peak, 4) if peak else None,
+            warmup_s=round(res["warmup_s"], 2),
+        )
+        curves[variant] = [round(x, 5) for x in res["losses"]]
+        first = curves[args.variants[0]]
+        row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)
         rows.append(row)
         _progress(row)
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "loop"), None)
     for r in rows:
         r["vs_loop"] = round(r["tokens_per_s"] / base, 3) if base else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name or 'train'}_losses.json").write_text(json.dumps(curves))
     return rows
 
 
-def _hand_loop(variant, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+# Variant = base ("loop", "lightning", "lit_xf") + optional parts. "lit_xf" is every monitor + TensorBoard;
+# "lightning+memory+tb" only the ones named; compile modes apply to the loop too (TinyGPT.compile_model).
+_MONITOR_PARTS = {"tb", "memory", "timer", "throughput", "noprofile"}
+_COMPILE_PARTS = {"compile": "blocks", "compile_model": "model", "cudagraphs": "cudagraphs"}
+
+
+def _parse_variant(variant: str) -> tuple[str, set[str]]:
+    base, *extra = variant.split("+")
+    parts = set(extra)
+    allowed = set(_COMPILE_PARTS) | (_MONITOR_PARTS if base != "loop" else set())
+    if base not in ("loop", "lightning", "lit_xf") or parts - allowed or len(parts & set(_COMPILE_PARTS)) > 1:
+        raise ValueError(
+            f"unknown train variant {variant!r}: use loop, lightning or lit_xf, optionally with one of "
+            "+compile +compile_model +cudagraphs; Lightning ones also with +tb +memory +timer "
+            "+throughput +noprofile"
+        )
+    if base == "lit_xf":
+        parts |= {"tb", "memory", "timer", "throughput"}
+    return base, parts
+
+
+def _compile_mode(parts: set[str]) -> str | bool:
+    return next((mode for part, mode in _COMPILE_PARTS.items() if part in parts), False)
+
+
+def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
     """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
     import torch.nn.functional as F
 
@@ -336,14 +434,23 @@ def _hand_loop(variant, model_kwargs, dm, precision, args, trainer_cfg, device) 
 
     lit = LitTinyGPT(**model_kwargs)  # the same initialization as the Lightning runs
     hp, model = lit.hparams, lit.model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                            fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps,
-                                                                           hp.min_lr_ratio))
+    if _compile_mode(parts):
+        model.compile_model(_compile_mode(parts))
+    clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do (norm clipping)
+    opt = torch.optim.AdamW(
+        param_groups(model, hp.weight_decay),
+        lr=hp.lr,
+        betas=tuple(hp.betas),
+        fused=device.type == "cuda" and not (clip and precision.startswith("16")),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio)
+    )
     amp_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
     batches = _cycle(dm.train_dataloader())
-    real, t0 = 0, None
+    real = flops = 0
+    t0, losses, start = None, [], time.perf_counter()
     for step in range(args.steps):
         if step == args.warmup_steps:
             _sync(device)
@@ -355,19 +462,32 @@ def _hand_loop(variant, model_kwargs, dm, precision, args, trainer_cfg, device) 
             logits = model(ids, pos, batch["doc_lens"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        losses.append(loss.detach())
         if t0 is not None:
             real += batch["stats"]["real_tokens"]
+            flops += lit.flops_per_batch(batch)
     _sync(device)
     timed = time.perf_counter() - t0
-    return dict(ms=timed / (args.steps - args.warmup_steps) * 1e3, timed_s=timed, real_tokens=real,
-                loss=float(loss), attention=model.attention_kernel_name)
+    return dict(
+        ms=timed / (args.steps - args.warmup_steps) * 1e3,
+        timed_s=timed,
+        real_tokens=real,
+        flops=flops,
+        warmup_s=t0 - start,
+        losses=torch.stack(losses).tolist(),
+        loss=float(loss),
+        attention=model.attention_kernel_name,
+    )
 
 
-def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
     import tempfile
 
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -376,35 +496,50 @@ def _lightning_run(variant, model_kwargs, dm, precision, args, trainer_cfg, devi
     from lit_xf.module import LitTinyGPT
 
     clock = _StepClock(args.warmup_steps, device)
-    # "lit_xf": every monitor + TensorBoard; "lightning": none; "lightning+memory+tb": the ones named;
-    # "+compile" compiles the model's blocks (LitTinyGPT(compile=True)).
-    base, *extra = variant.split("+")
-    parts = set(extra) | ({"tb", "memory", "timer", "throughput"} if base == "lit_xf" else set())
-    known = {"tb", "memory", "timer", "throughput", "noprofile", "compile"}
-    unknown = (parts - known) | ({base} - {"lightning", "lit_xf"})
-    if unknown:
-        raise ValueError(f"unknown train variant part(s) {sorted(unknown)}: use loop, lightning, lit_xf, each "
-                         "Lightning one optionally with +tb +memory +timer +throughput +noprofile +compile")
     monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
     if "timer" in parts:
         monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
     logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if "tb" in parts else False
-    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=args.steps,
-                        logger=logger, callbacks=[clock, *monitors], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, log_every_n_steps=trainer_cfg.get("log_every_n_steps", 50))
-    model = LitTinyGPT(**(model_kwargs | {"compile": "compile" in parts}))
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=args.steps,
+        gradient_clip_val=trainer_cfg.get("gradient_clip_val"),
+        logger=logger,
+        callbacks=[clock, *monitors],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_cfg.get("log_every_n_steps", 50),
+    )
+    model = LitTinyGPT(**(model_kwargs | {"compile": _compile_mode(parts)}))
     trainer.fit(model, dm)
-    return dict(ms=clock.seconds / (args.steps - args.warmup_steps) * 1e3, timed_s=clock.seconds,
-                real_tokens=clock.real_tokens, loss=float(trainer.callback_metrics["train/loss"]),
-                attention=model.attention_kernel_name)
+    return dict(
+        ms=clock.seconds / (args.steps - args.warmup_steps) * 1e3,
+        timed_s=clock.seconds,
+        real_tokens=clock.real_tokens,
+        flops=clock.flops,
+        warmup_s=clock.t0 - clock.start,
+        losses=torch.stack(clock.losses).tolist(),
+        loss=float(trainer.callback_metrics["train/loss"]),
+        attention=model.attention_kernel_name,
+    )
 
 
 class _StepClock(L.Callback):
-    """Synchronized host time from the start of step ``warmup`` to the end of training."""
+    """Synchronized host time from the start of step ``warmup`` to the end of training, the real
+    tokens and FLOPs of the timed steps, and every step's loss (kept on the device until the end)."""
 
     def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.t0, self.seconds, self.real_tokens = warmup, device, None, 0.0, 0
+        self.warmup, self.device, self.t0, self.seconds = warmup, device, None, 0.0
+        self.real_tokens = self.flops = 0
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.t0 is None:
@@ -412,6 +547,10 @@ class _StepClock(L.Callback):
             self.t0 = time.perf_counter()
         if self.t0 is not None:
             self.real_tokens += batch["stats"]["real_tokens"]
+            self.flops += pl_module.flops_per_batch(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach())
 
     def on_train_end(self, trainer, pl_module):
         _sync(self.device)
@@ -441,8 +580,10 @@ def bench_curves(args) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {Path(d).parent.name if Path(d).name.startswith("version_") else Path(d).name: read_scalars(Path(d))
-            for d in args.logdirs}
+    runs = {
+        Path(d).parent.name if Path(d).name.startswith("version_") else Path(d).name: read_scalars(Path(d))
+        for d in args.logdirs
+    }
     fig, axes = plt.subplots(1, len(CURVE_TAGS), figsize=(5 * len(CURVE_TAGS), 3.6))
     rows = []
     for name, scalars in runs.items():
@@ -451,7 +592,7 @@ def bench_curves(args) -> list[dict]:
             pts = scalars.get(tag, [])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "." if len(pts) < 20 else "-", label=name)
-                row[tag] = round(statistics.median(v for _, v in pts[len(pts) // 10:]), 3)
+                row[tag] = round(statistics.median(v for _, v in pts[len(pts) // 10 :]), 3)
                 if tag.startswith("time/step"):  # keep the first (compiling) steps from flattening the rest
                     ax.set_ylim(0, 3 * max(row[tag] for row in rows + [row] if row.get(tag)))
             ax.set_title(tag)
@@ -613,15 +754,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# {meta}", flush=True)
-    run = {"attention": bench_attention, "correctness": bench_correctness, "packing": bench_packing,
-           "train": bench_train, "curves": bench_curves}[args.command]
+    run = {
+        "attention": bench_attention,
+        "correctness": bench_correctness,
+        "packing": bench_packing,
+        "train": bench_train,
+        "curves": bench_curves,
+    }[args.command]
     rows = run(args)
     name = args.name or args.command
     write_outputs(rows, args.out, name, meta)
     if args.command == "attention":
-        plot_attention(rows, args.out / f"{name}.png",
-                       f"B={args.batch} H={args.heads} K={args.head_dim} {args.dtype} "
-                       f"{'causal' if args.causal else 'non-causal'} fwd+bwd")
+        plot_attention(
+            rows,
+            args.out / f"{name}.png",
+            f"B={args.batch} H={args.heads} K={args.head_dim} {args.dtype} "
+            f"{'causal' if args.causal else 'non-causal'} fwd+bwd",
+        )
     print(markdown_table(rows))
     failed = [r for r in rows if r.get("status") in ("FAIL", "error")]
     return 1 if failed else 0

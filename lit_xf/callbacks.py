@@ -339,7 +339,23 @@ def _log_run_info_once(trainer: Trainer, pl_module: LightningModule) -> None:
 def _log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
     if metrics and trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if not _write_tensorboard_event(logger, metrics, step):
+                logger.log_metrics(metrics, step=step)
+
+
+def _write_tensorboard_event(logger: Any, metrics: dict[str, float], step: int) -> bool:
+    """All of a step's scalars as one TensorBoard event (``log_metrics`` writes one event per
+    scalar, which costs ~25-45 µs of host time each). The event files read back the same way."""
+    writer = getattr(logger, "experiment", None) if isinstance(logger, TensorBoardLogger) else None
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if file_writer is None:
+        return False
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = (logger._prefix + logger.LOGGER_JOIN_CHAR) if getattr(logger, "_prefix", "") else ""
+    values = [Summary.Value(tag=prefix + tag, simple_value=float(v)) for tag, v in metrics.items()]
+    file_writer().add_summary(Summary(value=values), step)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,14 +524,16 @@ class PeakMemoryMonitor(_StepCallback):
             torch.cuda.reset_peak_memory_stats(self._device)
             self._maybe_start_snapshot(trainer.global_step)
             return
-        stats = torch.cuda.memory_stats(self._device)  # one read per step: it builds a large dict
+        # One read per step, unflattened (``memory_stats`` flattens ~150 keys in Python).
+        stats = torch.cuda.memory_stats_as_nested_dict(self._device)
+        retries, ooms = stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0)
         metrics = {
-            "memory/peak_allocated_mib": stats.get("allocated_bytes.all.peak", 0) / _MIB,
-            "memory/peak_reserved_mib": stats.get("reserved_bytes.all.peak", 0) / _MIB,
-            "memory/alloc_retries": float(stats.get("num_alloc_retries", 0) - self._base[0]),
-            "memory/ooms": float(stats.get("num_ooms", 0) - self._base[1]),
+            "memory/peak_allocated_mib": stats["allocated_bytes"]["all"]["peak"] / _MIB,
+            "memory/peak_reserved_mib": stats["reserved_bytes"]["all"]["peak"] / _MIB,
+            "memory/alloc_retries": float(retries - self._base[0]),
+            "memory/ooms": float(ooms - self._base[1]),
         }
-        self._base = (stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0))
+        self._base = (retries, ooms)
         _log_metrics(trainer, metrics, step)
         if self._recording and step >= self.snapshot_steps[1] - 1:
             self._dump_snapshot(trainer)

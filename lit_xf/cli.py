@@ -84,13 +84,16 @@ def _version(dist: str) -> str:
 def _device_line(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return (f"cuda:{device.index or 0} {props.name}, compute capability {props.major}.{props.minor}, "
-                f"{props.total_memory / 2**30:.0f} GiB ({torch.cuda.device_count()} visible)")
+        return (
+            f"cuda:{device.index or 0} {props.name}, compute capability {props.major}.{props.minor}, "
+            f"{props.total_memory / 2**30:.0f} GiB ({torch.cuda.device_count()} visible)"
+        )
     return f"cpu ({os.cpu_count()} cores; no CUDA device visible)"
 
 
-def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2, seq_len: int = 2048,
-               training: bool = True) -> str:
+def env_report(
+    device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2, seq_len: int = 2048, training: bool = True
+) -> str:
     """Versions, the device, and for every mask case which attention kernels run and which one
     ``auto`` picks, with the reason each other kernel can't run."""
     from lit_xf.attention import (
@@ -132,9 +135,17 @@ def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2,
                 report = kernel_report(dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training)
                 # xformers' ALiBi limit depends on seq_len, which kernel_report doesn't take.
                 report["xformers"] = make_kernel("xformers").support(
-                    device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len)
-                choice = auto.choose(device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training,
-                                     packed=packed, seq_len=seq_len)
+                    device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len
+                )
+                choice = auto.choose(
+                    device=dev,
+                    n_heads=n_heads,
+                    n_kv_heads=kv,
+                    alibi=alibi,
+                    training=training,
+                    packed=packed,
+                    seq_len=seq_len,
+                )
                 cells = []
                 for name in kernels:
                     reason = report[name]
@@ -144,8 +155,15 @@ def env_report(device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2,
                         key = (name, reason)
                         reasons.setdefault(key, len(reasons) + 1)
                         cells.append(f"no [{reasons[key]}]")
-                rows.append(["packed" if packed else "causal", f"GQA {n_heads}/{n_kv_heads}" if gqa else "MHA",
-                             "alibi" if alibi else "rope/learned", choice] + cells)
+                rows.append(
+                    [
+                        "packed" if packed else "causal",
+                        f"GQA {n_heads}/{n_kv_heads}" if gqa else "MHA",
+                        "alibi" if alibi else "rope/learned",
+                        choice,
+                    ]
+                    + cells
+                )
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -190,8 +208,10 @@ def _bench_main(argv: Sequence[str]) -> int:
     except ModuleNotFoundError as err:
         if err.name != "lit_xf.bench":
             raise
-        print(f"{PROG}: error: benchmarks are not part of this lit_xf installation (no module lit_xf.bench)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: benchmarks are not part of this lit_xf installation (no module lit_xf.bench)",
+            file=sys.stderr,
+        )
         return 2
     return int(bench.main(list(argv)) or 0)
 

@@ -57,6 +57,7 @@ class GeluMLP(nn.Module):
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+COMPILE_MODES = ("blocks", "model", "cudagraphs")
 
 
 def rope_rotate(x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor) -> torch.Tensor:
@@ -88,8 +89,9 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, ffn: nn.Module,
-                 norm: type[nn.Module], dropout: float):
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, ffn: nn.Module, norm: type[nn.Module], dropout: float
+    ):
         super().__init__()
         self.norm1, self.attn = norm(d_model), SelfAttention(d_model, n_heads, n_kv_heads)
         self.norm2, self.ffn = norm(d_model), ffn
@@ -135,8 +137,7 @@ class TinyGPT(nn.Module):
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
-        _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions,
-                  ffn, norm)
+        _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm)
         self.n_heads, self.n_kv_heads, self.max_seq_len = n_heads, n_kv_heads, max_seq_len
         self.positions = positions
         self.kernel = make_kernel(attention)
@@ -147,35 +148,48 @@ class TinyGPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seq_len, d_model) if positions == "learned" else None
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, n_kv_heads, ffn_factory(d_model), NORMS[norm], dropout)
-            for _ in range(n_layers)
+            Block(d_model, n_heads, n_kv_heads, ffn_factory(d_model), NORMS[norm], dropout) for _ in range(n_layers)
         )
         self.norm_f = NORMS[norm](d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if positions == "alibi" else None,
-                             persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if positions == "alibi" else None, persistent=False)
         head_dim = d_model // n_heads
         inv_freq = rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("rope_inv_freq", inv_freq if positions == "rope" else None, persistent=False)
         self.apply(lambda m: _init_weights(m, n_layers))
+        self.compile_mode: str | None = None
+        self._compiled_tokens: Callable | None = None
 
     def check_kernel(self, device: torch.device, training: bool) -> None:
         """Raise ``ValueError`` if the configured kernel can't run this model on ``device``."""
-        self.kernel.check(device=device, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                          alibi=self.positions == "alibi", training=training, seq_len=self.max_seq_len)
+        self.kernel.check(
+            device=device,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            alibi=self.positions == "alibi",
+            training=training,
+            seq_len=self.max_seq_len,
+        )
 
     @property
     def attention_kernel_name(self) -> str:
         """The kernel in use (for ``auto``, its latest choice)."""
         return getattr(self.kernel, "last_choice", None) or self.kernel.name
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_lens: list[list[int]] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_lens: list[list[int]] | None = None,
+        *,
+        eager: bool = False,
+    ) -> torch.Tensor:
         """``input_ids [B, T]`` → logits ``[B, T, V]``. ``doc_lens`` (documents per row, as in the
         batch contract) confines attention to each document; ``position_ids [B, T]`` default to
-        positions inside each document."""
+        positions inside each document. ``eager`` bypasses a whole-model compilation (see
+        ``compile_model``), e.g. for calls whose shapes change every time."""
         B, T = input_ids.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
@@ -183,11 +197,30 @@ class TinyGPT(nn.Module):
         layout = DocLayout(doc_lens, T) if doc_lens is not None else DocLayout.full_rows(B, T)
         if position_ids is None:
             position_ids = layout.position_ids(device)
+        # The bias is built here, outside any compiled region, once per forward for every layer.
+        ctx = self.kernel.prepare(
+            layout,
+            position_ids,
+            self.alibi_slopes,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
+            device=device,
+        )
+        if self._compiled_tokens is None or eager or layout.block_diagonal:
+            return self.forward_tokens(input_ids, position_ids, ctx)
+        if self.compile_mode == "cudagraphs":
+            # Each call is a new step: the previous call's outputs may be overwritten from here on.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled_tokens(input_ids, position_ids, ctx)
+
+    def forward_tokens(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """Embeddings → blocks → logits for a prepared attention context (the compiled region)."""
         x_BTD = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(position_ids)
-        ctx = self.kernel.prepare(layout, position_ids, self.alibi_slopes, n_heads=self.n_heads,
-                                  n_kv_heads=self.n_kv_heads, dtype=_compute_dtype(x_BTD), device=device)
         rope = None
         if self.rope_inv_freq is not None:
             angles_BTK = position_ids[..., None].float() * self.rope_inv_freq
@@ -197,6 +230,29 @@ class TinyGPT(nn.Module):
             x_BTD = block(x_BTD, ctx, rope)
         return self.lm_head(self.norm_f(x_BTD))
 
+    def compile_model(self, mode: Literal["blocks", "model", "cudagraphs"]) -> None:
+        """``torch.compile`` in place, attention bias building always left outside:
+
+        - ``blocks``: each block on its own (regional; any batch layout, few recompiles);
+        - ``model``: embeddings → logits as one graph, for rows of one document each (padded or
+          full); packed rows, whose bias changes every batch, run eagerly;
+        - ``cudagraphs``: ``model`` replayed as CUDA graphs (``mode="reduce-overhead"``) for
+          launch-bound small models with fixed batch shapes. A forward's outputs stay valid until
+          the next forward.
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode is not None:
+            raise RuntimeError(f"the model is already compiled (mode {self.compile_mode!r})")
+        self.compile_mode = mode
+        if mode == "blocks":
+            for block in self.blocks:
+                block.compile()
+        else:
+            self._compiled_tokens = torch.compile(
+                self.forward_tokens, dynamic=False, mode="reduce-overhead" if mode == "cudagraphs" else None
+            )
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -204,11 +260,11 @@ class TinyGPT(nn.Module):
         return n
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype q/k/v will have: autocast's when it is on, else the activations'."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype q/k/v will have: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
 
 
 def _init_weights(module: nn.Module, n_layers: int) -> None:
@@ -222,18 +278,27 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn,
-              norm) -> None:
-    for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
-                        ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len)):
+def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm) -> None:
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("d_model", d_model),
+        ("n_layers", n_layers),
+        ("n_heads", n_heads),
+        ("n_kv_heads", n_kv_heads),
+        ("max_seq_len", max_seq_len),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if d_model % n_heads:
-        raise ValueError(f"n_heads={n_heads} must divide d_model={d_model} (e.g. n_heads="
-                         f"{max(h for h in range(1, min(n_heads, d_model) + 1) if d_model % h == 0)})")
+        raise ValueError(
+            f"n_heads={n_heads} must divide d_model={d_model} (e.g. n_heads="
+            f"{max(h for h in range(1, min(n_heads, d_model) + 1) if d_model % h == 0)})"
+        )
     if n_heads % n_kv_heads:
-        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} "
-                         f"(divisors: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]})")
+        raise ValueError(
+            f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} "
+            f"(divisors: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]})"
+        )
     if (d_model // n_heads) % 2 and positions == "rope":
         raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={d_model // n_heads}")
     if attention not in KERNEL_NAMES:

@@ -17,15 +17,25 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_xf.model import TinyGPT
+from lit_xf.model import COMPILE_MODES, TinyGPT
 
 IGNORE_INDEX = -100
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
-ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "positions", "ffn", "norm",
-                     "tie_embeddings")
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "positions",
+    "ffn",
+    "norm",
+    "tie_embeddings",
+)
 
 
 class LitTinyGPT(L.LightningModule):
@@ -34,8 +44,10 @@ class LitTinyGPT(L.LightningModule):
     Args:
         lr, weight_decay, betas: AdamW settings (fused on CUDA).
         warmup_steps: linear warm-up from 0; then cosine decay to ``min_lr_ratio``·lr at the last step.
-        compile: ``torch.compile`` each transformer block (regional compilation: the attention
-            bias is built outside the compiled regions, once per forward).
+        compile: ``torch.compile`` the model (``TinyGPT.compile_model``): ``true`` or ``"blocks"``
+            compiles each block (any batches); ``"model"`` the whole model as one graph and
+            ``"cudagraphs"`` that graph as CUDA graphs, for rows of one document each (packed
+            batches run eagerly there). The attention bias is always built outside, once per forward.
     """
 
     def __init__(
@@ -57,19 +69,34 @@ class LitTinyGPT(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | Literal["blocks", "model", "cudagraphs"] = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         if lr <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got lr={lr}, "
-                             f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}")
-        self.model = TinyGPT(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions,
-                             ffn, norm, tie_embeddings, dropout)
+            raise ValueError(
+                f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got lr={lr}, "
+                f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
+            )
+        if compile is not False and compile is not True and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
+        self.model = TinyGPT(
+            vocab_size,
+            d_model,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            max_seq_len,
+            attention,
+            positions,
+            ffn,
+            norm,
+            tie_embeddings,
+            dropout,
+        )
         self.train_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()  # weighted by real target tokens
-        self._compiled = False
         self._flops_constants: tuple[int, int] | None = None
 
     # -- model -------------------------------------------------------------------------------
@@ -78,18 +105,22 @@ class LitTinyGPT(L.LightningModule):
         return self.model.attention_kernel_name
 
     def configure_model(self) -> None:
-        if self.hparams.compile and not self._compiled:
-            for block in self.model.blocks:
-                block.compile()
-            self._compiled = True
+        mode = self.hparams.compile
+        if not mode or self.model.compile_mode is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if mode == "cudagraphs" and device.type != "cuda":
+            rank_zero_info(f"compile='cudagraphs' needs a CUDA device; the model runs eagerly on {device.type}")
+            return
+        self.model.compile_model("blocks" if mode is True else mode)
 
     def setup(self, stage: str) -> None:
         # The device is known now: refuse a kernel that can't train here before the first step.
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.model.check_kernel(device, training=stage == "fit")
 
-    def forward(self, input_ids, position_ids=None, doc_lens=None) -> torch.Tensor:
-        return self.model(input_ids, position_ids, doc_lens)
+    def forward(self, input_ids, position_ids=None, doc_lens=None, *, eager: bool = False) -> torch.Tensor:
+        return self.model(input_ids, position_ids, doc_lens, eager=eager)
 
     # -- steps -------------------------------------------------------------------------------
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +171,7 @@ class LitTinyGPT(L.LightningModule):
         """(loss to backpropagate on this rank, logits); logs ``train/loss`` as the global token mean."""
         logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
         labels = batch["labels"].flatten()
-        nll_sum = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX,
-                                  reduction="sum")
+        nll_sum = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         # [Σ nll, real tokens] of this rank -> of all ranks, in one collective (fp32 counts are exact
         # up to 2^24 real tokens per global batch)
         totals = torch.stack([nll_sum.detach(), (labels != IGNORE_INDEX).sum().to(nll_sum.dtype)])
@@ -173,41 +203,64 @@ class LitTinyGPT(L.LightningModule):
 
     def _log_eval(self, prefix: str) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/ppl": loss.exp(), f"{prefix}/acc": self.val_acc.compute()},
-                      prog_bar=prefix == "val")
+        self.log_dict(
+            {f"{prefix}/loss": loss, f"{prefix}/ppl": loss.exp(), f"{prefix}/acc": self.val_acc.compute()},
+            prog_bar=prefix == "val",
+        )
         self.val_loss.reset()
         self.val_acc.reset()
 
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # Fused AdamW unscales inside its kernel, which Lightning's AMP gradient clipping can't use.
-        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=self.device.type == "cuda" and not clipping)
+        # Fused AdamW unscales fp16 gradients inside its kernel, which Lightning's gradient clipping
+        # under a GradScaler ("16-mixed") refuses; bf16 and fp32 have no scaler and clip fine.
+        scaled_clipping = (
+            self._trainer is not None
+            and bool(self.trainer.gradient_clip_val)
+            and str(self.trainer.precision).startswith("16")
+        )
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda" and not scaled_clipping,
+        )
         total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with the differences named, a checkpoint whose weights don't fit this model."""
         saved_hp = checkpoint.get("hyper_parameters", {})
-        hp_diff = [f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}" for k in ARCHITECTURE_KEYS
-                   if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])]
+        hp_diff = [
+            f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}"
+            for k in ARCHITECTURE_KEYS
+            if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])
+        ]
         # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
         saved = checkpoint.get("state_dict")
         mine = self.state_dict() if saved is not None else {}
         saved = saved or {}
-        shape_diff = [f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
-                      for k, v in saved.items() if k in mine and v.shape != mine[k].shape]
+        shape_diff = [
+            f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
+            for k, v in saved.items()
+            if k in mine and v.shape != mine[k].shape
+        ]
         missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()
         if hp_diff or shape_diff or missing or unexpected:
-            what = hp_diff + shape_diff[:3] + [f"{len(s)} {name} weights" for s, name in
-                                               ((missing, "missing"), (unexpected, "unexpected")) if s]
-            raise ValueError(f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
-                             "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model")
+            what = (
+                hp_diff
+                + shape_diff[:3]
+                + [f"{len(s)} {name} weights" for s, name in ((missing, "missing"), (unexpected, "unexpected")) if s]
+            )
+            raise ValueError(
+                f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
+                "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model"
+            )
 
     # -- accounting --------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
@@ -228,9 +281,15 @@ class LitTinyGPT(L.LightningModule):
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Sample continuations of ``prompt_ids [B, T0]`` (or ``[T0]``): softmax(logits/temperature)
         restricted to the top-k; temperature 0 is greedy. Stops early once every row emitted
         ``eos_id``. Returns ``[B, T0 + n]``."""
@@ -242,7 +301,8 @@ class LitTinyGPT(L.LightningModule):
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.hparams.max_seq_len:])[:, -1].float()
+            # eager: a compiled whole-model graph would recompile for every new length
+            logits = self(ids[:, -self.hparams.max_seq_len :], eager=True)[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

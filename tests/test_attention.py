@@ -160,8 +160,9 @@ def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = Tr
     kernel = make_kernel(name)
     leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
     with torch.set_grad_enabled(grad):
-        ctx = kernel.prepare(layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=G,
-                             dtype=q.dtype, device=q.device)
+        ctx = kernel.prepare(
+            layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=G, dtype=q.dtype, device=q.device
+        )
         out = kernel(*leaves, ctx)
         if grad:
             (out * dout.to(q.device, q.dtype)).sum().backward()
@@ -292,7 +293,7 @@ def complex_rope(x_BTHK: torch.Tensor, pos_BT: torch.Tensor, base: float = 10000
     θ_i = base^(−2i/K)."""
     K = x_BTHK.shape[-1]
     theta = base ** (-torch.arange(K // 2, dtype=torch.float64) * 2 / K)
-    z = torch.complex(x_BTHK[..., : K // 2].double(), x_BTHK[..., K // 2:].double())
+    z = torch.complex(x_BTHK[..., : K // 2].double(), x_BTHK[..., K // 2 :].double())
     z = z * torch.polar(torch.ones_like(theta), pos_BT[..., None, None].double() * theta)
     return torch.cat((z.real, z.imag), dim=-1)
 
@@ -334,8 +335,9 @@ def test_packed_tinygpt_restarts_rope_positions_per_document(monkeypatch):
     """The cos/sin tables a packed forward hands to ``rope_rotate`` use positions inside each
     document (padding continues counting)."""
     doc_lens, T_, K = [[3, 1, 9, 4], [16]], 20, 8
-    model = TinyGPT(vocab_size=32, d_model=32, n_layers=1, n_heads=4, max_seq_len=T_, attention="sdpa",
-                    positions="rope").double()
+    model = TinyGPT(
+        vocab_size=32, d_model=32, n_layers=1, n_heads=4, max_seq_len=T_, attention="sdpa", positions="rope"
+    ).double()
     seen = []
 
     def spy(x, cos, sin):
@@ -376,7 +378,7 @@ def test_alibi_slopes_powers_of_two(n):
     ],
 )
 def test_alibi_slopes_non_powers_of_two(n, exponents):
-    expected = torch.tensor([2.0 ** -e for e in exponents], dtype=torch.float64)
+    expected = torch.tensor([2.0**-e for e in exponents], dtype=torch.float64)
     torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-7, atol=0)
     torch.testing.assert_close(torch.tensor(paper_slopes(n), dtype=torch.float64), expected)
 
@@ -440,8 +442,9 @@ def test_xformers_alibi_bias_is_aligned_and_correct():
     isn't), −m_h·(i − j) inside each document, −inf elsewhere."""
     doc_lens, T_, H = [[5, 1, 4], [13]], 13, 3
     layout = DocLayout(doc_lens, T_)
-    ctx = XformersAttention().prepare(layout, layout.position_ids(), alibi_slopes(H), n_heads=H, n_kv_heads=H,
-                                      dtype=torch.float32, device="cpu")
+    ctx = XformersAttention().prepare(
+        layout, layout.position_ids(), alibi_slopes(H), n_heads=H, n_kv_heads=H, dtype=torch.float32, device="cpu"
+    )
     bias = ctx.bias
     assert bias.shape == (2, H, T_, T_)
     assert bias.stride(-2) % 8 == 0
@@ -473,8 +476,20 @@ LEAK_CASES = [
 def test_packed_forward_equals_documents_alone(kernel_name, layout_name, positions):
     T_, layout = 32, LEAK_LAYOUTS[layout_name]
     torch.manual_seed(0)
-    model = TinyGPT(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T_,
-                    attention=kernel_name, positions=positions).double().eval()
+    model = (
+        TinyGPT(
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            max_seq_len=T_,
+            attention=kernel_name,
+            positions=positions,
+        )
+        .double()
+        .eval()
+    )
     ids = torch.randint(0, 64, (len(layout), T_))
     with torch.no_grad():
         packed = model(ids, doc_lens=layout)
@@ -482,8 +497,8 @@ def test_packed_forward_equals_documents_alone(kernel_name, layout_name, positio
         for b, row in enumerate(layout):
             start = 0
             for L in row:
-                alone = model(ids[b : b + 1, start:start + L])
-                torch.testing.assert_close(packed[b, start:start + L], alone[0], atol=1e-10, rtol=1e-10)
+                alone = model(ids[b : b + 1, start : start + L])
+                torch.testing.assert_close(packed[b, start : start + L], alone[0], atol=1e-10, rtol=1e-10)
                 start += L
 
 
@@ -492,8 +507,9 @@ def test_positions_that_do_not_restart(positions):
     """Feeding a later document absolute row positions changes it with learned embeddings; RoPE and
     ALiBi only see position differences inside a document, so for them the offset cancels."""
     torch.manual_seed(0)
-    model = TinyGPT(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, attention="sdpa",
-                    positions=positions).double()
+    model = TinyGPT(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, attention="sdpa", positions=positions
+    ).double()
     ids = torch.randint(0, 64, (1, 16))
     doc_lens = [[6, 10]]
     with torch.no_grad():
@@ -510,8 +526,16 @@ def test_packed_forward_float32_sdpa_with_grad():
     """The training path (grad on, float32, MQA, ALiBi) keeps documents apart too: a document's
     logits match it run alone, and its loss has no gradient on other documents' embeddings."""
     torch.manual_seed(0)
-    model = TinyGPT(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=24,
-                    attention="sdpa", positions="alibi")
+    model = TinyGPT(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=1,
+        max_seq_len=24,
+        attention="sdpa",
+        positions="alibi",
+    )
     ids = torch.randint(0, 64, (1, 24))
     emb = {}
 
@@ -597,8 +621,9 @@ def test_dense_bias_bytes_counts_the_8_aligned_buffer():
 
 def test_xformers_alibi_budget_refused_in_support(monkeypatch):
     """``support`` first needs CUDA and a working xformers; pretend both to reach the budget rule."""
-    assert "CUDA" in XformersAttention().support(device="cpu", n_heads=8, n_kv_heads=8, alibi=True,
-                                                 training=True, seq_len=128)
+    assert "CUDA" in XformersAttention().support(
+        device="cpu", n_heads=8, n_kv_heads=8, alibi=True, training=True, seq_len=128
+    )
     monkeypatch.setattr(attn, "xformers_problem", lambda: None)
     xf = XformersAttention()
     config = dict(device="cuda", n_heads=16, n_kv_heads=16, alibi=True, training=True)
@@ -621,8 +646,9 @@ def test_xformers_alibi_budget_refused_per_batch(monkeypatch, dtype):
     need = dense_bias_bytes(B, H, T_, itemsize=torch.finfo(dtype).bits // 8)
 
     def prepare():
-        return XformersAttention().prepare(layout, layout.position_ids(), alibi_slopes(H), n_heads=H,
-                                           n_kv_heads=H, dtype=dtype, device="cpu")
+        return XformersAttention().prepare(
+            layout, layout.position_ids(), alibi_slopes(H), n_heads=H, n_kv_heads=H, dtype=dtype, device="cpu"
+        )
 
     monkeypatch.setattr(attn, "XFORMERS_DENSE_BIAS_BUDGET_BYTES", need - 1)
     with pytest.raises(ValueError, match="attention='flex'"):
@@ -641,16 +667,16 @@ def test_auto_on_cpu_picks_sdpa_and_logs_once(caplog):
     auto = make_kernel("auto")
     layout = DocLayout([[10]], 10)
     for _ in range(3):
-        ctx = auto.prepare(layout, layout.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32,
-                           device="cpu")
+        ctx = auto.prepare(
+            layout, layout.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu"
+        )
         assert ctx.kernel.name == "sdpa" and auto.last_choice == "sdpa"
     msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
     assert len(msgs) == 1
     assert "'sdpa'" in msgs[0] and "cpu" in msgs[0]
     packed = DocLayout([[4, 6]], 10)
     for _ in range(2):
-        auto.prepare(packed, packed.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32,
-                     device="cpu")
+        auto.prepare(packed, packed.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu")
     msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
     assert len(msgs) == 2 and "packed" in msgs[1]
 
@@ -680,12 +706,50 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
     for name, kernel in auto._kernels.items():
         monkeypatch.setattr(kernel, "support", lambda n=name, **config: "nope" if n in refuse else None)
     for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
-        config = dict(device="cuda", n_heads=8, n_kv_heads=2 if gqa else 8, alibi=alibi, training=True,
-                      packed=packed)
+        config = dict(device="cuda", n_heads=8, n_kv_heads=2 if gqa else 8, alibi=alibi, training=True, packed=packed)
         refuse.clear()
         assert auto.choose(**config) == order[0]
         refuse.add(order[0])
         assert auto.choose(**config) == order[1]
+
+
+@pytest.mark.parametrize(
+    "H,G,T_,want",
+    [
+        (4, 1, 48, 2),
+        (8, 2, 48, 4),
+        (16, 2, 100, 8),
+        (3, 1, 48, 3),
+        (12, 4, 48, 12),
+        (4, 2, 48, None),
+        (8, 1, 256, None),
+        (8, 8, 48, None),
+    ],
+)
+def test_flex_trainable_kv_heads_rule(H, G, T_, want):
+    assert attn.flex_trainable_kv_heads(H, G, T_) == want
+
+
+@pytest.mark.parametrize("H,G", [(4, 1), (8, 2), (12, 4)])
+def test_repeating_kv_to_trainable_heads_keeps_gqa_semantics(request, H, G):
+    """What flex does for groups > 2 (repeat K/V to fewer query heads per kv head) gives the same
+    output and q/k/v gradients as the original grouping (checked with sdpa in float64)."""
+    q, k, v = random_qkv(case_generator(request), 2, T, H, G, 8, torch.float64)
+    target = attn.flex_trainable_kv_heads(H, G, T)
+    got = run_kernel("sdpa", LAYOUTS["padded"], q, k, v, None, grad=True)[0]
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    layout = DocLayout(LAYOUTS["padded"], T)
+    kernel = make_kernel("sdpa")
+    ctx = kernel.prepare(
+        layout, layout.position_ids("cpu"), None, n_heads=H, n_kv_heads=target, dtype=torch.float64, device="cpu"
+    )
+    out = kernel(leaves[0], attn.repeat_kv(leaves[1], target), attn.repeat_kv(leaves[2], target), ctx)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    real = real_mask(LAYOUTS["padded"], T, "cpu")[:, :, None, None]
+    (out * dout * real).sum().backward()
+    assert torch.allclose(out * real, got[0] * real, atol=1e-12)
+    for leaf, g in zip(leaves, got[1:], strict=True):
+        assert torch.allclose(leaf.grad, g, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,6 +763,7 @@ GPU_CASES = [(kernel, *case) for kernel in ("naive", "sdpa", "xformers") for cas
     ("flex", "padded", "mha", (4, "none")),
     ("flex", "packed", "mha", (4, "none")),
     ("flex", "packed", "gqa", (4, "alibi")),
+    ("flex", "padded", "gqa", (8, "alibi")),  # 4 query heads per kv head: K/V repeated to train (T % 128)
     ("flex", "bidir-packed", "gqa", (4, "none")),
 ]
 

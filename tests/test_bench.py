@@ -12,12 +12,30 @@ def _rows(out, name):
 
 
 def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
-    rc = bench.main(["attention", "--device", "cpu", "--seq-lens", "32,64", "--kernels", "naive,sdpa,auto",
-                     "--heads", "2", "--head-dim", "8", "--reps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "attention",
+            "--device",
+            "cpu",
+            "--seq-lens",
+            "32,64",
+            "--kernels",
+            "naive,sdpa,auto",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     rows = _rows(tmp_path, "attention")
-    assert [(r["kernel"], r["seq_len"]) for r in rows] == [
-        (k, n) for n in (32, 64) for k in ("naive", "sdpa", "auto")]
+    assert [(r["kernel"], r["seq_len"]) for r in rows] == [(k, n) for n in (32, 64) for k in ("naive", "sdpa", "auto")]
     assert all(r["ms"] > 0 for r in rows)
     assert {r["note"] for r in rows if r["kernel"] == "auto"} == {"auto → sdpa"}
     assert (tmp_path / "attention.png").stat().st_size > 0 and (tmp_path / "attention.csv").exists()
@@ -25,8 +43,25 @@ def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_correctness_bench_passes_on_cpu_and_reports_unsupported(tmp_path):
-    rc = bench.main(["correctness", "--device", "cpu", "--dtypes", "fp32,fp64", "--kernels", "naive,sdpa,flex",
-                     "--seq-len", "24", "--heads", "4", "--head-dim", "8", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "correctness",
+            "--device",
+            "cpu",
+            "--dtypes",
+            "fp32,fp64",
+            "--kernels",
+            "naive,sdpa,flex",
+            "--seq-len",
+            "24",
+            "--heads",
+            "4",
+            "--head-dim",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     rows = _rows(tmp_path, "correctness")
     assert len(rows) == 3 * 3 * 2 * 2 * 3  # masks × kv heads × alibi × dtypes × kernels
@@ -44,15 +79,53 @@ def test_correctness_bench_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
         return real(name, layout, inputs, dtype, alibi)
 
     monkeypatch.setattr(bench, "run_kernel", scaled_wrong)
-    rc = bench.main(["correctness", "--device", "cpu", "--dtypes", "fp64", "--kernels", "sdpa", "--seq-len", "16",
-                     "--heads", "2", "--head-dim", "8", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "correctness",
+            "--device",
+            "cpu",
+            "--dtypes",
+            "fp64",
+            "--kernels",
+            "sdpa",
+            "--seq-len",
+            "16",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 1
     assert {r["status"] for r in _rows(tmp_path, "correctness")} == {"FAIL"}
 
 
 def test_packing_bench_counts_real_tokens(tmp_path):
-    rc = bench.main(["packing", "--device", "cpu", "--docs", "12", "--mean-len", "20", "--max-len", "64",
-                     "--kernels", "sdpa", "--heads", "2", "--head-dim", "8", "--reps", "2", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "packing",
+            "--device",
+            "cpu",
+            "--docs",
+            "12",
+            "--mean-len",
+            "20",
+            "--max-len",
+            "64",
+            "--kernels",
+            "sdpa",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--reps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     padded, packed = _rows(tmp_path, "packing")
     lens = bench.lognormal_doc_lens(12, 20, 64)
@@ -67,9 +140,25 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
         "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
         "       counting_length: 8, counting_documents: 400}\n"
-        "trainer: {precision: 32-true}\n")
-    rc = bench.main(["train", "--config", str(config), "--device", "cpu", "--steps", "6", "--warmup-steps", "2",
-                     "--variants", "loop,lightning,lit_xf", "--out", str(tmp_path)])
+        "trainer: {precision: 32-true}\n"
+    )
+    rc = bench.main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--warmup-steps",
+            "2",
+            "--variants",
+            "loop,lightning,lit_xf",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     rows = _rows(tmp_path, "train")
     assert [r["variant"] for r in rows] == ["loop", "lightning", "lit_xf"]
@@ -77,8 +166,23 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], abs=1e-4)
     assert rows[1]["final_loss"] == pytest.approx(rows[2]["final_loss"], abs=1e-4)
     with pytest.raises(ValueError, match="unknown train variant"):
-        bench.main(["train", "--config", str(config), "--device", "cpu", "--steps", "3", "--warmup-steps", "1",
-                    "--variants", "lightning+nonsense", "--out", str(tmp_path)])
+        bench.main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--device",
+                "cpu",
+                "--steps",
+                "3",
+                "--warmup-steps",
+                "1",
+                "--variants",
+                "lightning+nonsense",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_curves_render_tensorboard_runs(tmp_path):
@@ -90,8 +194,17 @@ def test_curves_render_tensorboard_runs(tmp_path):
             writer.add_scalar("memory/peak_allocated_mib", mib + step % 2, step)
             writer.add_scalar("time/step_ms", 10.0, step)
         writer.close()
-    rc = bench.main(["curves", str(tmp_path / "runs/padded/version_0"), str(tmp_path / "runs/packed/version_0"),
-                     "--out", str(tmp_path), "--name", "pair"])
+    rc = bench.main(
+        [
+            "curves",
+            str(tmp_path / "runs/padded/version_0"),
+            str(tmp_path / "runs/packed/version_0"),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "pair",
+        ]
+    )
     assert rc == 0
     rows = _rows(tmp_path, "pair")
     assert [r["run"] for r in rows] == ["padded", "packed"]

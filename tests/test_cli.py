@@ -20,8 +20,9 @@ DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -69,15 +70,19 @@ def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(
-        name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda d: types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30),
+    )
     broken = "xformers can't run its CUDA kernels: xFormers wasn't build with CUDA support"
     monkeypatch.setattr(attention, "xformers_problem", lambda: broken)
     report = cli.env_report("cuda", seq_len=1024)
     assert "NVIDIA H200, compute capability 9.0" in report
     assert f"xformers: {broken}" in report
-    rows = {tuple(line.split()[:3]): line.split() for line in report.splitlines()
-            if line.startswith(("causal ", "packed "))}
+    rows = {
+        tuple(line.split()[:3]): line.split() for line in report.splitlines() if line.startswith(("causal ", "packed "))
+    }
     assert rows[("packed", "MHA", "rope/learned")][3] == "flex"  # xformers would be first, but can't run
     assert rows[("causal", "MHA", "rope/learned")][3] == "sdpa"
     assert rows[("causal", "MHA", "alibi")][3] == "flex"
@@ -122,7 +127,10 @@ def test_print_config_shows_links_and_round_trips(tmp_path, monkeypatch, capsys)
     assert config["data"]["corpus"] == "fortunes" and config["data"]["batch_mode"] == "packed"
     assert config["model"]["attention"] == "auto"
     assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]][:3] == [
-        "PeakMemoryMonitor", "KernelTimer", "ThroughputMonitor"]
+        "PeakMemoryMonitor",
+        "KernelTimer",
+        "ThroughputMonitor",
+    ]
     # Linked: set from data.seq_len / data.vocab_size, so they are not keys of their own.
     assert "max_seq_len" not in config["model"] and "vocab_size" not in config["model"]
     (tmp_path / "printed.yaml").write_text(printed)
@@ -137,16 +145,27 @@ BAD_INPUTS = {
     "unknown_key_in_a_config_file": (["fit", "--config", "bad_key.yaml"], {}, ["model.d_modle"], 2),
     "wrong_type": (["fit", "--trainer.max_steps", "ten"], {}, ["trainer.max_steps", "ten"], 2),
     "missing_config_file": (["fit", "--config", "configs/nope.yaml"], {}, ["nope.yaml", "does not exist"], 2),
-    "missing_corpus": (["fit", "--data.corpus", "no_such_corpus.txt"], {},
-                       ["lit-xf: error:", "no_such_corpus.txt"], 1),
-    "heads_not_dividing_width": (["fit", "--config", str(DEFAULT_CONFIG), "--model.n_heads", "5"], {},
-                                 ["lit-xf: error:", "n_heads=5 must divide d_model=192"], 1),
-    "kv_heads_not_dividing_heads": (["fit", "--model.n_kv_heads", "3"], {},
-                                    ["lit-xf: error:", "n_kv_heads=3 must divide n_heads=8"], 1),
+    "missing_corpus": (["fit", "--data.corpus", "no_such_corpus.txt"], {}, ["lit-xf: error:", "no_such_corpus.txt"], 1),
+    "heads_not_dividing_width": (
+        ["fit", "--config", str(DEFAULT_CONFIG), "--model.n_heads", "5"],
+        {},
+        ["lit-xf: error:", "n_heads=5 must divide d_model=192"],
+        1,
+    ),
+    "kv_heads_not_dividing_heads": (
+        ["fit", "--model.n_kv_heads", "3"],
+        {},
+        ["lit-xf: error:", "n_kv_heads=3 must divide n_heads=8"],
+        1,
+    ),
 }
 if not __import__("torch").cuda.is_available():
-    BAD_INPUTS["gpu_config_on_a_cpu"] = (["fit", "--config", str(ROOT / "configs" / "gpt2_small.yaml")], {},
-                                         ["lit-xf: error:", "--trainer.accelerator cpu"], 1)
+    BAD_INPUTS["gpu_config_on_a_cpu"] = (
+        ["fit", "--config", str(ROOT / "configs" / "gpt2_small.yaml")],
+        {},
+        ["lit-xf: error:", "--trainer.accelerator cpu"],
+        1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +177,17 @@ def bad_runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
     cases = {name: (args, extra) for name, (args, extra, _, _) in BAD_INPUTS.items()}
     cases["debug"] = (["fit", "--data.corpus", "missing.txt"], {"LIT_XF_DEBUG": "1"})
-    procs = {name: subprocess.Popen([sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env={**env, **extra},
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (args, extra) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "lit_xf.cli", *args],
+            cwd=cwd,
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, extra) in cases.items()
+    }
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -190,7 +217,7 @@ def test_readme_commands_name_real_configs():
     text = README.read_text()
     for name in set(__import__("re").findall(r"configs/(\w+\.yaml)", text)):
         assert (ROOT / "configs" / name).is_file(), name
-    assert 'pip install torch==2.13.0 -e . && lit-xf fit --config configs/default.yaml' in text
+    assert "pip install torch==2.13.0 -e . && lit-xf fit --config configs/default.yaml" in text
     assert 'pip install torch==2.13.0 -e ".[dev]" && pytest' in text
 
 

@@ -37,8 +37,14 @@ def _no_distributed_leftovers():
 
 def test_there_are_configs():
     names = {path.name for path in CONFIGS}
-    assert {"default.yaml", "counting.yaml", "fortunes_padded.yaml", "fortunes_packed.yaml", "gqa_alibi.yaml",
-            "gpt2_small.yaml"} <= names
+    assert {
+        "default.yaml",
+        "counting.yaml",
+        "fortunes_padded.yaml",
+        "fortunes_packed.yaml",
+        "gqa_alibi.yaml",
+        "gpt2_small.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
@@ -58,9 +64,21 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     """``lit-xf fit`` for two optimizer steps with the config's own callbacks and logger."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lit-xf"])
-    args = ["fit", "--config", str(config), *CPU, *SHRINK.get(config.name, []),
-            "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        *CPU,
+        *SHRINK.get(config.name, []),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.num_sanity_val_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     assert main(args) == 0
     logged = yaml.safe_load(config.read_text())["trainer"]["logger"]["init_args"]
     run_dir = tmp_path / logged["save_dir"] / logged["name"] / "version_0"
@@ -71,8 +89,9 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
 def test_padded_and_packed_differ_only_in_batching():
     """The memory-curve pair: same model, corpus and trainer; only the batch mode (and the batch size
     that keeps real tokens per step comparable) and the run name differ."""
-    padded, packed = (yaml.safe_load((CONFIGS[0].parent / f"fortunes_{m}.yaml").read_text())
-                      for m in ("padded", "packed"))
+    padded, packed = (
+        yaml.safe_load((CONFIGS[0].parent / f"fortunes_{m}.yaml").read_text()) for m in ("padded", "packed")
+    )
     assert padded["model"] == packed["model"]
     assert padded["data"].pop("batch_mode") == "padded" and packed["data"].pop("batch_mode") == "packed"
     padded["data"].pop("batch_size"), packed["data"].pop("batch_size")

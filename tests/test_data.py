@@ -275,8 +275,14 @@ def test_byte_and_counting_tokenizers_round_trip():
 def test_bpe_trains_offline_saves_and_reloads(tmp_path, monkeypatch):
     corpus = tmp_path / "small.txt"
     corpus.write_text("\n\n".join(read_fortunes()[:400]))
-    kwargs = dict(corpus=str(corpus), tokenizer="bpe", bpe_vocab_size=600, tokenizer_dir=str(tmp_path / "tok"),
-                  seq_len=128, batch_size=4)
+    kwargs = dict(
+        corpus=str(corpus),
+        tokenizer="bpe",
+        bpe_vocab_size=600,
+        tokenizer_dir=str(tmp_path / "tok"),
+        seq_len=128,
+        batch_size=4,
+    )
     dm = TextDataModule(**kwargs)
     dm.prepare_data()
     path = tmp_path / "tok" / "tokenizer.json"
@@ -327,8 +333,17 @@ def test_batches_follow_the_contract(mode, fortunes_packed, fortunes_padded):
 
 
 def test_counting_variable_lengths_each_document_once_per_epoch():
-    dm = make_dm(corpus="counting", counting_documents=3000, counting_vocab=1000, counting_length=100,
-                 counting_min_length=1, seq_len=128, batch_size=16, val_fraction=0.1, seed=5)
+    dm = make_dm(
+        corpus="counting",
+        counting_documents=3000,
+        counting_vocab=1000,
+        counting_length=100,
+        counting_min_length=1,
+        seq_len=128,
+        batch_size=16,
+        val_fraction=0.1,
+        seed=5,
+    )
     docs = counting_documents(3000, 100, 1000, seed=5, min_length=1)
     train_idx, val_idx = split_indices(3000, 0.1, seed=5)
     seen: Counter = Counter()
@@ -378,7 +393,8 @@ def test_long_documents_are_split_and_logged_once(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lit_xf.data"):
         dm = make_dm(corpus=str(path), batch_mode="padded", seq_len=256, batch_size=4, val_fraction=0.0)
     assert [r.message for r in caplog.records].count(
-        "split 2 document(s) longer than seq_len=256 into chunks of at most 256 tokens") == 1
+        "split 2 document(s) longer than seq_len=256 into chunks of at most 256 tokens"
+    ) == 1
     lens = [len(row[0]) for row in dm.train_rows]
     assert lens == [256, 256, 256, 233, 10, 256, 45]  # 1000 + EOS, "short one" + EOS, 300 + EOS
     chunks = [tok for row in dm.train_rows[:4] for tok in row[0]]
@@ -468,8 +484,16 @@ def test_resume_through_a_lightning_checkpoint(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     kwargs = dict(corpus="counting", counting_documents=160, counting_vocab=997, seq_len=64, batch_size=16)
-    trainer_kwargs = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          limit_val_batches=0, num_sanity_val_steps=0, max_steps=14, default_root_dir=tmp_path)
+    trainer_kwargs = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        max_steps=14,
+        default_root_dir=tmp_path,
+    )
     assert len(make_dm(**kwargs).train_dataloader()) == 10  # 152 train rows: steps 10..13 are epoch 1
 
     every_2 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
@@ -514,8 +538,16 @@ def dense_block_causal_mask(doc_lens: list[list[int]], seq_len: int) -> torch.Te
 
 def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
     fmha = pytest.importorskip("xformers.ops.fmha")
-    dm = make_dm(corpus="counting", counting_documents=64, counting_vocab=97, counting_length=20,
-                 counting_min_length=2, seq_len=48, batch_size=3, val_fraction=0.0)
+    dm = make_dm(
+        corpus="counting",
+        counting_documents=64,
+        counting_vocab=97,
+        counting_length=20,
+        counting_min_length=2,
+        seq_len=48,
+        batch_size=3,
+        val_fraction=0.0,
+    )
     batch = next(iter(dm.train_dataloader()))
     B, T = batch["input_ids"].shape
     assert any(len(row) > 1 for row in batch["doc_lens"]) and any(sum(r) < T for r in batch["doc_lens"])

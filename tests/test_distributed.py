@@ -28,12 +28,30 @@ from lit_xf.data import ResumableSampler, RowDataset, TextDataModule, collate_ro
 WORLD = 2
 # Counting documents of 10..24 tokens packed into rows of 32 (88% real tokens): 83 train rows, not a
 # multiple of 2 or 3, so the sampler pads; the ranks' first batches hold 46 and 53 real target tokens.
-DATA = dict(corpus="counting", batch_mode="packed", seq_len=32, batch_size=2, counting_documents=138,
-            counting_length=24, counting_min_length=10, counting_vocab=64, val_fraction=0.05, seed=3)
+DATA = dict(
+    corpus="counting",
+    batch_mode="packed",
+    seq_len=32,
+    batch_size=2,
+    counting_documents=138,
+    counting_length=24,
+    counting_min_length=10,
+    counting_vocab=64,
+    val_fraction=0.05,
+    seed=3,
+)
 MODEL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, attention="sdpa", warmup_steps=10)
-TRAINER = dict(accelerator="cpu", devices=WORLD, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1,
-               log_every_n_steps=1)  # train/loss is read after every step
+TRAINER = dict(
+    accelerator="cpu",
+    devices=WORLD,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    val_check_interval=2,
+    limit_val_batches=1,
+    log_every_n_steps=1,
+)  # train/loss is read after every step
 TIMEOUT = timedelta(seconds=120)  # a rank that dies makes the other fail soon, not after gloo's 30 min
 
 
@@ -70,8 +88,9 @@ def test_ranks_cover_every_document_and_repeat_only_the_padding_rows(world, epoc
 
     shards = []
     for rank in range(world):
-        sampler = ResumableSampler(RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=world,
-                                   rank=rank)
+        sampler = ResumableSampler(
+            RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=world, rank=rank
+        )
         sampler.set_epoch(epoch)
         shards.append(list(sampler))
     assert [len(s) for s in shards] == [per_rank] * world
@@ -107,10 +126,14 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                        mixed_precision=self.mixed_precision_config,
-                                        sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
-                                        **self.kwargs)
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
 
 
 class Recorder(Callback):
@@ -146,8 +169,9 @@ class Recorder(Callback):
 def _worker(local_rank: int, out: str, port: int) -> None:
     # What Lightning's own launcher sets for each process; with LOCAL_RANK set, the Trainer uses
     # these processes instead of starting its own.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(local_rank),
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(local_rank), WORLD_SIZE=str(WORLD)
+    )
     torch.set_num_threads(1)
     out = Path(out)
     strategies = {
@@ -163,8 +187,9 @@ def _worker(local_rank: int, out: str, port: int) -> None:
 
         dm = TextDataModule(**DATA)
         recorder = Recorder(out / f"{name}_resumed_rank{local_rank}.pt")
-        trainer = L.Trainer(strategy=strategy(), max_steps=4, callbacks=[recorder], enable_checkpointing=False,
-                            **TRAINER)
+        trainer = L.Trainer(
+            strategy=strategy(), max_steps=4, callbacks=[recorder], enable_checkpointing=False, **TRAINER
+        )
         try:
             trainer.fit(make_model(dm.vocab_size), dm, ckpt_path=out / name / "epoch=0-step=2.ckpt")
         except ValueError as err:  # raised alike on every rank, after the collective loading
@@ -197,12 +222,17 @@ def expected_batches() -> list[list[dict]]:
     dm.setup()
     out = []
     for rank in range(WORLD):
-        sampler = ResumableSampler(RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=WORLD,
-                                   rank=rank)
+        sampler = ResumableSampler(
+            RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=WORLD, rank=rank
+        )
         sampler.set_epoch(0)
         idx = list(sampler)
-        out.append([collate_rows([dm.train_rows[i] for i in idx[k:k + dm.batch_size]], dm.seq_len, dm.pad_id)
-                    for k in range(0, len(idx), dm.batch_size)])
+        out.append(
+            [
+                collate_rows([dm.train_rows[i] for i in idx[k : k + dm.batch_size]], dm.seq_len, dm.pad_id)
+                for k in range(0, len(idx), dm.batch_size)
+            ]
+        )
     return out
 
 

@@ -12,16 +12,16 @@ from lit_xf import LitTinyGPT, TinyGPT
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.model import GeluMLP, SwiGLU
 
-TRAINER = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False)
+TRAINER = dict(
+    accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+)
 
 
 @pytest.mark.slow
 def test_counting_task_reaches_99_percent_and_generates_the_count():
     """The tutorial's task: next-token accuracy >= 99% on held-out sequences, then the model counts."""
     torch.manual_seed(0)
-    dm = TextDataModule(corpus="counting", batch_mode="padded", seq_len=64, batch_size=32,
-                        counting_documents=32 * 100)
+    dm = TextDataModule(corpus="counting", batch_mode="padded", seq_len=64, batch_size=32, counting_documents=32 * 100)
     model = LitTinyGPT(vocab_size=dm.vocab_size, max_seq_len=64, attention="sdpa", lr=3e-3, warmup_steps=10)
     trainer = L.Trainer(max_steps=70, limit_val_batches=4, **TRAINER)
     trainer.fit(model, dm)
@@ -42,11 +42,14 @@ def _batch(vocab=50, B=2, T=16, doc_lens=((5, 11), (16,))):
     return collate_rows(rows, T, pad_id=vocab - 1)
 
 
-@pytest.mark.parametrize("arch", [
-    dict(),
-    dict(ffn="gelu", norm="rmsnorm", positions="rope", n_kv_heads=2, tie_embeddings=True),
-    dict(positions="alibi", n_kv_heads=1, n_heads=4),
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(),
+        dict(ffn="gelu", norm="rmsnorm", positions="rope", n_kv_heads=2, tie_embeddings=True),
+        dict(positions="alibi", n_kv_heads=1, n_heads=4),
+    ],
+)
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch):
     torch.manual_seed(0)
     batch = _batch()
@@ -80,10 +83,17 @@ def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
 def test_ffn_and_norm_swap_from_yaml():
     parser = ArgumentParser()
     parser.add_class_arguments(LitTinyGPT, "model")
-    config = yaml.safe_dump({"model": {
-        "vocab_size": 50, "d_model": 32, "max_seq_len": 16, "norm": "rmsnorm",
-        "ffn": {"class_path": "lit_xf.model.GeluMLP", "init_args": {"hidden_mult": 2}},
-    }})
+    config = yaml.safe_dump(
+        {
+            "model": {
+                "vocab_size": 50,
+                "d_model": 32,
+                "max_seq_len": 16,
+                "norm": "rmsnorm",
+                "ffn": {"class_path": "lit_xf.model.GeluMLP", "init_args": {"hidden_mult": 2}},
+            }
+        }
+    )
     cfg = parser.parse_string(config)
     model = parser.instantiate_classes(cfg).model
     for block in model.model.blocks:
@@ -116,8 +126,16 @@ def test_per_document_losses_equal_padded_and_packed(attention, positions):
     torch.manual_seed(0)
     T, vocab = 32, 60
     docs = [torch.randint(0, vocab - 1, (n,)).tolist() for n in (1, 3, 7, 12, 20, 32, 2, 9, 15, 5)]
-    model = TinyGPT(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T,
-                    attention=attention, positions=positions).eval()
+    model = TinyGPT(
+        vocab_size=vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=T,
+        attention=attention,
+        positions=positions,
+    ).eval()
 
     def losses(rows_of_ids):
         rows = [[docs[i] for i in ids] for ids in rows_of_ids]
@@ -131,7 +149,7 @@ def test_per_document_losses_equal_padded_and_packed(attention, positions):
             for i in ids:
                 n = len(docs[i])
                 if n > 1:
-                    out[i] = nll[b, start:start + n - 1].mean().item()
+                    out[i] = nll[b, start : start + n - 1].mean().item()
                     assert (batch["labels"][b, start + n - 1] == -100).item()  # no label across documents
                 start += n
         return out
