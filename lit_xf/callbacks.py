@@ -378,7 +378,7 @@ class _Clock:
     def mark(self) -> Any:
         if self.on_cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
+            event.record()  # the current stream of the current device (Lightning sets the device)
             return event
         _synchronize(self.device)
         return time.perf_counter()

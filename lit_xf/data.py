@@ -790,7 +790,9 @@ class TextDataModule(LightningDataModule):
             sampler=sampler,
             shuffle=False,
             collate_fn=partial(
-                _collate_pinned if self.pin_memory and not self.num_workers else collate_rows,
+                _collate_pinned
+                if self.pin_memory and not self.num_workers and torch.cuda.is_available()
+                else collate_rows,
                 seq_len=self.seq_len,
                 pad_id=self.pad_id,
             ),

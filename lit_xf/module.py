@@ -213,18 +213,14 @@ class LitTinyGPT(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # Fused AdamW unscales fp16 gradients inside its kernel, which Lightning's gradient clipping
-        # under a GradScaler ("16-mixed") refuses; bf16 and fp32 have no scaler and clip fine.
-        scaled_clipping = (
-            self._trainer is not None
-            and bool(self.trainer.gradient_clip_val)
-            and str(self.trainer.precision).startswith("16")
-        )
+        # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer (it
+        # unscales inside its kernel), for bf16 too: foreach AdamW when clipping.
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
         optimizer = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay),
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=self.device.type == "cuda" and not scaled_clipping,
+            fused=self.device.type == "cuda" and not clipping,
         )
         total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(
