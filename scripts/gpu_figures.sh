@@ -39,7 +39,10 @@ if has packing; then
   run pack_alibi $BENCH $P --alibi --name pack_alibi
   run pack_alibi_gqa $BENCH $P --alibi --kv-heads 4 --name pack_alibi_gqa
 fi
-has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting
+has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
+  --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
+has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 60 --warmup-steps 20 --out "$OUT" \
+  --name train_gpt2 --variants loop+compile,lightning+compile,lit_xf+compile,lit_xf
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()
