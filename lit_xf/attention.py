@@ -9,8 +9,9 @@ heads each, so query head h reads kv head ⌊h·G/H⌋):
 
 Kernels: ``naive`` (materializes the B×H×T×T scores; the reference), ``sdpa`` (PyTorch
 ``scaled_dot_product_attention``), ``xformers`` (``memory_efficient_attention`` with xformers' bias
-objects), ``flex`` (FlexAttention: document ``BlockMask``, ALiBi ``score_mod``) and ``auto`` (picks
-per device and batch layout; see ``AUTO_PREFERENCE``).
+objects), ``flex`` (FlexAttention: document ``BlockMask``, ALiBi ``score_mod``), ``fa4``
+(FlashAttention-4: varlen for packed rows, optional ``flash-attn-4``) and ``auto`` (picks per device
+and batch layout; see ``AUTO_PREFERENCE``).
 
 Usage: ``kernel = make_kernel(name)``; once per forward ``ctx = kernel.prepare(layout,
 position_ids, alibi_slopes)``; in every layer ``out_BTHK = kernel(q_BTHK, k_BTGK, v_BTGK, ctx)``.
@@ -21,9 +22,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import itertools
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-KERNEL_NAMES = ("auto", "naive", "sdpa", "xformers", "flex")
+KERNEL_NAMES = ("auto", "naive", "sdpa", "xformers", "flex", "fa4")
 POSITION_SCHEMES = ("learned", "rope", "alibi", "none")
 
 # xformers has no ALiBi: it gets a dense [B, H, T, T] bias. Refuse biases above this many bytes.
@@ -123,8 +126,7 @@ class DocLayout:
         """The matching xformers bias: ``LowerTriangularMask`` (or None when not causal) without
         blocks, else a ``BlockDiagonal[Causal]Mask`` over all rows flattened to ``[1, B·T]``
         (xformers' block-diagonal biases need batch size 1)."""
-        from xformers.ops import fmha
-
+        fmha = import_xformers_ops().fmha
         if not self.block_diagonal:
             return fmha.attn_bias.LowerTriangularMask() if self.causal else None
         flat = [n for row in self.segment_lens() for n in row]
@@ -180,6 +182,7 @@ class AttentionKernel:
     configuration can't run, or None), ``_bias`` and ``_attend``."""
 
     name = "base"
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
 
     def support(
         self,
@@ -343,8 +346,7 @@ class XformersAttention(AttentionKernel):
         return ctx.layout.xformers_bias(device)
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
-        from xformers.ops import memory_efficient_attention
-
+        memory_efficient_attention = import_xformers_ops().memory_efficient_attention
         B, T, H, K = q_BTHK.shape
         k, v = repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)
         if ctx.layout.block_diagonal and ctx.slopes is None:
@@ -449,16 +451,70 @@ def _flex_block_mask(layout: DocLayout, device: torch.device):
     return build(seg, layout.causal)
 
 
+class Fa4Attention(AttentionKernel):
+    """FlashAttention-4 (``flash-attn-4``, CuTe DSL kernels JIT-compiled per shape; Hopper and
+    Blackwell): rows of one document through ``flash_attn_func`` (causal), block-diagonal rows
+    flattened to ``[B·T]`` tokens under cumulative segment lengths through
+    ``flash_attn_varlen_func`` (padding is one more segment). Native GQA. fp16/bf16 only. No ALiBi:
+    its ``score_mod`` backward gave NaN gradients with GQA (4.0.0b36, docs/attention.md)."""
+
+    name = "fa4"
+    dtypes = (torch.float16, torch.bfloat16)
+
+    def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
+        if torch.device(device).type != "cuda":
+            return "FlashAttention-4 is CUDA-only"
+        problem = fa4_problem()
+        if problem:
+            return problem
+        if alibi:
+            return "lit_xf does not run ALiBi on FlashAttention-4 (its score_mod backward gives NaN gradients with GQA)"
+        return None
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        if dtype not in self.dtypes:
+            raise ValueError(
+                f"attention='fa4' runs fp16/bf16 only, got {dtype}: train with precision "
+                "'bf16-mixed' or '16-mixed', or choose attention='auto'"
+            )
+        if not ctx.layout.block_diagonal:
+            return None
+        lens = [n for row in ctx.layout.segment_lens() for n in row]
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).to(device, non_blocking=True)
+        return cu_seqlens, max(lens)
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+        causal = ctx.layout.causal
+        if ctx.bias is None:
+            return flash_attn_func(q_BTHK, k_BTGK, v_BTGK, causal=causal)[0]
+        B, T, H, K = q_BTHK.shape
+        G = k_BTGK.shape[2]
+        cu_seqlens, max_len = ctx.bias
+        out, _ = flash_attn_varlen_func(
+            q_BTHK.reshape(B * T, H, K),
+            k_BTGK.reshape(B * T, G, K),
+            v_BTGK.reshape(B * T, G, K),
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_len,
+            max_seqlen_k=max_len,
+            causal=causal,
+        )
+        return out.view(B, T, H, K)
+
+
 # --------------------------------------------------------------------------------------------
 # auto
 # --------------------------------------------------------------------------------------------
 # Fastest kernel per case on CUDA (H200 measurements in docs/attention.md), first supported wins.
 AUTO_PREFERENCE = {
-    # (packed, alibi, gqa) -> order
-    (False, False, False): ("sdpa", "xformers", "flex"),
-    (False, False, True): ("sdpa", "flex", "xformers"),
-    (True, False, False): ("xformers", "flex", "sdpa"),
-    (True, False, True): ("xformers", "flex", "sdpa"),
+    # (packed, alibi, gqa) -> order; fa4 only where installed (the optional flash-attn-4)
+    (False, False, False): ("sdpa", "fa4", "xformers", "flex"),
+    (False, False, True): ("sdpa", "fa4", "flex", "xformers"),
+    (True, False, False): ("fa4", "xformers", "flex", "sdpa"),
+    (True, False, True): ("fa4", "xformers", "flex", "sdpa"),
     (False, True, False): ("flex", "xformers", "sdpa"),
     (False, True, True): ("flex", "xformers", "sdpa"),
     (True, True, False): ("flex", "xformers", "sdpa"),
@@ -473,22 +529,28 @@ class AutoAttention(AttentionKernel):
     name = "auto"
 
     def __init__(self):
-        self._kernels = {n: make_kernel(n) for n in ("sdpa", "xformers", "flex")}
+        self._kernels = {n: make_kernel(n) for n in ("sdpa", "xformers", "flex", "fa4")}
         self._logged: set = set()
         self.last_choice: str | None = None
 
-    def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None) -> str:
+    def _why_not(self, name: str, config: dict, dtype: torch.dtype | None) -> str | None:
+        kernel = self._kernels[name]
+        if dtype is not None and kernel.dtypes is not None and dtype not in kernel.dtypes:
+            return f"runs {'/'.join(str(d).removeprefix('torch.') for d in kernel.dtypes)} only, not {dtype}"
+        return kernel.support(**config)
+
+    def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None, dtype=None) -> str:
         device = torch.device(device)
         config = dict(
             device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi, training=training, seq_len=seq_len
         )
         order = AUTO_PREFERENCE[(packed, alibi, n_kv_heads != n_heads)] if device.type == "cuda" else ("sdpa",)
         for name in order:
-            if self._kernels[name].support(**config) is None:
-                key = (device.type, packed, alibi, n_kv_heads != n_heads, training, name)
+            if self._why_not(name, config, dtype) is None:
+                key = (device.type, packed, alibi, n_kv_heads != n_heads, training, dtype, name)
                 if key not in self._logged:
                     self._logged.add(key)
-                    skipped = {n: self._kernels[n].support(**config) for n in order[: order.index(name)]}
+                    skipped = {n: self._why_not(n, config, dtype) for n in order[: order.index(name)]}
                     why = "; ".join(f"{n}: {r}" for n, r in skipped.items())
                     log.info(
                         "attention=auto chose %r for %s rows, %s%s",
@@ -509,6 +571,7 @@ class AutoAttention(AttentionKernel):
             training=torch.is_grad_enabled(),
             packed=layout.block_diagonal,
             seq_len=layout.seq_len,
+            dtype=dtype,
         )
         self.last_choice = name
         return self._kernels[name].prepare(
@@ -521,6 +584,7 @@ KERNELS: dict[str, type[AttentionKernel]] = {
     "sdpa": SdpaAttention,
     "xformers": XformersAttention,
     "flex": FlexAttention,
+    "fa4": Fa4Attention,
     "auto": AutoAttention,
 }
 
@@ -550,6 +614,59 @@ def _preload_cudart12() -> str | None:
     return None
 
 
+def import_xformers_ops():
+    """``xformers.ops``. With flash-attn-4 installed, a ``flash_attn`` package exists that is not
+    FlashAttention-2: xformers 0.0.35 would import FA2's interface from it and fail. It is hidden
+    from xformers' first import (xformers then uses its own FA2 build), then restored."""
+    if "xformers.ops" in sys.modules:
+        return sys.modules["xformers.ops"]
+    hide = _flash_attn_is_not_fa2()
+    missing = object()
+    saved = sys.modules.get("flash_attn", missing)
+    if hide:
+        sys.modules["flash_attn"] = None  # find_spec("flash_attn") -> None while xformers imports
+    try:
+        import xformers.ops
+    finally:
+        if hide:
+            if saved is missing:
+                del sys.modules["flash_attn"]
+            else:
+                sys.modules["flash_attn"] = saved
+    return xformers.ops
+
+
+def _flash_attn_is_not_fa2() -> bool:
+    try:
+        return (
+            importlib.util.find_spec("flash_attn") is not None
+            and importlib.util.find_spec("flash_attn.flash_attn_interface") is None
+        )
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def fa4_problem() -> str | None:
+    """Why FlashAttention-4 can't run here, or None (installed, importable, Hopper or newer GPU)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return f"FlashAttention-4 needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
+    try:
+        spec = importlib.util.find_spec("flash_attn.cute")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return "flash-attn-4 is not installed (pip install 'lit_xf[fa4]')"
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:  # broken install
+        return f"flash-attn-4 failed to import ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return None
+
+
 @functools.cache
 def xformers_problem() -> str | None:
     """Why xformers' CUDA attention can't run here, or None if a tiny attention call succeeded."""
@@ -561,12 +678,12 @@ def xformers_problem() -> str | None:
             log.debug("libcudart.so.12 not found; xformers may fail to load its extension")
     os.environ.setdefault("XFORMERS_IGNORE_FLASH_VERSION_CHECK", "1")
     try:
-        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+        xops = import_xformers_ops()
     except Exception as e:  # broken install
         return f"xformers failed to import ({type(e).__name__}: {e})"
     try:
         x = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.float16)
-        memory_efficient_attention(x, x, x, attn_bias=LowerTriangularMask())
+        xops.memory_efficient_attention(x, x, x, attn_bias=xops.LowerTriangularMask())
     except Exception as e:
         hint = " (pip install 'lit_xf[gpu]' for its CUDA-12 runtime)" if "build" in str(e).lower() else ""
         return f"xformers can't run its CUDA kernels: {str(e).splitlines()[0][:160]}{hint}"

@@ -127,7 +127,7 @@ class TinyGPT(nn.Module):
         n_heads: int = 8,
         n_kv_heads: int | None = None,
         max_seq_len: int = 512,
-        attention: Literal["auto", "naive", "sdpa", "xformers", "flex"] = "auto",
+        attention: Literal["auto", "naive", "sdpa", "xformers", "flex", "fa4"] = "auto",
         positions: Literal["learned", "rope", "alibi", "none"] = "learned",
         ffn: str | Callable[[int], nn.Module] = "swiglu",
         norm: Literal["layernorm", "rmsnorm"] = "layernorm",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -34,7 +36,7 @@ from lit_xf.attention import (
 )
 from lit_xf.model import TinyGPT, rope_rotate
 
-CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex"}
+CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex", "fa4"}
 T = 48
 # Document lengths per row; tokens after a row's documents are padding.
 LAYOUTS = {
@@ -711,6 +713,54 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
         assert auto.choose(**config) == order[0]
         refuse.add(order[0])
         assert auto.choose(**config) == order[1]
+
+
+def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
+    """flash-attn-4 installs a ``flash_attn`` package without FA2's interface; xformers 0.0.35 would
+    import FA2 from it and fail. lit_xf hides it during xformers' import and restores it after."""
+    fake = tmp_path / "flash_attn" / "cute"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARK = 'fa4'\n")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import lit_xf.attention as a\n"
+        "assert a._flash_attn_is_not_fa2()\n"
+        "import flash_attn.cute\n"  # imported before xformers, as a user might
+        "ops = a.import_xformers_ops()\n"
+        "assert hasattr(ops, 'memory_efficient_attention')\n"
+        "import flash_attn.cute as c; assert c.MARK == 'fa4' and sys.modules['flash_attn'] is not None\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_fa4_is_refused_clearly_where_it_cannot_run():
+    kernel = attn.make_kernel("fa4")
+    reason = kernel.support(device="cpu", n_heads=4, n_kv_heads=2, alibi=False, training=True)
+    assert "CUDA-only" in reason
+    with pytest.raises(ValueError, match="attention='fa4' can't run"):
+        kernel.check(device="cpu", n_heads=4, n_kv_heads=2, alibi=False, training=True)
+    layout = DocLayout([[3, 5], [8]], 8)
+    with pytest.raises(ValueError, match="fp16/bf16 only"):
+        kernel.prepare(layout, None, None, n_heads=4, n_kv_heads=2, dtype=torch.float32, device="cpu")
+    # auto never picks a kernel whose dtypes exclude the batch's
+    config = dict(device=torch.device("cpu"), n_heads=4, n_kv_heads=4, alibi=False, training=True, seq_len=8)
+    assert attn.make_kernel("auto")._why_not("fa4", config, torch.float32).startswith("runs float16/bfloat16 only")
+
+
+def test_fa4_varlen_segments_cover_rows_and_padding():
+    """The cumulative lengths fa4 gets for packed rows: documents, then each row's padding, as
+    segments of the flattened [B·T] tokens."""
+    kernel = attn.make_kernel("fa4")
+
+    def bias(doc_lens):
+        ctx = attn.AttentionContext(kernel, DocLayout(doc_lens, 8), None, None)
+        return kernel._bias(ctx, n_heads=2, dtype=torch.bfloat16, device="cpu")
+
+    cu, max_len = bias([[3, 5], [2], [8]])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 24] and max_len == 8
+    assert bias([[8], [5]]) is None  # one document per row: dense causal
 
 
 @pytest.mark.parametrize(
