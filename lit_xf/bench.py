@@ -436,12 +436,12 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     hp, model = lit.hparams, lit.model.to(device)
     if _compile_mode(parts):
         model.compile_model(_compile_mode(parts))
-    clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do: norm clipping, foreach AdamW
+    clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do: norm clipping; fused AdamW but under fp16
     opt = torch.optim.AdamW(
         param_groups(model, hp.weight_decay),
         lr=hp.lr,
         betas=tuple(hp.betas),
-        fused=device.type == "cuda" and not clip,
+        fused=device.type == "cuda" and not (clip and precision.startswith("16")),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio)

@@ -213,20 +213,36 @@ class LitTinyGPT(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer (it
-        # unscales inside its kernel), for bf16 too: foreach AdamW when clipping.
-        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # Fused AdamW, except when clipping under a GradScaler ("16-mixed"): it unscales inside its
+        # kernel, after the clipping would have needed unscaled gradients.
+        scaled_clipping = (
+            self._trainer is not None and bool(self.trainer.gradient_clip_val) and _has_scaler(self.trainer)
+        )
         optimizer = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay),
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=self.device.type == "cuda" and not clipping,
+            fused=self.device.type == "cuda" and not scaled_clipping,
         )
         total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except for a fused optimizer with nothing scaled (bf16, fp32):
+        Lightning's mixed-precision plugin refuses fused optimizers even then, so the gradients
+        are clipped here directly (norm or value, as configured)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and not _has_scaler(self.trainer):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -332,6 +348,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _has_scaler(trainer) -> bool:
+    """Whether the precision plugin scales the loss (a GradScaler: "16-mixed")."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
 
 
 def _norm(value):

@@ -280,3 +280,54 @@ def test_datamodule_moves_only_the_batch_tensors():
     assert {k for k, v in moved.items() if isinstance(v, torch.Tensor)} == {"input_ids", "labels", "position_ids"}
     assert all(moved[k].device.type == "meta" for k in ("input_ids", "labels", "position_ids"))
     assert moved["doc_lens"] is batch["doc_lens"] and moved["stats"] is batch["stats"]
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_is_clipped_without_a_grad_scaler(algorithm):
+    """bf16-mixed has no GradScaler: LitTinyGPT clips a fused AdamW's gradients itself (Lightning's
+    plugin would refuse), to the same result as the foreach optimizer under Lightning's clipping."""
+
+    def run(fused: bool):
+        class Probe(LitTinyGPT):
+            def configure_optimizers(self):
+                opt = torch.optim.AdamW(self.parameters(), lr=1e-2, fused=fused)
+                return opt
+
+            def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+                grads = [p.grad for p in self.parameters() if p.grad is not None]
+                seen.append(
+                    max(g.abs().max() for g in grads)
+                    if algorithm == "value"
+                    else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+                )
+
+        seen: list[torch.Tensor] = []
+        torch.manual_seed(0)
+        dm = TextDataModule(
+            corpus="counting",
+            batch_mode="padded",
+            seq_len=8,
+            batch_size=4,
+            counting_vocab=16,
+            counting_length=8,
+            counting_documents=64,
+        )
+        model = Probe(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="sdpa")
+        trainer = L.Trainer(
+            max_steps=4,
+            limit_val_batches=0,
+            precision="bf16-mixed",
+            gradient_clip_val=1e-3,
+            gradient_clip_algorithm=algorithm,
+            **TRAINER,
+        )
+        trainer.fit(model, dm)
+        return torch.stack(seen), [p.detach().clone() for p in model.parameters()]
+
+    fused_seen, fused_params = run(fused=True)
+    plain_seen, plain_params = run(fused=False)
+    assert len(fused_seen) == 4 and bool((fused_seen <= 1e-3 * (1 + 1e-4)).all())
+    torch.testing.assert_close(fused_seen, plain_seen)
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
