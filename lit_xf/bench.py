@@ -42,28 +42,29 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     """(median ms, peak MiB above the memory allocated before) of ``fn()``."""
     for _ in range(warmup):
         fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    peak = float("nan")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), peak
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(time_call(fn, device) for _ in range(reps)), peak
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """ms of one ``fn()``: CUDA events on a GPU, the host clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
@@ -135,7 +136,35 @@ def bench_attention(args) -> list[dict]:
             row.update(_run_case(name, layout, args, dtype, device))
             rows.append(row)
             _progress(row)
+        _auto_against_best(rows[-len(args.kernels) :], layout, args, dtype, device)
     return rows
+
+
+def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
+    """``auto_vs_best`` on the auto row: auto's time over the fastest single kernel's, timed
+    alternately call by call (A B B A ...) so that drift and launch noise fall on both alike."""
+    timed = [r for r in rows if r["kernel"] != "auto" and r.get("ms")]
+    auto = next((r for r in rows if r["kernel"] == "auto" and r.get("ms")), None)
+    if auto is None or not timed:
+        return
+    best = min(timed, key=lambda r: r["ms"])
+    kv = args.kv_heads or args.heads
+    steps = [
+        fwd_bwd_case(name, layout, args.heads, kv, args.head_dim, dtype, device, alibi=args.alibi)[0]
+        for name in ("auto", best["kernel"])
+    ]
+    times: list[list[float]] = [[], []]
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    for i in range(2 * args.reps):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            times[j].append(time_call(steps[j], device))
+    auto["best_kernel"] = best["kernel"]
+    auto["auto_vs_best"] = round(statistics.median(times[0]) / statistics.median(times[1]), 3)
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run_case(name, layout, args, dtype, device) -> dict:

@@ -38,6 +38,9 @@ def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
     assert [(r["kernel"], r["seq_len"]) for r in rows] == [(k, n) for n in (32, 64) for k in ("naive", "sdpa", "auto")]
     assert all(r["ms"] > 0 for r in rows)
     assert {r["note"] for r in rows if r["kernel"] == "auto"} == {"auto → sdpa"}
+    # auto is timed call by call against the fastest single kernel of its case
+    for r in (r for r in rows if r["kernel"] == "auto"):
+        assert r["best_kernel"] in ("naive", "sdpa") and r["auto_vs_best"] > 0
     assert (tmp_path / "attention.png").stat().st_size > 0 and (tmp_path / "attention.csv").exists()
     assert "| kernel |" in capsys.readouterr().out
 
