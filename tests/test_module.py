@@ -223,6 +223,19 @@ def test_lightning_module_and_model_share_architecture_defaults():
         assert module_params[name].default == model_params[name].default, name
 
 
+def _tiny_counting() -> TextDataModule:
+    """Counting rows of 8 tokens, vocab 16 (+ pad): the model's vocab_size is 17."""
+    return TextDataModule(
+        corpus="counting",
+        batch_mode="padded",
+        seq_len=8,
+        batch_size=4,
+        counting_vocab=16,
+        counting_length=8,
+        counting_documents=64,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 def test_compiled_model_matches_eager_and_packed_rows_run_eagerly(mode):
@@ -248,15 +261,7 @@ def test_compile_option_is_validated_and_cudagraphs_stays_eager_on_cpu(caplog):
         LitTinyGPT(compile="fast")
     with pytest.raises(ValueError, match="unknown compile mode"):
         TinyGPT().compile_model("fast")
-    dm = TextDataModule(
-        corpus="counting",
-        batch_mode="padded",
-        seq_len=8,
-        batch_size=4,
-        counting_vocab=16,
-        counting_length=8,
-        counting_documents=64,
-    )
+    dm = _tiny_counting()
     model = LitTinyGPT(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, compile="cudagraphs")
     with caplog.at_level("INFO"):
         L.Trainer(max_steps=2, limit_val_batches=0, **TRAINER).fit(model, dm)
@@ -304,15 +309,7 @@ def test_fused_adamw_is_clipped_without_a_grad_scaler(algorithm):
 
         seen: list[torch.Tensor] = []
         torch.manual_seed(0)
-        dm = TextDataModule(
-            corpus="counting",
-            batch_mode="padded",
-            seq_len=8,
-            batch_size=4,
-            counting_vocab=16,
-            counting_length=8,
-            counting_documents=64,
-        )
+        dm = _tiny_counting()
         model = Probe(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="sdpa")
         trainer = L.Trainer(
             max_steps=4,
