@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures quoted in docs/ on one CUDA GPU (H200 for the committed numbers).
 # Usage, from the repository root:  scripts/gpu_figures.sh [OUTDIR] [STEP ...]
-# Steps (default: all): correctness tutorial causal packing train runs curves gputests
+# Steps (default: all): correctness tutorial causal packing train runs curves gputests fa4
+# (fa4 needs flash-attn-4 installed: pip install -e ".[gpu,fa4]"; the other steps then use it via auto too)
 set -uo pipefail
 OUT=${1:-gpu_results}; shift || true
-STEPS=${*:-correctness tutorial causal packing train runs curves gputests}
+STEPS=${*:-correctness tutorial causal packing train runs curves gputests fa4}
 PY=${PYTHON:-python3}
 CLI="$PY -m lit_xf.cli"
 BENCH="$PY -m lit_xf.bench"
@@ -54,4 +55,12 @@ fi
 has curves && run curves $BENCH curves "$OUT"/runs/fortunes_padded/version_0 "$OUT"/runs/fortunes_packed/version_0 \
   --out "$OUT" --name padded_vs_packed
 has gputests && run gputests $PY -m pytest -q -m gpu -p no:cacheprovider tests
+if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem() is not None)"; then
+  run correctness_fa4 $BENCH correctness --dtypes fp16,bf16 --kernels fa4,xformers --out "$OUT" --name correctness_fa4
+  run pack_fa4 $BENCH packing --heads 16 --head-dim 128 --kernels xformers,fa4,auto --out "$OUT" --name pack_fa4
+  run pack_fa4_gqa $BENCH packing --heads 16 --kv-heads 4 --head-dim 128 --kernels xformers,fa4,auto --out "$OUT" \
+    --name pack_fa4_gqa
+  run train_gpt2_fa4 $BENCH train --config configs/gpt2_small.yaml --steps 60 --warmup-steps 20 --out "$OUT" \
+    --name train_gpt2_fa4 --variants loop+compile,lightning,lit_xf,lit_xf+compile
+fi
 exit 0
