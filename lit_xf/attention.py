@@ -29,15 +29,17 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-KERNEL_NAMES = ("auto", "naive", "sdpa", "xformers", "flex", "fa4")
-POSITION_SCHEMES = ("learned", "rope", "alibi", "none")
+KernelName = Literal["auto", "naive", "sdpa", "xformers", "flex", "fa4"]
+PositionScheme = Literal["learned", "rope", "alibi", "none"]
+KERNEL_NAMES: tuple[str, ...] = get_args(KernelName)
+POSITION_SCHEMES: tuple[str, ...] = get_args(PositionScheme)
 
 # xformers has no ALiBi: it gets a dense [B, H, T, T] bias. Refuse biases above this many bytes.
 XFORMERS_DENSE_BIAS_BUDGET_BYTES = 2 * 2**30
@@ -217,6 +219,12 @@ class AttentionKernel:
         dtype: torch.dtype,
         device,
     ) -> AttentionContext:
+        if self.dtypes is not None and dtype not in self.dtypes:
+            names = "/".join(_SHORT_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
+            raise ValueError(
+                f"attention={self.name!r} runs {names} only, got {dtype}: train with precision "
+                "'bf16-mixed' or '16-mixed', or choose attention='auto'"
+            )
         ctx = AttentionContext(self, layout, position_ids, slopes)
         ctx.bias = self._bias(ctx, n_heads=n_heads, dtype=dtype, device=device)
         return ctx
@@ -232,6 +240,9 @@ class AttentionKernel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+_SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _describe(config: dict) -> str:
@@ -472,11 +483,6 @@ class Fa4Attention(AttentionKernel):
         return None
 
     def _bias(self, ctx, *, n_heads, dtype, device):
-        if dtype not in self.dtypes:
-            raise ValueError(
-                f"attention='fa4' runs fp16/bf16 only, got {dtype}: train with precision "
-                "'bf16-mixed' or '16-mixed', or choose attention='auto'"
-            )
         if not ctx.layout.block_diagonal:
             return None
         lens = [n for row in ctx.layout.segment_lens() for n in row]

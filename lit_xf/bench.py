@@ -377,6 +377,7 @@ def bench_train(args) -> list[dict]:
     absolute difference from the first variant's (same data, same initialization)."""
     import yaml
 
+    from lit_xf.callbacks import resolve_peak_flops
     from lit_xf.data import TextDataModule
 
     cfg = yaml.safe_load(Path(args.config).read_text())
@@ -391,8 +392,6 @@ def bench_train(args) -> list[dict]:
     trainer_cfg = cfg.get("trainer") or {}
     precision = args.precision or trainer_cfg.get("precision", "32-true")
     device = torch.device(args.device)
-    from lit_xf.callbacks import resolve_peak_flops
-
     peak = resolve_peak_flops(device, precision)
     rows, curves = [], {}
     for variant in args.variants:

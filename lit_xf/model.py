@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,8 @@ from lit_xf.attention import (
     POSITION_SCHEMES,
     AttentionContext,
     DocLayout,
+    KernelName,
+    PositionScheme,
     alibi_slopes,
     make_kernel,
 )
@@ -57,7 +59,9 @@ class GeluMLP(nn.Module):
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
-COMPILE_MODES = ("blocks", "model", "cudagraphs")
+NormName = Literal["layernorm", "rmsnorm"]
+CompileMode = Literal["blocks", "model", "cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def rope_rotate(x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor) -> torch.Tensor:
@@ -127,10 +131,10 @@ class TinyGPT(nn.Module):
         n_heads: int = 8,
         n_kv_heads: int | None = None,
         max_seq_len: int = 512,
-        attention: Literal["auto", "naive", "sdpa", "xformers", "flex", "fa4"] = "auto",
-        positions: Literal["learned", "rope", "alibi", "none"] = "learned",
+        attention: KernelName = "auto",
+        positions: PositionScheme = "learned",
         ffn: str | Callable[[int], nn.Module] = "swiglu",
-        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        norm: NormName = "layernorm",
         tie_embeddings: bool = False,
         dropout: float = 0.0,
         rope_base: float = 10000.0,
@@ -230,7 +234,7 @@ class TinyGPT(nn.Module):
             x_BTD = block(x_BTD, ctx, rope)
         return self.lm_head(self.norm_f(x_BTD))
 
-    def compile_model(self, mode: Literal["blocks", "model", "cudagraphs"]) -> None:
+    def compile_model(self, mode: CompileMode) -> None:
         """``torch.compile`` in place, attention bias building always left outside:
 
         - ``blocks``: each block on its own (regional; any batch layout, few recompiles);

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import lightning as L
 import torch
@@ -21,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_xf.model import COMPILE_MODES, TinyGPT
+from lit_xf.attention import KernelName, PositionScheme
+from lit_xf.model import COMPILE_MODES, CompileMode, NormName, TinyGPT
 
 IGNORE_INDEX = -100
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
@@ -58,10 +58,10 @@ class LitTinyGPT(L.LightningModule):
         n_heads: int = 8,
         n_kv_heads: int | None = None,
         max_seq_len: int = 512,
-        attention: Literal["auto", "naive", "sdpa", "xformers", "flex", "fa4"] = "auto",
-        positions: Literal["learned", "rope", "alibi", "none"] = "learned",
+        attention: KernelName = "auto",
+        positions: PositionScheme = "learned",
         ffn: str | Callable[[int], nn.Module] = "swiglu",
-        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        norm: NormName = "layernorm",
         tie_embeddings: bool = False,
         dropout: float = 0.0,
         lr: float = 1e-3,
@@ -69,7 +69,7 @@ class LitTinyGPT(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        compile: bool | Literal["blocks", "model", "cudagraphs"] = False,
+        compile: bool | CompileMode = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -108,7 +108,7 @@ class LitTinyGPT(L.LightningModule):
         mode = self.hparams.compile
         if not mode or self.model.compile_mode is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        device = self._root_device()
         if mode == "cudagraphs" and device.type != "cuda":
             rank_zero_info(f"compile='cudagraphs' needs a CUDA device; the model runs eagerly on {device.type}")
             return
@@ -116,8 +116,10 @@ class LitTinyGPT(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # The device is known now: refuse a kernel that can't train here before the first step.
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        self.model.check_kernel(device, training=stage == "fit")
+        self.model.check_kernel(self._root_device(), training=stage == "fit")
+
+    def _root_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
     def forward(self, input_ids, position_ids=None, doc_lens=None, *, eager: bool = False) -> torch.Tensor:
         return self.model(input_ids, position_ids, doc_lens, eager=eager)

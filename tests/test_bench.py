@@ -11,28 +11,14 @@ def _rows(out, name):
     return json.loads((out / f"{name}.json").read_text())["rows"]
 
 
+def _bench_cpu(command: str, flags: str, out) -> int:
+    """``lit-xf bench COMMAND --device cpu FLAGS --out OUT`` (flags: one space-separated string)."""
+    return bench.main([command, "--device", "cpu", *flags.split(), "--out", str(out)])
+
+
 def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
-    rc = bench.main(
-        [
-            "attention",
-            "--device",
-            "cpu",
-            "--seq-lens",
-            "32,64",
-            "--kernels",
-            "naive,sdpa,auto",
-            "--heads",
-            "2",
-            "--head-dim",
-            "8",
-            "--reps",
-            "2",
-            "--warmup",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    flags = "--seq-lens 32,64 --kernels naive,sdpa,auto --heads 2 --head-dim 8 --reps 2 --warmup 1"
+    rc = _bench_cpu("attention", flags, tmp_path)
     assert rc == 0
     rows = _rows(tmp_path, "attention")
     assert [(r["kernel"], r["seq_len"]) for r in rows] == [(k, n) for n in (32, 64) for k in ("naive", "sdpa", "auto")]
@@ -46,25 +32,8 @@ def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_correctness_bench_passes_on_cpu_and_reports_unsupported(tmp_path):
-    rc = bench.main(
-        [
-            "correctness",
-            "--device",
-            "cpu",
-            "--dtypes",
-            "fp32,fp64",
-            "--kernels",
-            "naive,sdpa,flex",
-            "--seq-len",
-            "24",
-            "--heads",
-            "4",
-            "--head-dim",
-            "8",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    flags = "--dtypes fp32,fp64 --kernels naive,sdpa,flex --seq-len 24 --heads 4 --head-dim 8"
+    rc = _bench_cpu("correctness", flags, tmp_path)
     assert rc == 0
     rows = _rows(tmp_path, "correctness")
     assert len(rows) == 3 * 3 * 2 * 2 * 3  # masks × kv heads × alibi × dtypes × kernels
@@ -82,53 +51,14 @@ def test_correctness_bench_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
         return real(name, layout, inputs, dtype, alibi)
 
     monkeypatch.setattr(bench, "run_kernel", scaled_wrong)
-    rc = bench.main(
-        [
-            "correctness",
-            "--device",
-            "cpu",
-            "--dtypes",
-            "fp64",
-            "--kernels",
-            "sdpa",
-            "--seq-len",
-            "16",
-            "--heads",
-            "2",
-            "--head-dim",
-            "8",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = _bench_cpu("correctness", "--dtypes fp64 --kernels sdpa --seq-len 16 --heads 2 --head-dim 8", tmp_path)
     assert rc == 1
     assert {r["status"] for r in _rows(tmp_path, "correctness")} == {"FAIL"}
 
 
 def test_packing_bench_counts_real_tokens(tmp_path):
-    rc = bench.main(
-        [
-            "packing",
-            "--device",
-            "cpu",
-            "--docs",
-            "12",
-            "--mean-len",
-            "20",
-            "--max-len",
-            "64",
-            "--kernels",
-            "sdpa",
-            "--heads",
-            "2",
-            "--head-dim",
-            "8",
-            "--reps",
-            "2",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    flags = "--docs 12 --mean-len 20 --max-len 64 --kernels sdpa --heads 2 --head-dim 8 --reps 2"
+    rc = _bench_cpu("packing", flags, tmp_path)
     assert rc == 0
     padded, packed = _rows(tmp_path, "packing")
     lens = bench.lognormal_doc_lens(12, 20, 64)
@@ -145,23 +75,8 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         "       counting_length: 8, counting_documents: 400}\n"
         "trainer: {precision: 32-true}\n"
     )
-    rc = bench.main(
-        [
-            "train",
-            "--config",
-            str(config),
-            "--device",
-            "cpu",
-            "--steps",
-            "6",
-            "--warmup-steps",
-            "2",
-            "--variants",
-            "loop,lightning,lit_xf,lit_xf+compile_model",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    variants = "loop,lightning,lit_xf,lit_xf+compile_model"
+    rc = _bench_cpu("train", f"--config {config} --steps 6 --warmup-steps 2 --variants {variants}", tmp_path)
     assert rc == 0
     rows = _rows(tmp_path, "train")
     assert [r["variant"] for r in rows] == ["loop", "lightning", "lit_xf", "lit_xf+compile_model"]
@@ -174,23 +89,7 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         assert r["final_loss"] == pytest.approx(rows[0]["final_loss"], abs=1e-4)
         assert r["warmup_s"] >= 0 and r["tokens_per_s"] > 0
     with pytest.raises(ValueError, match="unknown train variant"):
-        bench.main(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--device",
-                "cpu",
-                "--steps",
-                "3",
-                "--warmup-steps",
-                "1",
-                "--variants",
-                "lightning+nonsense",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+        _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+nonsense", tmp_path)
 
 
 def test_curves_render_tensorboard_runs(tmp_path):
