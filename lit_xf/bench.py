@@ -353,14 +353,12 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
         layout = DocLayout([[n] for n in order], max(lens)) if mode == "padded" else DocLayout([order], sum(lens))
         pos = layout.position_ids(device)
         slopes = alibi_slopes(args.heads).to(device) if args.alibi else None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         kernel.prepare(
             layout, pos, slopes, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads, dtype=dtype, device=device
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return round(statistics.median(times[1:]), 3)
 
@@ -403,15 +401,16 @@ def bench_train(args) -> list[dict]:
         run = _hand_loop if base == "loop" else _lightning_run
         res = run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device)
         tokens = dm.hparams.batch_size * dm.hparams.seq_len
+        ms = res["timed_s"] / (args.steps - args.warmup_steps) * 1e3
         row = dict(
             variant=variant,
             precision=precision,
             attention=res.pop("attention"),
             steps=args.steps,
-            ms_per_step=round(res["ms"], 3),
-            tokens_per_s=round(tokens / res["ms"] * 1e3),
+            ms_per_step=round(ms, 3),
+            tokens_per_s=round(tokens / ms * 1e3),
             real_tokens_per_s=round(res["real_tokens"] / res["timed_s"]),
-            final_loss=round(res["loss"], 4),
+            final_loss=round(res["losses"][-1], 4),
             peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
             mfu=round(res["flops"] / res["timed_s"] / peak, 4) if peak else None,
             warmup_s=round(res["warmup_s"], 2),
@@ -504,13 +503,11 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     _sync(device)
     timed = time.perf_counter() - t0
     return dict(
-        ms=timed / (args.steps - args.warmup_steps) * 1e3,
         timed_s=timed,
         real_tokens=real,
         flops=flops,
         warmup_s=t0 - start,
         losses=torch.stack(losses).tolist(),
-        loss=float(loss),
         attention=model.attention_kernel_name,
     )
 
@@ -546,13 +543,11 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     model = LitTinyGPT(**(model_kwargs | {"compile": _compile_mode(parts)}))
     trainer.fit(model, dm)
     return dict(
-        ms=clock.seconds / (args.steps - args.warmup_steps) * 1e3,
         timed_s=clock.seconds,
         real_tokens=clock.real_tokens,
         flops=clock.flops,
         warmup_s=clock.t0 - clock.start,
         losses=torch.stack(clock.losses).tolist(),
-        loss=float(trainer.callback_metrics["train/loss"]),
         attention=model.attention_kernel_name,
     )
 
