@@ -448,6 +448,11 @@ class _StepCallback(Callback):
 # PeakMemoryMonitor
 
 
+def _alloc_events(stats: dict) -> tuple[int, int]:
+    """(allocation retries, OOMs) so far, from ``torch.cuda.memory_stats_as_nested_dict``."""
+    return stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0)
+
+
 class PeakMemoryMonitor(_StepCallback):
     """Per-step peak CUDA memory, allocator retries and OOMs of rank zero's device (``memory/*``).
 
@@ -491,8 +496,7 @@ class PeakMemoryMonitor(_StepCallback):
         self._device = trainer.strategy.root_device
         self._enabled = self._device.type == "cuda"
         if self._enabled:
-            stats = torch.cuda.memory_stats(self._device)
-            self._base = (stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0))
+            self._base = _alloc_events(torch.cuda.memory_stats_as_nested_dict(self._device))
         if not self._enabled and not self._warned:
             self._warned = True
             rank_zero_warn(
@@ -526,7 +530,7 @@ class PeakMemoryMonitor(_StepCallback):
             return
         # One read per step, unflattened (``memory_stats`` flattens ~150 keys in Python).
         stats = torch.cuda.memory_stats_as_nested_dict(self._device)
-        retries, ooms = stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0)
+        retries, ooms = _alloc_events(stats)
         metrics = {
             "memory/peak_allocated_mib": stats["allocated_bytes"]["all"]["peak"] / _MIB,
             "memory/peak_reserved_mib": stats["reserved_bytes"]["all"]["peak"] / _MIB,
