@@ -177,6 +177,9 @@ class AttentionContext:
     position_ids: torch.Tensor | None  # [B, T]
     slopes: torch.Tensor | None  # [H] ALiBi slopes or None
     bias: Any = None  # the kernel's own mask / bias object
+    # False: torch.compile must not trace the kernel call (its bias holds per-batch Python values,
+    # which would be guarded on and recompile every batch); it runs eagerly between graphs.
+    traceable: bool = True
 
 
 class AttentionKernel:
@@ -227,19 +230,30 @@ class AttentionKernel:
             )
         ctx = AttentionContext(self, layout, position_ids, slopes)
         ctx.bias = self._bias(ctx, n_heads=n_heads, dtype=dtype, device=device)
+        ctx.traceable = self._traceable(ctx)
         return ctx
 
     def __call__(self, q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext) -> torch.Tensor:
-        return ctx.kernel._attend(q_BTHK, k_BTGK, v_BTGK, ctx)
+        if ctx.traceable:
+            return ctx.kernel._attend(q_BTHK, k_BTGK, v_BTGK, ctx)
+        return _attend_eagerly(q_BTHK, k_BTGK, v_BTGK, ctx)
 
     def _bias(self, ctx, *, n_heads, dtype, device):
         return None
+
+    def _traceable(self, ctx) -> bool:
+        return True
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@torch.compiler.disable
+def _attend_eagerly(q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext) -> torch.Tensor:
+    return ctx.kernel._attend(q_BTHK, k_BTGK, v_BTGK, ctx)
 
 
 _SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -356,6 +370,10 @@ class XformersAttention(AttentionKernel):
             return _dense_bias(ctx, n_heads, dtype, device, pad_to=8)
         return ctx.layout.xformers_bias(device)
 
+    def _traceable(self, ctx) -> bool:
+        # A block-diagonal bias carries the batch's segment lengths as Python lists.
+        return not ctx.layout.block_diagonal
+
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
         memory_efficient_attention = import_xformers_ops().memory_efficient_attention
         B, T, H, K = q_BTHK.shape
@@ -464,10 +482,16 @@ def _flex_block_mask(layout: DocLayout, device: torch.device):
 
 class Fa4Attention(AttentionKernel):
     """FlashAttention-4 (``flash-attn-4``, CuTe DSL kernels JIT-compiled per shape; Hopper and
-    Blackwell): rows of one document through ``flash_attn_func`` (causal), block-diagonal rows
-    flattened to ``[B·T]`` tokens under cumulative segment lengths through
-    ``flash_attn_varlen_func`` (padding is one more segment). Native GQA. fp16/bf16 only. No ALiBi:
-    its ``score_mod`` backward gave NaN gradients with GQA (4.0.0b36, docs/attention.md)."""
+    Blackwell): rows of one document as a dense causal batch, block-diagonal rows flattened to
+    ``[B·T]`` tokens under cumulative segment lengths (varlen; padding is one more segment). Native
+    GQA. fp16/bf16 only. No ALiBi: its ``score_mod`` backward gave NaN gradients with GQA
+    (4.0.0b36, docs/attention.md).
+
+    Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
+    keeps a call inside its graph. Nothing in a call changes with the batch's documents but the
+    values of ``cu_seqlens``: its length is bucketed to a power of two (padded with zero-length
+    segments) and ``max_seqlen`` is the row length T, so new packed batches reuse compiled graphs
+    (and CUDA graphs)."""
 
     name = "fa4"
     dtypes = (torch.float16, torch.bfloat16)
@@ -485,30 +509,109 @@ class Fa4Attention(AttentionKernel):
     def _bias(self, ctx, *, n_heads, dtype, device):
         if not ctx.layout.block_diagonal:
             return None
-        lens = [n for row in ctx.layout.segment_lens() for n in row]
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).to(device, non_blocking=True)
-        return cu_seqlens, max(lens)
+        return fa4_cu_seqlens(ctx.layout.segment_lens()).to(device, non_blocking=True)
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
-        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
-
         causal = ctx.layout.causal
         if ctx.bias is None:
-            return flash_attn_func(q_BTHK, k_BTGK, v_BTGK, causal=causal)[0]
+            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, q_BTHK.shape[1], causal)[0]
         B, T, H, K = q_BTHK.shape
         G = k_BTGK.shape[2]
-        cu_seqlens, max_len = ctx.bias
-        out, _ = flash_attn_varlen_func(
-            q_BTHK.reshape(B * T, H, K),
-            k_BTGK.reshape(B * T, G, K),
-            v_BTGK.reshape(B * T, G, K),
-            cu_seqlens_q=cu_seqlens,
-            cu_seqlens_k=cu_seqlens,
-            max_seqlen_q=max_len,
-            max_seqlen_k=max_len,
-            causal=causal,
+        q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
+        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, ctx.bias, T, causal)[0]
+        return out_NHK.view(B, T, H, K)
+
+
+def fa4_cu_seqlens(segment_lens: list[list[int]]) -> torch.Tensor:
+    """int32 ``[0, n₁, n₁+n₂, …]`` over all rows' segments, then repeats of the total (zero-length
+    segments) up to the next power of two entries, so the tensor's length takes few values."""
+    ends = [0, *itertools.accumulate(n for row in segment_lens for n in row)]
+    size = 1 << (len(ends) - 1).bit_length()
+    return torch.tensor(ends + [ends[-1]] * (size - len(ends)), dtype=torch.int32)
+
+
+# FA4 as two custom ops: torch.compile sees one opaque op per call (no graph break, no guards on the
+# batch's layout), and autograd pairs them. q/k/v are [B, T, H|G, K] (dense, cu_seqlens None) or
+# [N, H|G, K] tokens under cu_seqlens; lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every
+# segment (the row length T).
+@torch.library.custom_op("lit_xf::fa4_forward", mutates_args=(), device_types="cuda")
+def fa4_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ/√K, causal per segment) v and its row-wise log-sum-exp."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    with torch.no_grad():
+        if cu_seqlens is None:
+            out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
+        else:
+            out, lse = flash_attn_varlen_func(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu_seqlens,
+                cu_seqlens_k=cu_seqlens,
+                max_seqlen_q=max_seqlen,
+                max_seqlen_k=max_seqlen,
+                causal=causal,
+                return_lse=True,
+            )
+    return out, lse
+
+
+@fa4_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lit_xf::fa4_backward", mutates_args=(), device_types="cuda")
+def fa4_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of ``fa4_forward`` (FA4's own backward kernel)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    varlen = {}
+    if cu_seqlens is not None:
+        varlen = dict(
+            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen
         )
-        return out.view(B, T, H, K)
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=causal, **varlen)[:3]
+    return dq, dk, dv
+
+
+@fa4_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.max_seqlen, ctx.causal = max_seqlen, causal
+
+
+def _fa4_grad(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,9 +631,25 @@ AUTO_PREFERENCE = {
 }
 
 
+# Rows of one document with MHA: sdpa (cuDNN) wins up to 4096 tokens (1024: 1.03 vs fa4 1.43 ms;
+# 4096: 2.17 vs 2.23), fa4 from here on (16384: 6.70 vs 7.47 ms; H200, bf16, H=16, K=128, fwd+bwd).
+AUTO_FA4_MIN_ROW_LEN = 8192
+
+
+def auto_order(device_type: str, *, packed: bool, alibi: bool, gqa: bool, seq_len: int | None) -> tuple[str, ...]:
+    """Kernels ``auto`` tries, fastest first, for one case (the first that supports it wins)."""
+    if device_type != "cuda":
+        return ("sdpa",)
+    order = AUTO_PREFERENCE[(packed, alibi, gqa)]
+    if not (packed or alibi or gqa) and seq_len is not None and seq_len >= AUTO_FA4_MIN_ROW_LEN:
+        order = ("fa4", *(n for n in order if n != "fa4"))
+    return order
+
+
 class AutoAttention(AttentionKernel):
-    """Picks per device and batch layout the fastest kernel that supports the case
-    (``AUTO_PREFERENCE`` on CUDA, ``sdpa`` on CPU) and logs each new choice once."""
+    """Picks per device and batch layout the fastest kernel that supports the case (``auto_order``:
+    ``AUTO_PREFERENCE`` on CUDA, fa4 first for long rows, ``sdpa`` on CPU) and logs each new choice
+    once."""
 
     name = "auto"
 
@@ -550,7 +669,7 @@ class AutoAttention(AttentionKernel):
         config = dict(
             device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi, training=training, seq_len=seq_len
         )
-        order = AUTO_PREFERENCE[(packed, alibi, n_kv_heads != n_heads)] if device.type == "cuda" else ("sdpa",)
+        order = auto_order(device.type, packed=packed, alibi=alibi, gqa=n_kv_heads != n_heads, seq_len=seq_len)
         for name in order:
             if self._why_not(name, config, dtype) is None:
                 key = (device.type, packed, alibi, n_kv_heads != n_heads, training, dtype, name)

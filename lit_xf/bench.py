@@ -370,7 +370,8 @@ def bench_train(args) -> list[dict]:
     """The same model, data and steps several ways (``--variants``): a hand-written PyTorch loop, a
     bare Lightning Trainer, lit_xf as configured (monitoring callbacks + TensorBoard), each eager or
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
-    time before them (compilation included). MFU counts ``LitTinyGPT.flops_per_batch`` against the
+    time before them (compilation included) in the first run. With ``--repeats R`` every variant
+    runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest). MFU counts ``LitTinyGPT.flops_per_batch`` against the
     device's dense peak. Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean
     absolute difference from the first variant's (same data, same initialization)."""
     import yaml
@@ -391,30 +392,40 @@ def bench_train(args) -> list[dict]:
     precision = args.precision or trainer_cfg.get("precision", "32-true")
     device = torch.device(args.device)
     peak = resolve_peak_flops(device, precision)
+    parsed = {variant: _parse_variant(variant) for variant in args.variants}  # bad names fail before any run
+    results: dict[str, list[dict]] = {variant: [] for variant in args.variants}
+    peaks: dict[str, int | None] = {}
+    for _ in range(args.repeats):  # interleaved: drifts in clocks and host load hit every variant alike
+        for variant in args.variants:
+            torch.manual_seed(0)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            base, parts = parsed[variant]
+            run = _hand_loop if base == "loop" else _lightning_run
+            results[variant].append(run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device))
+            peaks[variant] = round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None
     rows, curves = [], {}
+    tokens = dm.hparams.batch_size * dm.hparams.seq_len
     for variant in args.variants:
-        torch.manual_seed(0)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        base, parts = _parse_variant(variant)
-        run = _hand_loop if base == "loop" else _lightning_run
-        res = run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device)
-        tokens = dm.hparams.batch_size * dm.hparams.seq_len
+        runs = sorted(results[variant], key=lambda r: r["timed_s"])
+        res = runs[len(runs) // 2]  # the median run (upper median for an even count)
         ms = res["timed_s"] / (args.steps - args.warmup_steps) * 1e3
         row = dict(
             variant=variant,
             precision=precision,
-            attention=res.pop("attention"),
+            attention=res["attention"],
             steps=args.steps,
             ms_per_step=round(ms, 3),
             tokens_per_s=round(tokens / ms * 1e3),
             real_tokens_per_s=round(res["real_tokens"] / res["timed_s"]),
             final_loss=round(res["losses"][-1], 4),
-            peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+            peak_mib=peaks[variant],
             mfu=round(res["flops"] / res["timed_s"] / peak, 4) if peak else None,
-            warmup_s=round(res["warmup_s"], 2),
+            warmup_s=round(results[variant][0]["warmup_s"], 2),
         )
+        if args.repeats > 1:
+            row["ms_range"] = f"{runs[0]['timed_s'] / res['timed_s'] * ms:.3f}-{runs[-1]['timed_s'] / res['timed_s'] * ms:.3f}"
         curves[variant] = [round(x, 5) for x in res["losses"]]
         first = curves[args.variants[0]]
         row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)
@@ -431,18 +442,21 @@ def bench_train(args) -> list[dict]:
 # Variant = base ("loop", "lightning", "lit_xf") + optional parts. "lit_xf" is every monitor + TensorBoard;
 # "lightning+memory+tb" only the ones named; compile modes apply to the loop too (TinyGPT.compile_model).
 _MONITOR_PARTS = {"tb", "memory", "timer", "throughput", "noprofile"}
+# "loop+rows": the usual hand-written GPT loop (nanoGPT's): each row is one causal sequence through
+# sdpa, documents attending across their boundaries, positions 0..T-1; same weights and data.
+_LOOP_PARTS = {"rows"}
 _COMPILE_PARTS = {"compile": "blocks", "compile_model": "model", "cudagraphs": "cudagraphs"}
 
 
 def _parse_variant(variant: str) -> tuple[str, set[str]]:
     base, *extra = variant.split("+")
     parts = set(extra)
-    allowed = set(_COMPILE_PARTS) | (_MONITOR_PARTS if base != "loop" else set())
+    allowed = set(_COMPILE_PARTS) | (_MONITOR_PARTS if base != "loop" else _LOOP_PARTS)
     if base not in ("loop", "lightning", "lit_xf") or parts - allowed or len(parts & set(_COMPILE_PARTS)) > 1:
         raise ValueError(
             f"unknown train variant {variant!r}: use loop, lightning or lit_xf, optionally with one of "
-            "+compile +compile_model +cudagraphs; Lightning ones also with +tb +memory +timer "
-            "+throughput +noprofile"
+            "+compile +compile_model +cudagraphs; loop also with +rows (no document masking, sdpa); "
+            "Lightning ones also with +tb +memory +timer +throughput +noprofile"
         )
     if base == "lit_xf":
         parts |= {"tb", "memory", "timer", "throughput"}
@@ -459,7 +473,8 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
 
     from lit_xf.module import LitTinyGPT, param_groups, warmup_cosine
 
-    lit = LitTinyGPT(**model_kwargs)  # the same initialization as the Lightning runs
+    rows = "rows" in parts
+    lit = LitTinyGPT(**(model_kwargs | ({"attention": "sdpa"} if rows else {})))  # the Lightning runs' initialization
     hp, model = lit.hparams, lit.model.to(device)
     if _compile_mode(parts):
         model.compile_model(_compile_mode(parts))
@@ -484,9 +499,9 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
             t0 = time.perf_counter()
         batch = next(batches)
         ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
-        pos = batch["position_ids"].to(device, non_blocking=True)
+        pos = None if rows else batch["position_ids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(ids, pos, batch["doc_lens"])
+            logits = model(ids, pos, None if rows else batch["doc_lens"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         scaler.scale(loss).backward()
         if clip:
@@ -499,7 +514,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         losses.append(loss.detach())
         if t0 is not None:
             real += batch["stats"]["real_tokens"]
-            flops += lit.flops_per_batch(batch)
+            flops += lit.flops_per_batch(batch if not rows else _as_full_rows(batch))
     _sync(device)
     timed = time.perf_counter() - t0
     return dict(
@@ -510,6 +525,12 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         losses=torch.stack(losses).tolist(),
         attention=model.attention_kernel_name,
     )
+
+
+def _as_full_rows(batch: dict) -> dict:
+    """The batch as ``loop+rows`` computes it: one document per row (for its FLOPs)."""
+    B, T = batch["input_ids"].shape
+    return batch | {"doc_lens": [[T]] * B}
 
 
 def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
@@ -709,6 +730,13 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     names = text.split(",")
     bad = [n for n in names if n not in KERNEL_NAMES]
@@ -756,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", default=None, help="override the config's model.attention")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--variants", type=lambda s: s.split(","), default=["loop", "lightning", "lit_xf"])
+    t.add_argument("--repeats", type=_positive_int, default=1, help="runs per variant, interleaved; median reported")
     t.add_argument("--out", type=Path, default=Path("bench_results"))
     t.add_argument("--name", default=None)
 

@@ -369,19 +369,30 @@ def _synchronize(device: torch.device) -> None:
 
 
 class _Clock:
-    """Time marks: CUDA events on the current stream (read later) or the synchronized host clock."""
+    """Time marks: CUDA events (read later) or the synchronized host clock.
+
+    Events are recorded on the stream that was current for ``device`` when the clock was made (the
+    stream Lightning trains on), and read events are recycled (``recycle``): a mark is then one
+    ``cudaEventRecord`` and little Python."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.on_cuda = device.type == "cuda"
+        self._stream = torch.cuda.current_stream(device) if self.on_cuda else None
+        self._free: list = []
 
     def mark(self) -> Any:
         if self.on_cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()  # the current stream of the current device (Lightning sets the device)
+            event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+            event.record(self._stream)
             return event
         _synchronize(self.device)
         return time.perf_counter()
+
+    def recycle(self, marks: Iterable[Any]) -> None:
+        """Reuse completed, already read events for later marks."""
+        if self.on_cuda:
+            self._free.extend(m for m in marks if m is not None)
 
     def ready(self, mark: Any) -> bool:
         return not self.on_cuda or mark.query()
@@ -689,6 +700,10 @@ class KernelTimer(_StepCallback):
         if record.optimizer is not None:
             metrics["time/optimizer_ms"] = ms(record.optimizer, record.end)
         metrics["time/step_ms"] = ms(record.micro[0][0], record.end)
+        self._clock.recycle(
+            [record.optimizer, record.end]
+            + [m for start, pairs in record.micro for m in (start, *(x for pair in pairs for x in pair))]
+        )
         return metrics
 
     def _maybe_start_profiler(self, step: int) -> None:
@@ -857,6 +872,7 @@ class ThroughputMonitor(_StepCallback):
 
     def _measure(self, record: _CountedStep) -> dict[str, float]:
         seconds = self._clock.ms(record.start, record.end) / 1e3
+        self._clock.recycle([record.start])  # the previous step's end; this step's end anchors the next
         self._history.append((seconds, record.tokens, record.real_tokens, record.flops))
         total_s = sum(h[0] for h in self._history)
         metrics = {}

@@ -211,7 +211,7 @@ class TinyGPT(nn.Module):
             dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
             device=device,
         )
-        if self._compiled_tokens is None or eager or layout.block_diagonal:
+        if self._compiled_tokens is None or eager or not ctx.traceable:
             return self.forward_tokens(input_ids, position_ids, ctx)
         if self.compile_mode == "cudagraphs":
             # Each call is a new step: the previous call's outputs may be overwritten from here on.
@@ -238,8 +238,8 @@ class TinyGPT(nn.Module):
         """``torch.compile`` in place, attention bias building always left outside:
 
         - ``blocks``: each block on its own (regional; any batch layout, few recompiles);
-        - ``model``: embeddings → logits as one graph, for rows of one document each (padded or
-          full); packed rows, whose bias changes every batch, run eagerly;
+        - ``model``: embeddings → logits as one graph. Batches whose attention bias can't be traced
+          (xformers' block-diagonal masks hold each batch's lengths as Python lists) run eagerly;
         - ``cudagraphs``: ``model`` replayed as CUDA graphs (``mode="reduce-overhead"``) for
           launch-bound small models with fixed batch shapes. A forward's outputs stay valid until
           the next forward.

@@ -715,6 +715,52 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
         assert auto.choose(**config) == order[1]
 
 
+def test_auto_prefers_fa4_for_long_mha_rows_only(monkeypatch):
+    """Rows of one document from AUTO_FA4_MIN_ROW_LEN tokens on: fa4 first (measured faster there);
+    shorter rows, GQA, ALiBi and packed rows keep AUTO_PREFERENCE; CPU is always sdpa."""
+    long, short = attn.AUTO_FA4_MIN_ROW_LEN, attn.AUTO_FA4_MIN_ROW_LEN - 1
+    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=long)[0] == "fa4"
+    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=short) == AUTO_PREFERENCE[
+        (False, False, False)
+    ]
+    for packed, alibi, gqa in itertools.product([False, True], repeat=3):
+        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=long)
+        assert sorted(order) == sorted(AUTO_PREFERENCE[(packed, alibi, gqa)])
+        if packed or alibi or gqa:
+            assert order == AUTO_PREFERENCE[(packed, alibi, gqa)]
+    assert attn.auto_order("cpu", packed=False, alibi=False, gqa=False, seq_len=long) == ("sdpa",)
+    auto = make_kernel("auto")
+    for name, kernel in auto._kernels.items():
+        monkeypatch.setattr(kernel, "support", lambda **config: None)
+    config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False)
+    assert auto.choose(**config, seq_len=long) == "fa4"
+    assert auto.choose(**config, seq_len=short) == "sdpa"
+
+
+def test_fa4_cu_seqlens_bucket_lengths_with_empty_segments():
+    cu = attn.fa4_cu_seqlens([[3, 4], [7]])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 7, 14]
+    cu = attn.fa4_cu_seqlens([[2, 2, 2, 2]])  # 5 boundaries -> 8 entries, the last 3 empty segments
+    assert cu.tolist() == [0, 2, 4, 6, 8, 8, 8, 8]
+    sizes = {len(attn.fa4_cu_seqlens([[1] * n])) for n in range(33, 64)}
+    assert sizes == {64}  # 33..63 documents share one length
+
+
+def test_fa4_op_shapes_under_fake_tensors():
+    """The custom op's fake implementation (what torch.compile traces) gives FA4's shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, kv = torch.empty(64, 8, 32, dtype=torch.bfloat16), torch.empty(64, 2, 32, dtype=torch.bfloat16)
+        out, lse = attn.fa4_forward(q, kv, kv, torch.zeros(8, dtype=torch.int32), 32, True)
+        assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
+        q4, kv4 = q.view(2, 32, 8, 32), kv.view(2, 32, 2, 32)
+        out, lse = attn.fa4_forward(q4, kv4, kv4, None, 32, True)
+        assert out.shape == q4.shape and lse.shape == (2, 8, 32)
+        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, 32, True)
+        assert [g.shape for g in grads] == [q4.shape, kv4.shape, kv4.shape]
+
+
 def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
     """flash-attn-4 installs a ``flash_attn`` package without FA2's interface; xformers 0.0.35 would
     import FA2 from it and fail. lit_xf hides it during xformers' import and restores it after."""
@@ -758,8 +804,8 @@ def test_fa4_varlen_segments_cover_rows_and_padding():
         ctx = attn.AttentionContext(kernel, DocLayout(doc_lens, 8), None, None)
         return kernel._bias(ctx, n_heads=2, dtype=torch.bfloat16, device="cpu")
 
-    cu, max_len = bias([[3, 5], [2], [8]])
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 24] and max_len == 8
+    cu = bias([[3, 5], [2], [8]])  # 5 segments -> 6 boundaries, bucketed to 8 entries
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 24, 24, 24]
     assert bias([[8], [5]]) is None  # one document per row: dense causal
 
 

@@ -92,6 +92,30 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+nonsense", tmp_path)
 
 
+def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
+    """``--repeats`` runs each variant that many times and reports the median with its range;
+    ``loop+rows`` (whole rows, no document masking) sees more pairs on packed rows, so its loss and
+    FLOPs differ from the document-masked loop's."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "data: {corpus: counting, batch_mode: packed, seq_len: 16, batch_size: 2, counting_vocab: 16,\n"
+        "       counting_length: 5, counting_documents: 400}\n"
+        "trainer: {precision: 32-true}\n"
+    )
+    rc = _bench_cpu("train", f"--config {config} --steps 5 --warmup-steps 1 --variants loop,loop+rows --repeats 3", tmp_path)
+    assert rc == 0
+    rows = {r["variant"]: r for r in _rows(tmp_path, "train")}
+    for r in rows.values():
+        low, high = map(float, r["ms_range"].split("-"))
+        assert low <= r["ms_per_step"] <= high
+    assert rows["loop+rows"]["loss_diff"] > 1e-4  # documents see each other: another objective
+    with pytest.raises(ValueError, match="unknown train variant"):
+        _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+rows", tmp_path)
+    with pytest.raises(SystemExit):
+        _bench_cpu("train", f"--config {config} --repeats 0", tmp_path)
+
+
 def test_curves_render_tensorboard_runs(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -1,5 +1,7 @@
 """LitTinyGPT: training, checkpoints, injection from YAML, FLOPs, sampling, and padded == packed."""
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +11,7 @@ from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader
 
 from lit_xf import LitTinyGPT, TinyGPT
+from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.model import GeluMLP, SwiGLU
 
@@ -238,7 +241,7 @@ def _tiny_counting() -> TextDataModule:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "model"])
-def test_compiled_model_matches_eager_and_packed_rows_run_eagerly(mode):
+def test_compiled_model_matches_eager_on_full_padded_and_packed_rows(mode):
     torch.manual_seed(0)
     eager = TinyGPT(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, attention="sdpa")
     compiled = TinyGPT(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, attention="sdpa")
@@ -254,6 +257,45 @@ def test_compiled_model_matches_eager_and_packed_rows_run_eagerly(mode):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     with pytest.raises(RuntimeError, match="already compiled"):
         compiled.compile_model(mode)
+
+
+class _ListBiasSdpa(SdpaAttention):
+    """sdpa whose bias also carries the batch's segment lengths as Python lists (as xformers'
+    block-diagonal masks do), marked untraceable."""
+
+    name = "list_bias_sdpa"
+
+    def _bias(self, ctx, *, n_heads, dtype, device):
+        return super()._bias(ctx, n_heads=n_heads, dtype=dtype, device=device), ctx.layout.segment_lens()
+
+    def _traceable(self, ctx):
+        return not ctx.layout.block_diagonal
+
+    def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
+        mask, lens = ctx.bias
+        assert sum(map(sum, lens)) == q_BTHK.shape[0] * q_BTHK.shape[1]
+        return SdpaAttention._attend(self, q_BTHK, k_BTGK, v_BTGK, dataclasses.replace(ctx, bias=mask))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["sdpa", "list_bias"])
+def test_new_packed_layouts_reuse_the_compiled_blocks(kernel):
+    """Blocks compiled once serve packed batches with other document lengths: a traceable bias is
+    tensors of fixed shape; an untraceable one runs eagerly between the graphs, unguarded."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=40, d_model=16, n_layers=2, n_heads=4, max_seq_len=16, attention="sdpa")
+    if kernel == "list_bias":
+        model.kernel = _ListBiasSdpa()
+    model.compile_model("blocks")
+    ids = torch.randint(0, 40, (2, 16))
+    layouts = ([[5, 11], [16]], [[3, 3, 10], [8, 8]], [[1, 15], [2, 2, 2, 10]], [[7, 9], [4, 12]])
+    graphs = []
+    for doc_lens in layouts:
+        model(ids, doc_lens=doc_lens).sum().backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0
+    assert graphs[1:] == [graphs[0]] * 3, f"graphs compiled after each batch: {graphs}"
 
 
 def test_compile_option_is_validated_and_cudagraphs_stays_eager_on_cpu(caplog):
