@@ -371,8 +371,8 @@ def bench_train(args) -> list[dict]:
     bare Lightning Trainer, lit_xf as configured (monitoring callbacks + TensorBoard), each eager or
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
-    runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest). MFU counts ``LitTinyGPT.flops_per_batch`` against the
-    device's dense peak. Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean
+    runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest).
+    MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean
     absolute difference from the first variant's (same data, same initialization)."""
     import yaml
 
@@ -398,6 +398,7 @@ def bench_train(args) -> list[dict]:
     for _ in range(args.repeats):  # interleaved: drifts in clocks and host load hit every variant alike
         for variant in args.variants:
             torch.manual_seed(0)
+            torch.compiler.reset()  # each run compiles its own model (no stale graphs or CUDA-graph trees)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -425,7 +426,8 @@ def bench_train(args) -> list[dict]:
             warmup_s=round(results[variant][0]["warmup_s"], 2),
         )
         if args.repeats > 1:
-            row["ms_range"] = f"{runs[0]['timed_s'] / res['timed_s'] * ms:.3f}-{runs[-1]['timed_s'] / res['timed_s'] * ms:.3f}"
+            fastest, slowest = (r["timed_s"] / res["timed_s"] * ms for r in (runs[0], runs[-1]))
+            row["ms_range"] = f"{fastest:.3f}-{slowest:.3f}"
         curves[variant] = [round(x, 5) for x in res["losses"]]
         first = curves[args.variants[0]]
         row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)

@@ -720,9 +720,10 @@ def test_auto_prefers_fa4_for_long_mha_rows_only(monkeypatch):
     shorter rows, GQA, ALiBi and packed rows keep AUTO_PREFERENCE; CPU is always sdpa."""
     long, short = attn.AUTO_FA4_MIN_ROW_LEN, attn.AUTO_FA4_MIN_ROW_LEN - 1
     assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=long)[0] == "fa4"
-    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=short) == AUTO_PREFERENCE[
-        (False, False, False)
-    ]
+    assert (
+        attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=short)
+        == AUTO_PREFERENCE[(False, False, False)]
+    )
     for packed, alibi, gqa in itertools.product([False, True], repeat=3):
         order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=long)
         assert sorted(order) == sorted(AUTO_PREFERENCE[(packed, alibi, gqa)])
@@ -730,7 +731,7 @@ def test_auto_prefers_fa4_for_long_mha_rows_only(monkeypatch):
             assert order == AUTO_PREFERENCE[(packed, alibi, gqa)]
     assert attn.auto_order("cpu", packed=False, alibi=False, gqa=False, seq_len=long) == ("sdpa",)
     auto = make_kernel("auto")
-    for name, kernel in auto._kernels.items():
+    for kernel in auto._kernels.values():
         monkeypatch.setattr(kernel, "support", lambda **config: None)
     config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False)
     assert auto.choose(**config, seq_len=long) == "fa4"

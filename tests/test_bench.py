@@ -103,7 +103,8 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
         "       counting_length: 5, counting_documents: 400}\n"
         "trainer: {precision: 32-true}\n"
     )
-    rc = _bench_cpu("train", f"--config {config} --steps 5 --warmup-steps 1 --variants loop,loop+rows --repeats 3", tmp_path)
+    flags = f"--config {config} --steps 5 --warmup-steps 1 --variants loop,loop+rows --repeats 3"
+    rc = _bench_cpu("train", flags, tmp_path)
     assert rc == 0
     rows = {r["variant"]: r for r in _rows(tmp_path, "train")}
     for r in rows.values():
