@@ -40,10 +40,15 @@ if has packing; then
   run pack_alibi $BENCH $P --alibi --name pack_alibi
   run pack_alibi_gqa $BENCH $P --alibi --kv-heads 4 --name pack_alibi_gqa
 fi
+# GPT-2 shapes: timed after the first epoch's short last batch (it compiles once more); the plain
+# loops (+rows) attend across documents like a hand-written nanoGPT loop.
+GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+rows+compile_model,loop+rows+compile
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
-  --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
-has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 60 --warmup-steps 20 --out "$OUT" \
-  --name train_gpt2 --variants loop+compile,lightning+compile,lit_xf+compile,lit_xf
+  --repeats 3 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
+has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
+  --name train_gpt2 --variants $GPT2_VARIANTS
+has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
+  --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()
@@ -60,7 +65,7 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   run pack_fa4 $BENCH packing --heads 16 --head-dim 128 --kernels xformers,fa4,auto --out "$OUT" --name pack_fa4
   run pack_fa4_gqa $BENCH packing --heads 16 --kv-heads 4 --head-dim 128 --kernels xformers,fa4,auto --out "$OUT" \
     --name pack_fa4_gqa
-  run train_gpt2_fa4 $BENCH train --config configs/gpt2_small.yaml --steps 60 --warmup-steps 20 --out "$OUT" \
-    --name train_gpt2_fa4 --variants loop+compile,lightning,lit_xf,lit_xf+compile
+  run causal_fa4 $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 1 --seq-lens 16384 \
+    --kernels sdpa,fa4,auto --reps 20 --out "$OUT" --name causal_fa4
 fi
 exit 0

@@ -16,6 +16,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
 SHRINK = {
     "gpt2_small.yaml": ["--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"],
+    "gpt2_124m.yaml": [
+        *("--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"),
+        *("--data.bpe_vocab_size", "512", "--model.n_layers", "2"),
+    ],
 }
 
 
@@ -44,6 +48,7 @@ def test_there_are_configs():
         "fortunes_packed.yaml",
         "gqa_alibi.yaml",
         "gpt2_small.yaml",
+        "gpt2_124m.yaml",
     } <= names
 
 
