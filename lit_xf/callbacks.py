@@ -28,8 +28,10 @@ writes ready-made charts of the scalars to TensorBoard's "Custom Scalars" tab.
 
 Logging. Every value belongs to the optimizer step it measures: the step index is
 ``trainer.global_step`` read when that step's first micro-batch starts, which is the index
-Lightning's own ``self.log`` uses for the same step, so the curves share an x-axis. Values are
-written with ``logger.log_metrics(metrics, step=...)`` to every logger, on global rank zero only.
+Lightning's own ``self.log`` uses for the same step, so the curves share an x-axis. The monitors'
+values of one step are merged and written together, once every monitor has reported that step
+(one TensorBoard event per step, or ``logger.log_metrics(metrics, step=...)`` for other
+loggers), on global rank zero only; what is left is written at train end.
 ``pl_module.log`` is not used: from a callback it goes through the logger connector, which writes
 only every ``log_every_n_steps`` and syncs across ranks with ``sync_dist``; direct writes give
 exactly one point per step and tag, whatever ``log_every_n_steps`` is, and never communicate.
@@ -232,6 +234,7 @@ def resolve_peak_flops(device: torch.device, precision: str | int, override: flo
 
 _LAYOUT_DONE: weakref.WeakSet = weakref.WeakSet()
 _RUN_INFO_DONE: weakref.WeakSet = weakref.WeakSet()
+_RUN_INFO_TRAINERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
@@ -328,6 +331,9 @@ def _log_layout_once(trainer: Trainer) -> None:
 
 
 def _log_run_info_once(trainer: Trainer, pl_module: LightningModule) -> None:
+    if trainer in _RUN_INFO_TRAINERS:  # called by every monitor every step: keep the common case cheap
+        return
+    _RUN_INFO_TRAINERS.add(trainer)
     if not trainer.is_global_zero:
         return
     loggers = [lg for lg in _tensorboard_loggers(trainer) if lg not in _RUN_INFO_DONE]
@@ -341,6 +347,58 @@ def _log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None
         for logger in trainer.loggers:
             if not _write_tensorboard_event(logger, metrics, step):
                 logger.log_metrics(metrics, step=step)
+
+
+class _StepScalars:
+    """One trainer's monitor scalars, merged per step so that a step costs one write per logger
+    (each TensorBoard event costs tens of µs of the training thread's time).
+
+    Monitors that report every step register (``join``); a step is written once all of them have
+    reported it, once it is ``2·_MAX_PENDING + 1`` steps older than the newest report (a monitor
+    skipped it), or at ``flush``. Extra values for a step (a profiled step's attention share) merge
+    in without counting as a report; one arriving after its step was written goes out on its own.
+    """
+
+    def __init__(self) -> None:
+        self.reporters: set[int] = set()
+        self.ended: set[int] = set()
+        self.steps: dict[int, tuple[dict[str, float], set[int]]] = {}
+
+    def join(self, reporter: object) -> None:
+        self.reporters.add(id(reporter))
+        self.ended.discard(id(reporter))
+
+    def add(self, trainer: Trainer, metrics: dict[str, float], step: int, reporter: object = None) -> None:
+        values, seen = self.steps.setdefault(step, ({}, set()))
+        values.update(metrics)
+        if reporter is None:
+            return
+        seen.add(id(reporter))
+        if seen >= self.reporters:
+            del self.steps[step]
+            _log_metrics(trainer, values, step)
+        for old in [s for s in self.steps if s < step - 2 * _MAX_PENDING]:
+            _log_metrics(trainer, self.steps.pop(old)[0], old)
+
+    def end(self, trainer: Trainer, reporter: object) -> None:
+        """``reporter`` has logged its last step: once every reporter has, write what is left."""
+        self.ended.add(id(reporter))
+        if self.ended >= self.reporters:
+            self.flush(trainer)
+
+    def flush(self, trainer: Trainer) -> None:
+        for step in sorted(self.steps):
+            _log_metrics(trainer, self.steps.pop(step)[0], step)
+
+
+_STEP_SCALARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_scalars(trainer: Trainer) -> _StepScalars:
+    scalars = _STEP_SCALARS.get(trainer)
+    if scalars is None:
+        scalars = _STEP_SCALARS[trainer] = _StepScalars()
+    return scalars
 
 
 def _write_tensorboard_event(logger: Any, metrics: dict[str, float], step: int) -> bool:
@@ -444,15 +502,31 @@ class _StepCallback(Callback):
             elif not self._clock.ready(record.end):
                 return
             self._pending.popleft()
-            _log_metrics(trainer, self._measure(record), record.step)
+            _step_scalars(trainer).add(trainer, self._measure(record), record.step, reporter=self)
 
     def _measure(self, record: Any) -> dict[str, float]:
         raise NotImplementedError
+
+    def _reports(self) -> bool:
+        """Whether this monitor logs a value for every step (it then joins the step merging)."""
+        return True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = None
         self._pending.clear()
         _log_layout_once(trainer)
+        if self._reports():
+            _step_scalars(trainer).join(self)
+
+    def _end(self, trainer: Trainer) -> None:
+        """Train end: tell the step merging this monitor has logged its last step."""
+        if self._reports():
+            _step_scalars(trainer).end(trainer, self)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        scalars = _STEP_SCALARS.get(trainer)
+        if scalars is not None:  # after an exception, too: nothing logged stays behind
+            scalars.flush(trainer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +604,11 @@ class PeakMemoryMonitor(_StepCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._recording:
             self._dump_snapshot(trainer)
+        if trainer.is_global_zero:
+            self._end(trainer)
+
+    def _reports(self) -> bool:
+        return self._enabled
 
     def _update(self, trainer: Trainer, step: int | None) -> None:
         """At a step's start (``step is None``) reset peaks; at its end log the step's statistics."""
@@ -549,7 +628,7 @@ class PeakMemoryMonitor(_StepCallback):
             "memory/ooms": float(ooms - self._base[1]),
         }
         self._base = (retries, ooms)
-        _log_metrics(trainer, metrics, step)
+        _step_scalars(trainer).add(trainer, metrics, step, reporter=self)
         if self._recording and step >= self.snapshot_steps[1] - 1:
             self._dump_snapshot(trainer)
 
@@ -660,6 +739,7 @@ class KernelTimer(_StepCallback):
             self._profiler = None
         if trainer.is_global_zero:
             self._read_pending(trainer, wait=True)
+            self._end(trainer)
 
     def _mark(self, trainer: Trainer, event: str, first: bool = False, step: int | None = None) -> None:
         """Record one time mark; at a step's end, queue the step and log what has completed."""
@@ -730,7 +810,7 @@ class KernelTimer(_StepCallback):
         kernels = _profiled_times(profiler, on_device=self._clock.on_cuda)
         share = attention_share(kernels, self.attention_pattern)
         if share is not None:
-            _log_metrics(trainer, {"time/attention_share": share}, step)
+            _step_scalars(trainer).add(trainer, {"time/attention_share": share}, step)
         text = top_kernels_table(kernels, self.top_k, self.attention_pattern)
         for logger in _tensorboard_loggers(trainer):
             logger.experiment.add_text("time/top_kernels", text, global_step=step)
@@ -835,6 +915,7 @@ class ThroughputMonitor(_StepCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             self._read_pending(trainer, wait=True)
+            self._end(trainer)
 
     def _update(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, phase: str, step: int | None = None

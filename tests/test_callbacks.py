@@ -1,5 +1,6 @@
 """Callbacks on a real CPU Trainer run, read back from TensorBoard event files."""
 
+import collections
 import math
 import os
 import time
@@ -10,16 +11,19 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader
 
 from lit_xf.callbacks import (
+    _MAX_PENDING,
     ATTENTION_KERNEL_PATTERN,
     TAGS,
     KernelTimer,
     PeakMemoryMonitor,
     ThroughputMonitor,
     _Clock,
+    _StepScalars,
     attention_share,
     dense_peak_flops,
     resolve_peak_flops,
@@ -182,6 +186,57 @@ def test_fit_logs_one_value_per_step(tmp_path):
     assert "sdpa" in text and torch.__version__ in text and L.__version__ in text and "xformers" in text
     top = events.Tensors("time/top_kernels/text_summary")
     assert [t.step for t in top] == [2, 5]
+
+    # the monitors' scalars of a step go out as one event (each event costs the training thread time)
+    scalar_events = collections.Counter()
+    for path in (tmp_path / "run" / "version_0").glob("events.out.tfevents.*"):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if any(v.WhichOneof("value") == "simple_value" for v in event.summary.value):
+                scalar_events[event.step] += 1
+    assert scalar_events == {step: 1 for step in range(6)}
+
+
+class _ListLogger:
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, step):
+        self.calls.append((step, dict(metrics)))
+
+
+class _FakeTrainer:
+    is_global_zero = True
+
+    def __init__(self):
+        self.loggers = [_ListLogger()]
+
+
+def test_step_scalars_merge_reports_and_flush_stragglers():
+    """A step is written once every reporting monitor has reported it; a step some monitor skipped
+    goes out once it is 2·_MAX_PENDING + 1 steps old; late extras and the rest at the end."""
+    trainer, scalars = _FakeTrainer(), _StepScalars()
+    a, b = object(), object()
+    scalars.join(a)
+    scalars.join(b)
+    calls = trainer.loggers[0].calls
+    scalars.add(trainer, {"x": 1.0}, 0, reporter=a)
+    scalars.add(trainer, {"s": 0.5}, 0)  # an extra value: merged, not a report
+    assert calls == []
+    scalars.add(trainer, {"y": 2.0}, 0, reporter=b)
+    assert calls == [(0, {"x": 1.0, "s": 0.5, "y": 2.0})]
+    scalars.add(trainer, {"x": 3.0}, 1, reporter=a)  # b never reports step 1
+    for step in range(2, 2 + 2 * _MAX_PENDING):
+        scalars.add(trainer, {"x": 0.0}, step, reporter=a)
+        scalars.add(trainer, {"y": 0.0}, step, reporter=b)
+    assert (1, {"x": 3.0}) not in calls  # not old enough yet
+    scalars.add(trainer, {"x": 0.0}, 2 + 2 * _MAX_PENDING, reporter=a)
+    assert (1, {"x": 3.0}) in calls
+    scalars.add(trainer, {"late": 1.0}, 0)  # its step was written: goes out at the end, on its own
+    scalars.end(trainer, a)
+    assert (0, {"late": 1.0}) not in calls
+    scalars.end(trainer, b)
+    assert calls[-2:] == [(0, {"late": 1.0}), (2 + 2 * _MAX_PENDING, {"x": 0.0})]
+    assert [step for step, values in calls if "y" in values] == [0, *range(2, 2 + 2 * _MAX_PENDING)]
 
 
 def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
