@@ -518,12 +518,18 @@ class ResumableSampler(DistributedSampler):
         rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = batch_size
+        self.drop_last_batch = False  # set by the DataModule when its loader drops a short last batch
         self._resume: tuple[int, int] | None = None
         self._indices_yielded = 0
 
+    @property
+    def batches_per_epoch(self) -> int:
+        whole, rest = divmod(self.num_samples, self.batch_size)
+        return whole + (1 if rest and not self.drop_last_batch else 0)
+
     def resume(self, epoch: int, batches: int) -> None:
         """Continue ``epoch`` after its first ``batches`` batches (a finished epoch: start the next)."""
-        if batches >= math.ceil(self.num_samples / self.batch_size):
+        if batches >= self.batches_per_epoch:
             epoch, batches = epoch + 1, 0
         self.set_epoch(epoch)  # also right for an iterator created before Lightning calls set_epoch
         self._resume = (epoch, batches)
@@ -566,6 +572,8 @@ class TextDataModule(LightningDataModule):
             (one document per row).
         seq_len: row length T; longer documents are split into chunks of at most ``seq_len``.
         batch_size: rows per batch B.
+        drop_last: drop each epoch's last training batch when it is short, so every training batch
+            has B rows: a compiled model (and its CUDA graphs) then never meets a second shape.
         tokenizer: ``"byte"`` (258 ids, offline) or ``"bpe"`` (byte-level BPE trained on the train
             split, saved as ``<tokenizer_dir>/tokenizer.json`` and reused when present). The counting
             corpus always uses its own number tokenizer.
@@ -588,6 +596,7 @@ class TextDataModule(LightningDataModule):
         batch_mode: Literal["padded", "packed"] = "packed",
         seq_len: int = 512,
         batch_size: int = 8,
+        drop_last: bool = False,
         tokenizer: Literal["byte", "bpe"] = "byte",
         bpe_vocab_size: int = 4096,
         tokenizer_dir: str | None = None,
@@ -643,6 +652,7 @@ class TextDataModule(LightningDataModule):
         self.batch_mode = batch_mode
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.drop_last = bool(drop_last)
         self.tokenizer_kind = tokenizer
         self.bpe_vocab_size = bpe_vocab_size
         self.val_fraction = val_fraction
@@ -781,7 +791,9 @@ class TextDataModule(LightningDataModule):
             return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _loader(self, rows: list[Row] | None, sampler: Any = None, cls: type[DataLoader] = DataLoader) -> DataLoader:
+    def _loader(
+        self, rows: list[Row] | None, sampler: Any = None, cls: type[DataLoader] = DataLoader, drop_last: bool = False
+    ) -> DataLoader:
         if rows is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
         return cls(
@@ -789,6 +801,7 @@ class TextDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,
+            drop_last=drop_last,
             collate_fn=partial(
                 _collate_pinned
                 if self.pin_memory and not self.num_workers and torch.cuda.is_available()
@@ -809,11 +822,17 @@ class TextDataModule(LightningDataModule):
         if self.train_rows is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
         sampler = ResumableSampler(RowDataset(self.train_rows), self.batch_size, shuffle=True, seed=self.seed)
+        sampler.drop_last_batch = self.drop_last
+        if self.drop_last and sampler.batches_per_epoch == 0:
+            raise ValueError(
+                f"drop_last=True leaves no training batch: {sampler.num_samples} train rows per process < "
+                f"batch_size={self.batch_size}; lower batch_size or set drop_last=False"
+            )
         if self._resume is not None:
             sampler.resume(*self._resume)
             self._resume = None
         self._train_sampler = sampler
-        return self._loader(self.train_rows, sampler, ResumableLoader)
+        return self._loader(self.train_rows, sampler, ResumableLoader, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows)

@@ -467,6 +467,32 @@ def test_resume_mid_epoch_skips_consumed_batches():
     assert len(list(resumed.train_dataloader())) == len(reference)
 
 
+def test_drop_last_keeps_every_training_batch_full_and_resumes():
+    kwargs = dict(corpus="counting", counting_documents=400, counting_vocab=997, seq_len=64, batch_size=7)
+    every = first_batches(make_dm(**kwargs), 10**6)
+    assert every[-1].shape[0] < 7  # this split leaves a short last batch
+    full = first_batches(make_dm(**kwargs, drop_last=True), 10**6)
+    assert len(full) == len(every) - 1 and {b.shape[0] for b in full} == {7}
+    assert all(torch.equal(x, y) for x, y in zip(full, every, strict=False))
+    dm = make_dm(**kwargs, drop_last=True)
+    assert {b["input_ids"].shape[0] for b in dm.val_dataloader()} != {7}  # validation keeps every row
+    assert len(dm.train_dataloader()) == len(full)
+
+    # a checkpoint after the last full batch resumes at the next epoch, not on the dropped rows
+    it = iter(dm.train_dataloader())
+    for _ in range(len(full)):
+        next(it)
+    resumed = TextDataModule(**kwargs, drop_last=True)
+    resumed.load_state_dict(dm.state_dict())
+    resumed.setup()
+    loader = resumed.train_dataloader()
+    assert loader.sampler.epoch == 1  # the rest of epoch 0 was the dropped short batch
+    assert len(list(loader)) == len(full)
+
+    with pytest.raises(ValueError, match="drop_last=True leaves no training batch"):
+        make_dm(**kwargs | {"batch_size": 10**4}, drop_last=True).train_dataloader()
+
+
 def test_resume_through_a_lightning_checkpoint(tmp_path):
     import lightning.pytorch as pl
 
