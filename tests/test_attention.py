@@ -921,3 +921,35 @@ def test_sdpa_warns_once_about_dense_masks_on_cuda(caplog, monkeypatch):
         attn.SdpaAttention.warn_dense(torch.device("cuda"))
         attn.SdpaAttention.warn_dense(torch.device("cuda", 0))
     assert len(caplog.records) == 1 and "auto" in caplog.records[0].getMessage()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel_name", ["fa4", "xformers", "sdpa"])
+def test_gpu_compiled_blocks_reuse_graphs_across_packed_batches(kernel_name):
+    """Compiled blocks on CUDA, bf16: packed batches with new document layouts (and new
+    ``cu_seqlens`` buckets for fa4) compile nothing after the second batch and match eager."""
+    if kernel_name == "xformers" and (problem := attn.xformers_problem()):
+        pytest.skip(problem)
+    if kernel_name == "fa4" and (problem := attn.fa4_problem()):
+        pytest.skip(problem)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256, attention=kernel_name)
+    eager, compiled = TinyGPT(**kw).cuda(), TinyGPT(**kw).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_model("blocks")
+    gen = torch.Generator().manual_seed(1)
+    graphs = []
+    for i in range(6):
+        rows = []
+        for _ in range(2):
+            cuts = sorted(torch.randperm(255, generator=gen)[: 3 + 4 * i].add(1).tolist())
+            rows.append([b - a for a, b in zip([0, *cuts], [*cuts, 256], strict=True)])
+        ids = torch.randint(0, 64, (2, 256), generator=gen).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want, got = eager(ids, doc_lens=rows), compiled(ids, doc_lens=rows)
+        got.float().square().mean().backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert relative_error(got.float(), want.double().cpu()) < 2e-2, i
+    assert graphs[2:] == [graphs[1]] * 4, f"graphs compiled after each batch: {graphs}"
