@@ -566,8 +566,9 @@ def fa4_forward(
 
 @fa4_forward.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, causal):
+    # FA4 allocates both contiguous, whatever q's strides
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("lit_xf::fa4_backward", mutates_args=(), device_types="cuda")
