@@ -394,6 +394,12 @@ class _StepScalars:
 _STEP_SCALARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _flush_step_scalars(trainer: Trainer) -> None:
+    scalars = _STEP_SCALARS.get(trainer)
+    if scalars is not None:
+        scalars.flush(trainer)
+
+
 def _step_scalars(trainer: Trainer) -> _StepScalars:
     scalars = _STEP_SCALARS.get(trainer)
     if scalars is None:
@@ -524,9 +530,10 @@ class _StepCallback(Callback):
             _step_scalars(trainer).end(trainer, self)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        scalars = _STEP_SCALARS.get(trainer)
-        if scalars is not None:  # after an exception, too: nothing logged stays behind
-            scalars.flush(trainer)
+        _flush_step_scalars(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        _flush_step_scalars(trainer)  # what was measured before the failure still reaches the logs
 
 
 # ---------------------------------------------------------------------------------------------

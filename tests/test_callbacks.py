@@ -376,3 +376,20 @@ def test_gpu_event_marks_are_read_without_blocking():
     gpu_ms = clock.ms(start, end)
     assert b.isfinite().all()
     assert not ready and host_ms < gpu_ms / 10, (host_ms, gpu_ms)
+
+
+def test_steps_logged_before_a_failure_reach_tensorboard(tmp_path):
+    """A failure mid-way still leaves what was measured in the event file, including a step that
+    only some monitors had reported (merged steps are flushed on the exception)."""
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # step 3 has run: KernelTimer reported it, ThroughputMonitor not yet
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, [KernelTimer(profile_every_n_steps=0), Boom(), ThroughputMonitor(window=2)], max_steps=6)
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3]
+    assert steps_and_values(events, "throughput/tokens_per_s")[0] == [0, 1, 2]
