@@ -512,13 +512,14 @@ class ResumableSampler(DistributedSampler):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        drop_last_batch: bool = False,
     ) -> None:
         world, this_rank = _world()
         num_replicas = world if num_replicas is None else num_replicas
         rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = batch_size
-        self.drop_last_batch = False  # set by the DataModule when its loader drops a short last batch
+        self.drop_last_batch = drop_last_batch  # the loader drops a short last batch (epoch length)
         self._resume: tuple[int, int] | None = None
         self._indices_yielded = 0
 
@@ -821,8 +822,9 @@ class TextDataModule(LightningDataModule):
         """Train rows, shuffled per epoch (``seed + epoch``), resuming mid-epoch after ``load_state_dict``."""
         if self.train_rows is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
-        sampler = ResumableSampler(RowDataset(self.train_rows), self.batch_size, shuffle=True, seed=self.seed)
-        sampler.drop_last_batch = self.drop_last
+        sampler = ResumableSampler(
+            RowDataset(self.train_rows), self.batch_size, shuffle=True, seed=self.seed, drop_last_batch=self.drop_last
+        )
         if self.drop_last and sampler.batches_per_epoch == 0:
             raise ValueError(
                 f"drop_last=True leaves no training batch: {sampler.num_samples} train rows per process < "

@@ -46,8 +46,9 @@ class LitTinyGPT(L.LightningModule):
         warmup_steps: linear warm-up from 0; then cosine decay to ``min_lr_ratio``·lr at the last step.
         compile: ``torch.compile`` the model (``TinyGPT.compile_model``): ``true`` or ``"blocks"``
             compiles each block (any batches); ``"model"`` the whole model as one graph and
-            ``"cudagraphs"`` that graph as CUDA graphs, for rows of one document each (packed
-            batches run eagerly there). The attention bias is always built outside, once per forward.
+            ``"cudagraphs"`` that graph as CUDA graphs (batches whose attention bias can't be traced,
+            xformers' packed masks, run eagerly there). The attention bias is always built outside,
+            once per forward.
     """
 
     def __init__(
