@@ -472,15 +472,15 @@ def _compile_mode(parts: set[str]) -> str | bool:
 
 def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
     """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
-    import torch.nn.functional as F
-
-    from lit_xf.module import LitTinyGPT, param_groups, warmup_cosine
+    from lit_xf.module import LitTinyGPT, compiled_token_cross_entropy, param_groups, token_cross_entropy, warmup_cosine
 
     rows = "rows" in parts
     lit = LitTinyGPT(**(model_kwargs | ({"attention": "sdpa"} if rows else {})))  # the Lightning runs' initialization
     hp, model = lit.hparams, lit.model.to(device)
-    if _compile_mode(parts):
+    loss_fn = token_cross_entropy
+    if _compile_mode(parts):  # the loss compiled too, as in nanoGPT (whose compiled model returns it)
         model.compile_model(_compile_mode(parts))
+        loss_fn = compiled_token_cross_entropy
     clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do: norm clipping; fused AdamW but under fp16
     opt = torch.optim.AdamW(
         param_groups(model, hp.weight_decay),
@@ -505,7 +505,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         pos = None if rows else batch["position_ids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(ids, pos, None if rows else batch["doc_lens"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        loss = loss_fn(logits, labels)
         scaler.scale(loss).backward()
         if clip:
             scaler.unscale_(opt)

@@ -68,6 +68,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_xf.tb_writer import ScalarEventProcess
+
 __all__ = [
     "ATTENTION_KERNEL_PATTERN",
     "TAGS",
@@ -389,6 +391,7 @@ class _StepScalars:
     def flush(self, trainer: Trainer) -> None:
         for step in sorted(self.steps):
             _log_metrics(trainer, self.steps.pop(step)[0], step)
+        _close_event_processes(trainer)
 
 
 _STEP_SCALARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -407,19 +410,68 @@ def _step_scalars(trainer: Trainer) -> _StepScalars:
     return scalars
 
 
+# TensorBoardLogger -> its child writer (ScalarEventProcess), or None: write in this process
+_EVENT_PROCESSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _write_tensorboard_event(logger: Any, metrics: dict[str, float], step: int) -> bool:
     """All of a step's scalars as one TensorBoard event (``log_metrics`` writes one event per
-    scalar, which costs ~25-45 µs of host time each). The event files read back the same way."""
-    writer = getattr(logger, "experiment", None) if isinstance(logger, TensorBoardLogger) else None
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if file_writer is None:
+    scalar), written by a child process where the log directory is local (``lit_xf.tb_writer``),
+    else by the logger's own writer. False for loggers other than TensorBoard's."""
+    if not isinstance(logger, TensorBoardLogger):
         return False
+    prefix = (logger._prefix + logger.LOGGER_JOIN_CHAR) if getattr(logger, "_prefix", "") else ""
+    tagged = {prefix + tag: float(v) for tag, v in metrics.items()}
+    writer = _event_process(logger)
+    if writer is not None:
+        try:
+            writer.add(step, tagged)
+        except OSError as err:  # this step is among the unsent ones
+            _event_process_failed(logger, writer, err)
+        return True
+    _write_in_process(logger, tagged, step)
+    return True
+
+
+def _event_process(logger: Any) -> ScalarEventProcess | None:
+    if logger not in _EVENT_PROCESSES:
+        writer = None
+        log_dir = str(logger.log_dir)
+        if "://" not in log_dir:  # remote file systems: the logger's own (fsspec) writer
+            try:
+                writer = ScalarEventProcess(log_dir)
+            except OSError as err:
+                rank_zero_warn(f"TensorBoard writer process not started ({err}); monitor scalars are written in-process.")
+        _EVENT_PROCESSES[logger] = writer
+    return _EVENT_PROCESSES[logger]
+
+
+def _event_process_failed(logger: Any, writer: ScalarEventProcess, err: OSError) -> None:
+    """Write what the child did not take in-process, and keep writing there."""
+    rank_zero_warn(f"{err}; monitor scalars are written in-process from here on.")
+    _EVENT_PROCESSES[logger] = None
+    writer.abandon()
+    for step, _, tagged in writer.unsent:
+        _write_in_process(logger, tagged, step)
+    writer.unsent = []
+
+
+def _close_event_processes(trainer: Trainer) -> None:
+    """End the trainer's writer processes: their events are on disk when this returns."""
+    for logger in _tensorboard_loggers(trainer):
+        writer = _EVENT_PROCESSES.pop(logger, None)
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError as err:
+                _event_process_failed(logger, writer, err)
+
+
+def _write_in_process(logger: Any, tagged: dict[str, float], step: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    prefix = (logger._prefix + logger.LOGGER_JOIN_CHAR) if getattr(logger, "_prefix", "") else ""
-    values = [Summary.Value(tag=prefix + tag, simple_value=float(v)) for tag, v in metrics.items()]
-    file_writer().add_summary(Summary(value=values), step)
-    return True
+    values = [Summary.Value(tag=tag, simple_value=value) for tag, value in tagged.items()]
+    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
 # ---------------------------------------------------------------------------------------------

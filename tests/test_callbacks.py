@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader
 
+from lit_xf.tb_writer import ScalarEventProcess
 from lit_xf.callbacks import (
     _MAX_PENDING,
     ATTENTION_KERNEL_PATTERN,
@@ -22,8 +23,10 @@ from lit_xf.callbacks import (
     KernelTimer,
     PeakMemoryMonitor,
     ThroughputMonitor,
+    _EVENT_PROCESSES,
     _Clock,
     _StepScalars,
+    _write_tensorboard_event,
     attention_share,
     dense_peak_flops,
     resolve_peak_flops,
@@ -393,3 +396,56 @@ def test_steps_logged_before_a_failure_reach_tensorboard(tmp_path):
     events.Reload()
     assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3]
     assert steps_and_values(events, "throughput/tokens_per_s")[0] == [0, 1, 2]
+
+
+def _scalar_event_files(run_dir) -> dict[int, int]:
+    """{pid in the file name: scalar events in that file} for a run's event files."""
+    counts = collections.Counter()
+    for path in run_dir.glob("events.out.tfevents.*"):
+        pid = int(path.name.split(".")[5])  # events.out.tfevents.<time>.<host>.<pid>.<uid>
+        for event in LegacyEventFileLoader(str(path)).Load():
+            counts[pid] += any(v.WhichOneof("value") == "simple_value" for v in event.summary.value)
+    return counts
+
+
+def test_monitor_scalars_are_written_by_a_child_process(tmp_path):
+    """The training process only queues the merged step scalars; a child writes them, and they are
+    on disk when fit returns. Text and the layout stay in the logger's own file."""
+    _, events = fit(tmp_path, [KernelTimer(profile_every_n_steps=0), ThroughputMonitor(window=2)], max_steps=5)
+    files = _scalar_event_files(tmp_path / "run" / "version_0")
+    assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3, 4]
+    children = {pid: n for pid, n in files.items() if pid != os.getpid()}
+    assert list(children.values()) == [5]  # one child, one event per step
+    assert os.getpid() in files  # the logger's own file (layout, run info)
+
+
+def test_scalar_event_process_round_trip_in_batches(tmp_path):
+    writer = ScalarEventProcess(str(tmp_path), batch_steps=7, batch_seconds=3600)
+    for step in range(20):
+        writer.add(step, {"a/x": step * 0.5, "a/y": -float(step)})
+    assert len(writer.unsent) == 20 - 14  # two batches of 7 sent, the rest queued
+    writer.close()
+    writer.close()  # a second close does nothing
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert steps_and_values(events, "a/x") == (list(range(20)), [s * 0.5 for s in range(20)])
+    assert steps_and_values(events, "a/y")[1] == [-float(s) for s in range(20)]
+
+
+def test_a_dead_writer_process_loses_no_queued_step(tmp_path):
+    """The child dies: the steps it had not taken are written in-process, with one warning, and the
+    rest of the run is written in-process too."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    for step in range(3):
+        assert _write_tensorboard_event(logger, {"time/step_ms": float(step)}, step)
+    child = _EVENT_PROCESSES[logger]
+    child._proc.kill()
+    child._proc.wait()
+    with pytest.warns(UserWarning, match="writer process"):
+        for step in range(3, 60):  # the 50th step sends a batch to the dead child
+            _write_tensorboard_event(logger, {"time/step_ms": float(step)}, step)
+    assert _EVENT_PROCESSES[logger] is None
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert steps_and_values(events, "time/step_ms")[0] == list(range(60))
