@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -655,7 +656,12 @@ def bench_curves(args) -> list[dict]:
 
 
 def _cycle(loader):
-    while True:
+    """The loader's batches epoch after epoch, its samplers told each epoch as Lightning tells them
+    (so a hand loop sees Lightning's data order past the first epoch)."""
+    for epoch in itertools.count():
+        for sampler in (loader.sampler, loader.batch_sampler):
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(epoch)
         yield from loader
 
 

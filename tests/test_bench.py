@@ -72,9 +72,10 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
     config.write_text(
         "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
         "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
-        "       counting_length: 8, counting_documents: 400}\n"
+        "       counting_length: 8, counting_documents: 20, drop_last: true}\n"
         "trainer: {precision: 32-true}\n"
     )
+    # 20 documents, 2% held out: 4 batches an epoch, so 6 steps reach the second (reshuffled) epoch
     variants = "loop,lightning,lit_xf,lit_xf+compile_model"
     rc = _bench_cpu("train", f"--config {config} --steps 6 --warmup-steps 2 --variants {variants}", tmp_path)
     assert rc == 0
