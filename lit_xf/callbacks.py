@@ -31,7 +31,9 @@ Logging. Every value belongs to the optimizer step it measures: the step index i
 Lightning's own ``self.log`` uses for the same step, so the curves share an x-axis. The monitors'
 values of one step are merged and written together, once every monitor has reported that step
 (one TensorBoard event per step, or ``logger.log_metrics(metrics, step=...)`` for other
-loggers), on global rank zero only; what is left is written at train end.
+loggers), on global rank zero only; what is left is written at train end. TensorBoard events are
+written by a child process (``lit_xf.tb_writer``) into the logger's directory, in batches; the
+training thread only queues them. They are on disk when training ends (or fails).
 ``pl_module.log`` is not used: from a callback it goes through the logger connector, which writes
 only every ``log_every_n_steps`` and syncs across ranks with ``sync_dist``; direct writes give
 exactly one point per step and tag, whatever ``log_every_n_steps`` is, and never communicate.
@@ -441,7 +443,7 @@ def _event_process(logger: Any) -> ScalarEventProcess | None:
             try:
                 writer = ScalarEventProcess(log_dir)
             except OSError as err:
-                rank_zero_warn(f"TensorBoard writer process not started ({err}); monitor scalars are written in-process.")
+                rank_zero_warn(f"TensorBoard writer process not started ({err}); scalars are written in-process.")
         _EVENT_PROCESSES[logger] = writer
     return _EVENT_PROCESSES[logger]
 

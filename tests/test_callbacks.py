@@ -15,15 +15,14 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader
 
-from lit_xf.tb_writer import ScalarEventProcess
 from lit_xf.callbacks import (
+    _EVENT_PROCESSES,
     _MAX_PENDING,
     ATTENTION_KERNEL_PATTERN,
     TAGS,
     KernelTimer,
     PeakMemoryMonitor,
     ThroughputMonitor,
-    _EVENT_PROCESSES,
     _Clock,
     _StepScalars,
     _write_tensorboard_event,
@@ -32,6 +31,7 @@ from lit_xf.callbacks import (
     resolve_peak_flops,
     top_kernels_table,
 )
+from lit_xf.tb_writer import ScalarEventProcess
 
 VOCAB, T = 32, 16
 
