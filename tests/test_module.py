@@ -14,6 +14,7 @@ from lit_xf import LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.model import GeluMLP, SwiGLU
+from lit_xf.module import compiled_token_cross_entropy, token_cross_entropy
 
 TRAINER = dict(
     accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -309,6 +310,32 @@ def test_compile_option_is_validated_and_cudagraphs_stays_eager_on_cpu(caplog):
         L.Trainer(max_steps=2, limit_val_batches=0, **TRAINER).fit(model, dm)
     assert model.model.compile_mode is None  # CUDA graphs need CUDA: eager here, and it said so
     assert any("needs a CUDA device" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_compiled_loss_equals_eager_and_compiled_models_use_it(reduction):
+    """The compiled cross-entropy (fused fp32 log-softmax over 16-bit logits) gives the eager
+    value and gradient, ignoring the -100 targets; a compiled LitTinyGPT trains with it."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    labels[0, :2] = labels[2, 4] = -100
+    results = []
+    for fn in (token_cross_entropy, compiled_token_cross_entropy):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, labels, reduction=reduction)
+        loss.backward()
+        results.append((loss.detach(), x.grad.float()))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    assert eager.dtype == compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-2, atol=1e-3)  # bf16 gradient
+    assert compiled_grad[0, :2].abs().max() == 0 and compiled_grad[1].abs().max() > 0
+
+    model = LitTinyGPT(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, compile="blocks")
+    assert model._cross_entropy is token_cross_entropy
+    L.Trainer(max_steps=1, limit_val_batches=0, **TRAINER).fit(model, _tiny_counting())
+    assert model._cross_entropy is compiled_token_cross_entropy
 
 
 def test_datamodule_moves_only_the_batch_tensors():
