@@ -1,7 +1,7 @@
 """TensorBoard scalar events written in a child process, so that the training thread pays only for
 queueing them.
 
-Writing an event in the training process costs its thread ~150 µs: building the protos,
+Writing an event in the training process costs its thread 100-170 µs: building the protos,
 serializing, and tensorboard's writer thread computing a pure-Python CRC-32C while it holds the
 GIL. ``ScalarEventProcess`` hands steps over in batches (one JSON line of ``[[step, wall_time,
 {tag: value}], ...]`` per batch) to this file run as a script, which writes them with tensorboard's
