@@ -44,7 +44,7 @@ fi
 # loops (+rows) attend across documents like a hand-written nanoGPT loop.
 GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+rows+compile_model,loop+rows+compile
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
-  --repeats 3 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
+  --repeats 5 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
@@ -67,5 +67,12 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     --name pack_fa4_gqa
   run causal_fa4 $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 1 --seq-lens 16384 \
     --kernels sdpa,fa4,auto --reps 20 --out "$OUT" --name causal_fa4
+  # short documents (gpt2_124m's BPE fortunes average 34 tokens): ~35k tokens in one packed row
+  for dm in 1024:32 512:64 256:128 128:256; do
+    run "pack_short_docs_${dm#*:}" $BENCH packing --kernels fa4,flex,xformers --heads 12 --head-dim 64 \
+      --docs "${dm%:*}" --mean-len "${dm#*:}" --reps 20 --out "$OUT" --name "pack_short_docs_${dm#*:}"
+  done
+  has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
+    --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
 fi
 exit 0
