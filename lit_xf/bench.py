@@ -473,7 +473,7 @@ def _compile_mode(parts: set[str]) -> str | bool:
 
 def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
     """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
-    from lit_xf.module import LitTinyGPT, compiled_token_cross_entropy, param_groups, token_cross_entropy, warmup_cosine
+    from lit_xf.module import LitTinyGPT, adamw, compiled_token_cross_entropy, token_cross_entropy, warmup_cosine
 
     rows = "rows" in parts
     lit = LitTinyGPT(**(model_kwargs | ({"attention": "sdpa"} if rows else {})))  # the Lightning runs' initialization
@@ -482,13 +482,8 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     if _compile_mode(parts):  # the loss compiled too, as in nanoGPT (whose compiled model returns it)
         model.compile_model(_compile_mode(parts))
         loss_fn = compiled_token_cross_entropy
-    clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do: norm clipping; fused AdamW but under fp16
-    opt = torch.optim.AdamW(
-        param_groups(model, hp.weight_decay),
-        lr=hp.lr,
-        betas=tuple(hp.betas),
-        fused=device.type == "cuda" and not (clip and precision.startswith("16")),
-    )
+    clip = trainer_cfg.get("gradient_clip_val")  # as the Lightning runs do: norm clipping
+    opt = adamw(model, hp.lr, hp.betas, hp.weight_decay, device, scaled_clipping=bool(clip) and precision == "16-mixed")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio)
     )

@@ -97,6 +97,7 @@ def env_report(
     """Versions, the device, and for every mask case which attention kernels run and which one
     ``auto`` picks, with the reason each other kernel can't run."""
     from lit_xf.attention import (
+        AUTO_FA4_MIN_ROW_LEN,
         AUTO_PREFERENCE,
         KERNEL_NAMES,
         AutoAttention,
@@ -176,6 +177,7 @@ def env_report(
         for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
             case = f"{'packed' if packed else 'causal'}{' GQA' if gqa else ''}{' ALiBi' if alibi else ''}"
             lines.append(f"  {case:20s} {' > '.join(order)}")
+        lines.append(f"  causal rows of {AUTO_FA4_MIN_ROW_LEN}+ tokens (MHA, no ALiBi): fa4 first")
     return "\n".join(lines)
 
 

@@ -232,17 +232,10 @@ class LitTinyGPT(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # Fused AdamW, except when clipping under a GradScaler ("16-mixed"): it unscales inside its
-        # kernel, after the clipping would have needed unscaled gradients.
         scaled_clipping = (
             self._trainer is not None and bool(self.trainer.gradient_clip_val) and _has_scaler(self.trainer)
         )
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, hp.weight_decay),
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=self.device.type == "cuda" and not scaled_clipping,
-        )
+        optimizer = adamw(self.model, hp.lr, hp.betas, hp.weight_decay, self.device, scaled_clipping)
         total = max(1, self.trainer.estimated_stepping_batches) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
@@ -359,6 +352,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    device: torch.device,
+    scaled_clipping: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``, fused on CUDA, except when gradients are clipped under a
+    GradScaler ("16-mixed"): the fused kernel unscales inside, after clipping needed them unscaled."""
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay),
+        lr=lr,
+        betas=tuple(betas),
+        fused=device.type == "cuda" and not scaled_clipping,
+    )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

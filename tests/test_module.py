@@ -14,7 +14,7 @@ from lit_xf import LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.model import GeluMLP, SwiGLU
-from lit_xf.module import compiled_token_cross_entropy, token_cross_entropy
+from lit_xf.module import adamw, compiled_token_cross_entropy, token_cross_entropy
 
 TRAINER = dict(
     accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -397,3 +397,15 @@ def test_fused_adamw_is_clipped_without_a_grad_scaler(algorithm):
     torch.testing.assert_close(fused_seen, plain_seen)
     for a, b in zip(fused_params, plain_params, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_is_fused_on_cuda_unless_clipping_under_a_grad_scaler():
+    model = TinyGPT(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    fused = {
+        (device, scaled): adamw(model, 1e-3, (0.9, 0.95), 0.1, torch.device(device), scaled).defaults["fused"]
+        for device in ("cpu", "cuda")
+        for scaled in (False, True)
+    }
+    assert fused == {("cpu", False): False, ("cpu", True): False, ("cuda", False): True, ("cuda", True): False}
+    groups = adamw(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu")).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
