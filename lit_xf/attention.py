@@ -211,6 +211,12 @@ class AttentionKernel:
                 f"Kernels that can: {', '.join(ok) or 'none'}."
             )
 
+    def dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why this kernel can't compute in ``dtype``, or ``None`` if it can."""
+        if self.dtypes is None or dtype in self.dtypes:
+            return None
+        return f"runs {'/'.join(_SHORT_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)} only, not {dtype}"
+
     def prepare(
         self,
         layout: DocLayout,
@@ -222,11 +228,11 @@ class AttentionKernel:
         dtype: torch.dtype,
         device,
     ) -> AttentionContext:
-        if self.dtypes is not None and dtype not in self.dtypes:
-            names = "/".join(_SHORT_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
+        problem = self.dtype_problem(dtype)
+        if problem is not None:
             raise ValueError(
-                f"attention={self.name!r} runs {names} only, got {dtype}: train with precision "
-                "'bf16-mixed' or '16-mixed', or choose attention='auto'"
+                f"attention={self.name!r} {problem}: train with precision 'bf16-mixed' or '16-mixed', "
+                "or choose attention='auto'"
             )
         ctx = AttentionContext(self, layout, position_ids, slopes)
         ctx.bias = self._bias(ctx, n_heads=n_heads, dtype=dtype, device=device)
@@ -661,9 +667,7 @@ class AutoAttention(AttentionKernel):
 
     def _why_not(self, name: str, config: dict, dtype: torch.dtype | None) -> str | None:
         kernel = self._kernels[name]
-        if dtype is not None and kernel.dtypes is not None and dtype not in kernel.dtypes:
-            return f"runs {'/'.join(str(d).removeprefix('torch.') for d in kernel.dtypes)} only, not {dtype}"
-        return kernel.support(**config)
+        return (dtype is not None and kernel.dtype_problem(dtype)) or kernel.support(**config)
 
     def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None, dtype=None) -> str:
         device = torch.device(device)

@@ -789,11 +789,11 @@ def test_fa4_is_refused_clearly_where_it_cannot_run():
     with pytest.raises(ValueError, match="attention='fa4' can't run"):
         kernel.check(device="cpu", n_heads=4, n_kv_heads=2, alibi=False, training=True)
     layout = DocLayout([[3, 5], [8]], 8)
-    with pytest.raises(ValueError, match="fp16/bf16 only"):
+    with pytest.raises(ValueError, match="attention='fa4' runs fp16/bf16 only, not torch.float32: train with"):
         kernel.prepare(layout, None, None, n_heads=4, n_kv_heads=2, dtype=torch.float32, device="cpu")
     # auto never picks a kernel whose dtypes exclude the batch's
     config = dict(device=torch.device("cpu"), n_heads=4, n_kv_heads=4, alibi=False, training=True, seq_len=8)
-    assert attn.make_kernel("auto")._why_not("fa4", config, torch.float32).startswith("runs float16/bfloat16 only")
+    assert attn.make_kernel("auto")._why_not("fa4", config, torch.float32) == "runs fp16/bf16 only, not torch.float32"
 
 
 def test_fa4_varlen_segments_cover_rows_and_padding():
