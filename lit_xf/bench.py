@@ -20,6 +20,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ import lightning as L
 import torch
 
 from lit_xf.attention import KERNEL_NAMES, DocLayout, alibi_slopes, make_kernel
+from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 # Relative-error tolerance per dtype for the correctness matrix (outputs and gradients).
@@ -373,7 +375,8 @@ def bench_train(args) -> list[dict]:
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
     runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest).
-    MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. Per-step losses go to
+    MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps A:B``
+    profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``). Per-step losses go to
     ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference from the first
     variant's (same data, same initialization)."""
     import yaml
@@ -395,9 +398,15 @@ def bench_train(args) -> list[dict]:
     device = torch.device(args.device)
     peak = resolve_peak_flops(device, precision)
     parsed = {variant: _parse_variant(variant) for variant in args.variants}  # bad names fail before any run
+    if args.profile_steps and args.profile_steps[1] > args.warmup_steps:
+        raise ValueError(
+            f"--profile-steps {args.profile_steps[0]}:{args.profile_steps[1]} must end by --warmup-steps "
+            f"{args.warmup_steps}: the profiled steps are slower, and timed steps must not include them"
+        )
     results: dict[str, list[dict]] = {variant: [] for variant in args.variants}
     peaks: dict[str, int | None] = {}
-    for _ in range(args.repeats):  # interleaved: drifts in clocks and host load hit every variant alike
+    profiles: dict[str, dict] = {}
+    for repeat in range(args.repeats):  # interleaved: drifts in clocks and host load hit every variant alike
         for variant in args.variants:
             torch.manual_seed(0)
             torch.compiler.reset()  # each run compiles its own model (no stale graphs or CUDA-graph trees)
@@ -406,8 +415,11 @@ def bench_train(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             base, parts = parsed[variant]
             run = _hand_loop if base == "loop" else _lightning_run
-            results[variant].append(run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device))
+            window = ProfileWindow(args.profile_steps if repeat == 0 else None, device)
+            results[variant].append(run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window))
             peaks[variant] = round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None
+            if window.result is not None:
+                profiles[variant] = window.result
     rows, curves = [], {}
     tokens = dm.hparams.batch_size * dm.hparams.seq_len
     for variant in args.variants:
@@ -440,6 +452,11 @@ def bench_train(args) -> list[dict]:
         r["vs_loop"] = round(r["tokens_per_s"] / base, 3) if base else None
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name or 'train'}_losses.json").write_text(json.dumps(curves))
+    if profiles:
+        for r in rows:
+            busy = profiles.get(r["variant"], {}).get("gpu_busy_frac")
+            r["profiled_gpu_busy"] = round(busy, 4) if busy is not None else None
+        (args.out / f"{args.name or 'train'}_profile.json").write_text(json.dumps(profiles, indent=1))
     return rows
 
 
@@ -471,7 +488,7 @@ def _compile_mode(parts: set[str]) -> str | bool:
     return next((mode for part, mode in _COMPILE_PARTS.items() if part in parts), False)
 
 
-def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window) -> dict:
     """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
     from lit_xf.module import LitTinyGPT, adamw, compiled_token_cross_entropy, token_cross_entropy, warmup_cosine
 
@@ -493,6 +510,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     real = flops = 0
     t0, losses, start = None, [], time.perf_counter()
     for step in range(args.steps):
+        window.at_step(step)
         if step == args.warmup_steps:
             _sync(device)
             t0 = time.perf_counter()
@@ -514,6 +532,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         if t0 is not None:
             real += batch["stats"]["real_tokens"]
             flops += lit.flops_per_batch(batch if not rows else _as_full_rows(batch))
+    window.finish()
     _sync(device)
     timed = time.perf_counter() - t0
     return dict(
@@ -532,7 +551,7 @@ def _as_full_rows(batch: dict) -> dict:
     return batch | {"doc_lens": [[T]] * B}
 
 
-def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device) -> dict:
+def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window) -> dict:
     import tempfile
 
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -540,7 +559,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
     from lit_xf.module import LitTinyGPT
 
-    clock = _StepClock(args.warmup_steps, device)
+    clock = _StepClock(args.warmup_steps, device, window)
     monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
     if "timer" in parts:
         monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
@@ -576,8 +595,8 @@ class _StepClock(L.Callback):
     """Synchronized host time from the start of step ``warmup`` to the end of training, the real
     tokens and FLOPs of the timed steps, and every step's loss (kept on the device until the end)."""
 
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.t0, self.seconds = warmup, device, None, 0.0
+    def __init__(self, warmup: int, device: torch.device, window: ProfileWindow):
+        self.warmup, self.device, self.window, self.t0, self.seconds = warmup, device, window, None, 0.0
         self.real_tokens = self.flops = 0
         self.losses: list[torch.Tensor] = []
 
@@ -585,6 +604,7 @@ class _StepClock(L.Callback):
         self.start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.window.at_step(trainer.global_step)
         if trainer.global_step == self.warmup and self.t0 is None:
             _sync(self.device)
             self.t0 = time.perf_counter()
@@ -596,8 +616,92 @@ class _StepClock(L.Callback):
         self.losses.append(outputs["loss"].detach())
 
     def on_train_end(self, trainer, pl_module):
+        self.window.finish()
         _sync(self.device)
         self.seconds = time.perf_counter() - self.t0
+
+
+# Kernel groups of a profiled window: the first pattern that matches a kernel's name (case-insensitive).
+KERNEL_GROUPS = (
+    ("attention", ATTENTION_KERNEL_PATTERN),
+    ("gemm", r"gemm|nvjet|cublas|xmma|cutlass"),
+    ("loss", r"softmax|cross_entropy|nll"),
+    ("norm", r"norm"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("memcpy/memset", r"^memcpy|^memset"),
+)
+
+
+class ProfileWindow:
+    """``torch.profiler`` over steps ``[start, stop)`` of one run (``--profile-steps``): wall time,
+    GPU kernel time, the time the GPU is busy (union of kernel intervals; the rest of the wall time
+    it waits for the host) and kernel time per ``KERNEL_GROUPS`` group, all per step. Synchronizes
+    at both ends. ``steps=None``: does nothing."""
+
+    def __init__(self, steps: tuple[int, int] | None, device: torch.device):
+        self.steps, self.device = steps, device
+        self.result: dict | None = None
+        self._profiler = None
+
+    def at_step(self, step: int) -> None:
+        """Call at the start of every step."""
+        if self.steps is None or self.result is not None:
+            return
+        if self._profiler is not None:
+            self._last = step
+        if step == self.steps[0] and self._profiler is None:
+            kinds = torch.profiler.ProfilerActivity
+            activities = [kinds.CPU] + ([kinds.CUDA] if self.device.type == "cuda" else [])
+            _sync(self.device)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.start()
+            self._t0, self._first, self._last = time.perf_counter(), step, step
+        elif step >= self.steps[1] and self._profiler is not None:
+            self.finish(step)
+
+    def finish(self, step: int | None = None) -> None:
+        """Close the window at ``step`` (or at the end of the run) and summarize it."""
+        if self._profiler is None:
+            return
+        _sync(self.device)
+        wall_ms = (time.perf_counter() - self._t0) * 1e3
+        self._profiler.stop()
+        n = max(1, (step if step is not None else self._last + 1) - self._first)
+        kernels = _kernel_intervals(self._profiler)
+        self._profiler = None
+        self.result = {"steps": [self._first, self._first + n], "wall_ms_per_step": wall_ms / n}
+        if not kernels:
+            return  # no device kernels (CPU)
+        busy = end = 0.0
+        groups: dict[str, float] = {}
+        names: dict[str, float] = {}
+        for name, start, dur in sorted(kernels, key=lambda k: k[1]):
+            busy += max(0.0, start + dur - max(start, end))
+            end = max(end, start + dur)
+            group = next((g for g, pattern in KERNEL_GROUPS if re.search(pattern, name, re.I)), "other")
+            groups[group] = groups.get(group, 0.0) + dur
+            names[name] = names.get(name, 0.0) + dur
+        self.result |= {
+            "gpu_kernel_ms_per_step": sum(groups.values()) / 1e3 / n,
+            "gpu_busy_ms_per_step": busy / 1e3 / n,
+            "gpu_busy_frac": busy / 1e3 / wall_ms,
+            "kernel_ms_per_step": {g: round(v / 1e3 / n, 3) for g, v in sorted(groups.items(), key=lambda x: -x[1])},
+            "top_kernels_ms_per_step": [
+                (k[:100], round(v / 1e3 / n, 3)) for k, v in sorted(names.items(), key=lambda x: -x[1])[:10]
+            ],
+        }
+
+
+def _kernel_intervals(profiler) -> list[tuple[str, float, float]]:
+    """(name, start µs, duration µs) of every device kernel, copy and memset the profiler recorded."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    device_kinds = ("kernel", "gpu_memcpy", "gpu_memset")
+    return [(e["name"], float(e["ts"]), float(e["dur"])) for e in events if e.get("cat") in device_kinds and "dur" in e]
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,6 +838,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _step_range(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        if sep and 0 <= int(start) < int(stop):
+            return int(start), int(stop)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected START:STOP with 0 <= START < STOP, got {text!r}")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -789,6 +903,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--variants", type=lambda s: s.split(","), default=["loop", "lightning", "lit_xf"])
     t.add_argument("--repeats", type=_positive_int, default=1, help="runs per variant, interleaved; median reported")
+    t.add_argument(
+        "--profile-steps",
+        type=_step_range,
+        default=None,
+        metavar="A:B",
+        help="torch.profiler over steps A..B-1 of each variant's first run (within the warm-up): GPU busy "
+        "fraction, kernel time by group -> <name>_profile.json",
+    )
     t.add_argument("--out", type=Path, default=Path("bench_results"))
     t.add_argument("--name", default=None)
 

@@ -48,7 +48,7 @@ has train && run train_counting $BENCH train --config configs/counting.yaml --ou
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
-  --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
+  --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()

@@ -118,6 +118,52 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
         _bench_cpu("train", f"--config {config} --repeats 0", tmp_path)
 
 
+def test_train_bench_profiles_a_window_inside_the_warmup(tmp_path):
+    """``--profile-steps A:B`` profiles steps A..B-1 of each variant's first run and writes the
+    window's per-step figures (a CPU has no device kernels: wall time only); a window past the
+    warm-up or a malformed one is refused."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
+        "       counting_length: 8, counting_documents: 400}\n"
+        "trainer: {precision: 32-true}\n"
+    )
+    flags = f"--config {config} --steps 6 --warmup-steps 4 --profile-steps 1:3 --variants loop,lit_xf"
+    assert _bench_cpu("train", flags, tmp_path) == 0
+    profiles = json.loads((tmp_path / "train_profile.json").read_text())
+    assert set(profiles) == {"loop", "lit_xf"}
+    for window in profiles.values():
+        assert window["steps"] == [1, 3] and window["wall_ms_per_step"] > 0
+        assert "gpu_busy_frac" not in window  # no CUDA kernels on a CPU
+    with pytest.raises(ValueError, match="must end by --warmup-steps 4"):
+        _bench_cpu("train", f"--config {config} --steps 6 --warmup-steps 4 --profile-steps 2:5", tmp_path)
+    for bad in ("3:3", "x:4", "5"):
+        with pytest.raises(SystemExit):
+            _bench_cpu("train", f"--config {config} --profile-steps {bad}", tmp_path)
+
+
+def test_profile_window_kernel_time_busy_union_and_groups(monkeypatch):
+    """Busy time is the union of kernel intervals (overlaps count once); groups by name."""
+    kernels = [
+        ("flash_fwd_kernel", 0.0, 100.0),
+        ("nvjet_sm90_gemm", 50.0, 90.0),  # overlaps the first: busy 0-140
+        ("triton_red_fused_layer_norm", 300.0, 50.0),  # idle 140-300
+        ("Memcpy HtoD (Pinned -> Device)", 400.0, 10.0),
+    ]
+    monkeypatch.setattr(bench, "_kernel_intervals", lambda profiler: kernels)
+    window = bench.ProfileWindow((0, 2), bench.torch.device("cpu"))
+    window.at_step(0)
+    window.at_step(1)
+    window.at_step(2)
+    r = window.result
+    assert r["steps"] == [0, 2]
+    assert r["gpu_kernel_ms_per_step"] == pytest.approx(250 / 1e3 / 2)
+    assert r["gpu_busy_ms_per_step"] == pytest.approx(200 / 1e3 / 2)
+    assert r["kernel_ms_per_step"] == {"attention": 0.05, "gemm": 0.045, "norm": 0.025, "memcpy/memset": 0.005}
+    assert r["gpu_busy_frac"] > 0 and r["top_kernels_ms_per_step"][0] == ("flash_fwd_kernel", 0.05)
+
+
 def test_curves_render_tensorboard_runs(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
