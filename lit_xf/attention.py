@@ -496,8 +496,7 @@ class Fa4Attention(AttentionKernel):
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
     keeps a call inside its graph. Nothing in a call changes with the batch's documents but the
     values of ``cu_seqlens``: its length is bucketed to a power of two (padded with zero-length
-    segments) and ``max_seqlen`` is the row length T, so new packed batches reuse compiled graphs
-    (and CUDA graphs)."""
+    segments) and ``max_seqlen`` is the row length T, so new packed batches reuse compiled graphs."""
 
     name = "fa4"
     dtypes = (torch.float16, torch.bfloat16)

@@ -375,10 +375,10 @@ def bench_train(args) -> list[dict]:
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
     runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest).
-    MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps A:B``
-    profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``). Per-step losses go to
-    ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference from the first
-    variant's (same data, same initialization)."""
+    MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps
+    A:B`` profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``).
+    Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference
+    from the first variant's (same data, same initialization)."""
     import yaml
 
     from lit_xf.callbacks import resolve_peak_flops
