@@ -489,17 +489,29 @@ def _flex_block_mask(layout: DocLayout, device: torch.device):
 class Fa4Attention(AttentionKernel):
     """FlashAttention-4 (``flash-attn-4``, CuTe DSL kernels JIT-compiled per shape; Hopper and
     Blackwell): rows of one document as a dense causal batch, block-diagonal rows flattened to
-    ``[B·T]`` tokens under cumulative segment lengths (varlen; padding is one more segment). Native
-    GQA. fp16/bf16 only. No ALiBi: its ``score_mod`` backward gave NaN gradients with GQA
-    (4.0.0b36, docs/attention.md).
+    ``[B·T]`` tokens as varlen sequences (``Fa4Varlen``; padding is one more segment). Native GQA.
+    fp16/bf16 only. No ALiBi: its ``score_mod`` backward gave NaN gradients with GQA (4.0.0b36,
+    docs/attention.md).
+
+    FA4 gives every varlen sequence tiles of its own (128 query rows or more), so a 30-token
+    document fills a quarter of one. Causal rows of short documents therefore run grouped:
+    consecutive segments share sequences of up to ``FA4_GROUP_TOKENS`` tokens, a CuTe mask keeping
+    attention inside each segment. ``grouping="auto"`` groups where that needs fewer tiles
+    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan.
 
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
-    keeps a call inside its graph. Nothing in a call changes with the batch's documents but the
-    values of ``cu_seqlens``: its length is bucketed to a power of two (padded with zero-length
-    segments) and ``max_seqlen`` is the row length T, so new packed batches reuse compiled graphs."""
+    keeps a call inside its graph. Nothing in a call changes with the batch's documents but tensor
+    values: ``cu_seqlens``' length is bucketed to a power of two (padded with zero-length
+    sequences) and ``max_seqlen`` is the row length T, so new packed batches reuse compiled graphs."""
 
     name = "fa4"
     dtypes = (torch.float16, torch.bfloat16)
+    GROUPINGS = ("auto", "grouped", "per_document")
+
+    def __init__(self, grouping: str = "auto"):
+        if grouping not in self.GROUPINGS:
+            raise ValueError(f"fa4 grouping={grouping!r}; choose one of {', '.join(self.GROUPINGS)}")
+        self.grouping = grouping
 
     def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
         if torch.device(device).type != "cuda":
@@ -514,63 +526,134 @@ class Fa4Attention(AttentionKernel):
     def _bias(self, ctx, *, n_heads, dtype, device):
         if not ctx.layout.block_diagonal:
             return None
-        return fa4_cu_seqlens(ctx.layout.segment_lens()).to(device, non_blocking=True)
+        return fa4_varlen(ctx.layout, self.grouping).to(device)
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
         causal = ctx.layout.causal
         if ctx.bias is None:
-            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, q_BTHK.shape[1], causal)[0]
+            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, None, q_BTHK.shape[1], causal)[0]
         B, T, H, K = q_BTHK.shape
         G = k_BTGK.shape[2]
         q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
-        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, ctx.bias, T, causal)[0]
+        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, ctx.bias.cu_seqlens, ctx.bias.seg_pos, T, causal)[0]
         return out_NHK.view(B, T, H, K)
 
+    def __repr__(self) -> str:
+        return f"Fa4Attention(grouping={self.grouping!r})"
 
-def fa4_cu_seqlens(segment_lens: list[list[int]]) -> torch.Tensor:
-    """int32 ``[0, n₁, n₁+n₂, …]`` over all rows' segments, then repeats of the total (zero-length
-    segments) up to the next power of two entries, so the tensor's length takes few values."""
-    ends = [0, *itertools.accumulate(n for row in segment_lens for n in row)]
-    size = 1 << (len(ends) - 1).bit_length()
-    return torch.tensor(ends + [ends[-1]] * (size - len(ends)), dtype=torch.int32)
+
+# Hopper's FA4 backward tile for head dim ≤ 64 is 128×128 (forward: 192 query rows × 128 keys):
+# a grouped sequence of up to 128 tokens takes one tile each way.
+FA4_GROUP_TOKENS = 128
+# Group when that needs at most this fraction of the tiles of one sequence per segment: grouped
+# tiles apply the CuTe mask to every score, per-segment tiles only on the diagonal.
+FA4_GROUPED_TILE_RATIO = 0.7
+
+
+@dataclass(frozen=True)
+class Fa4Varlen:
+    """Block-diagonal rows for FA4, flattened to N = B·T tokens. ``cu_seqlens`` (int32, bucketed
+    by ``bucketed_bounds``) bounds the sequences FA4 runs: each segment alone (``seg_pos`` None;
+    FA4's causal mask), or consecutive segments grouped (``seg_pos`` int32 [N]: each token's
+    position in its segment, read by the CuTe mask ``lit_xf.fa4_mask.segment_causal``)."""
+
+    cu_seqlens: torch.Tensor
+    seg_pos: torch.Tensor | None = None
+
+    def to(self, device) -> Fa4Varlen:
+        if self.seg_pos is None:
+            return Fa4Varlen(self.cu_seqlens.to(device, non_blocking=True))
+        both = torch.cat([self.cu_seqlens, self.seg_pos]).to(device, non_blocking=True)  # one copy
+        n = len(self.cu_seqlens)
+        return Fa4Varlen(both[:n], both[n:])
+
+
+def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
+    """FA4's varlen sequences for a block-diagonal layout, built on the host: grouped for causal
+    rows where ``grouping`` is "grouped", or "auto" and ``fa4_grouping_pays``; else one per segment."""
+    segments = [n for row in layout.segment_lens() for n in row]
+    group = layout.causal and (grouping == "grouped" or (grouping == "auto" and fa4_grouping_pays(segments)))
+    if not group:
+        return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
+    lens = torch.tensor(segments)
+    starts = torch.cumsum(lens, 0) - lens
+    seg_pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
+    return Fa4Varlen(bucketed_bounds(group_bounds(segments)), seg_pos.to(torch.int32))
+
+
+def group_bounds(segments: list[int], group_tokens: int = FA4_GROUP_TOKENS) -> list[int]:
+    """Token boundaries ``[0, …, N]`` of consecutive segments grouped greedily into sequences of at
+    most ``group_tokens`` tokens; a longer segment is a sequence of its own. Never splits one."""
+    bounds, filled, total = [0], 0, 0
+    for n in segments:
+        if filled and filled + n > group_tokens:
+            bounds.append(total)
+            filled = 0
+        filled += n
+        total += n
+    bounds.append(total)
+    return bounds
+
+
+def fa4_grouping_pays(segments: list[int], group_tokens: int = FA4_GROUP_TOKENS) -> bool:
+    """Whether grouped sequences need at most ``FA4_GROUPED_TILE_RATIO`` × the 128×128 tiles of
+    one causal sequence per segment (m(m+1)/2 tiles for m = ⌈n/128⌉). A grouped sequence skips no
+    tile above its diagonal (m² tiles), so grouping a long document alone costs up to 2×."""
+
+    def blocks(n: int) -> int:
+        return -(-n // group_tokens)
+
+    alone = sum(blocks(n) * (blocks(n) + 1) // 2 for n in segments)
+    bounds = group_bounds(segments, group_tokens)
+    grouped = sum(blocks(b - a) ** 2 for a, b in itertools.pairwise(bounds))
+    return grouped <= FA4_GROUPED_TILE_RATIO * alone
+
+
+def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
+    """int32 ``bounds``, then repeats of the total (zero-length sequences) up to the next power of
+    two entries (at least 4), so the tensor's length takes few values."""
+    size = max(4, 1 << (len(bounds) - 1).bit_length())
+    return torch.tensor(bounds + [bounds[-1]] * (size - len(bounds)), dtype=torch.int32)
 
 
 # FA4 as two custom ops: torch.compile sees one opaque op per call (no graph break, no guards on the
 # batch's layout), and autograd pairs them. q/k/v are [B, T, H|G, K] (dense, cu_seqlens None) or
 # [N, H|G, K] tokens under cu_seqlens; lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every
-# segment (the row length T).
+# sequence (the row length T). seg_pos (int32 [N], see Fa4Varlen) marks grouped sequences: FA4
+# then masks with lit_xf.fa4_mask.segment_causal instead of its causal mask.
+def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal) -> dict:
+    kw = dict(causal=causal)
+    if cu_seqlens is not None:
+        kw.update(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    if seg_pos is not None:
+        from lit_xf.fa4_mask import segment_causal
+
+        kw.update(causal=False, mask_mod=segment_causal, aux_tensors=[seg_pos])
+    return kw
+
+
 @torch.library.custom_op("lit_xf::fa4_forward", mutates_args=(), device_types="cuda")
 def fa4_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ/√K, causal per segment) v and its row-wise log-sum-exp."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
+    attend = flash_attn_func if cu_seqlens is None else flash_attn_varlen_func
     with torch.no_grad():
-        if cu_seqlens is None:
-            out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
-        else:
-            out, lse = flash_attn_varlen_func(
-                q,
-                k,
-                v,
-                cu_seqlens_q=cu_seqlens,
-                cu_seqlens_k=cu_seqlens,
-                max_seqlen_q=max_seqlen,
-                max_seqlen_k=max_seqlen,
-                causal=causal,
-                return_lse=True,
-            )
+        out, lse = attend(q, k, v, return_lse=True, **kw)
     return out, lse
 
 
 @fa4_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal):
+def _(q, k, v, cu_seqlens, seg_pos, max_seqlen, causal):
     # FA4 allocates both contiguous, whatever q's strides
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
@@ -585,36 +668,33 @@ def fa4_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of ``fa4_forward`` (FA4's own backward kernel)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    varlen = {}
-    if cu_seqlens is not None:
-        varlen = dict(
-            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen
-        )
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=causal, **varlen)[:3]
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, **kw)[:3]
     return dq, dk, dv
 
 
 @fa4_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    q, k, v, cu_seqlens, seg_pos, max_seqlen, causal = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos)
     ctx.max_seqlen, ctx.causal = max_seqlen, causal
 
 
 def _fa4_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
+    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
+    return dq, dk, dv, None, None, None, None
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)

@@ -30,7 +30,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_xf.attention import KERNEL_NAMES, DocLayout, alibi_slopes, make_kernel
+from lit_xf.attention import (
+    KERNEL_NAMES,
+    AttentionKernel,
+    DocLayout,
+    Fa4Attention,
+    Fa4Varlen,
+    alibi_slopes,
+    make_kernel,
+)
 from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -96,7 +104,7 @@ def fwd_bwd_case(
 
     q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
     do = torch.randn(B, T, n_heads, head_dim, generator=g, device=device, dtype=dtype)
-    kernel = make_kernel(kernel_name)
+    kernel = bench_kernel(kernel_name)
     position_ids = layout.position_ids(device)
     slopes = alibi_slopes(n_heads).to(device) if alibi else None
 
@@ -170,10 +178,21 @@ def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_kernel(name: str) -> AttentionKernel:
+    """``make_kernel(name)``, plus the fa4 plans as kernels of their own: ``fa4:grouped`` and
+    ``fa4:per_document`` (``Fa4Attention``'s grouping of short documents forced on or off)."""
+    base, _, grouping = name.partition(":")
+    if not grouping:
+        return make_kernel(name)
+    if base != "fa4":
+        raise ValueError(f"kernel {name!r}: only fa4 has variants (fa4:grouped, fa4:per_document)")
+    return Fa4Attention(grouping)
+
+
 def _run_case(name, layout, args, dtype, device) -> dict:
     kv_heads = args.kv_heads or args.heads
     reason = (
-        make_kernel(name).support(
+        bench_kernel(name).support(
             device=device,
             n_heads=args.heads,
             n_kv_heads=kv_heads,
@@ -193,6 +212,9 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         ms, peak = measure(step, device, args.warmup, args.reps)
         prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
         chosen = ctx.kernel.name
+        plan = ""
+        if isinstance(ctx.bias, Fa4Varlen):  # which fa4 plan ran the packed rows
+            plan = "documents grouped" if ctx.bias.seg_pos is not None else "one sequence per document"
         del step, ctx
     except torch.OutOfMemoryError:
         return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")
@@ -207,7 +229,7 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         tflops=round(tflops, 1),
         peak_mib=None if math.isnan(peak) else round(peak, 1),
         prepare_ms=round(prep_ms, 3),
-        note="" if name != "auto" else f"auto → {chosen}",
+        note=plan if name != "auto" else f"auto → {chosen} {plan}".strip(),
     )
 
 
@@ -244,7 +266,7 @@ def run_kernel(name: str, layout: DocLayout, inputs: list[torch.Tensor], dtype, 
     """Forward + backward of kernel ``name`` on ``inputs`` cast to ``dtype``: (out, dq, dk, dv)."""
     q, k, v = (x.detach().to(dtype, copy=True).requires_grad_() for x in inputs[:3])
     H, kv = q.shape[2], k.shape[2]
-    kernel = make_kernel(name)
+    kernel = bench_kernel(name)
     slopes = alibi_slopes(H).to(q.device) if alibi else None
     ctx = kernel.prepare(
         layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=kv, dtype=dtype, device=q.device
@@ -277,7 +299,7 @@ def bench_correctness(args) -> list[dict]:
 
 def _check(name, layout, inputs, ref, dtype, alibi, real) -> dict:
     H, kv = inputs[0].shape[2], inputs[1].shape[2]
-    reason = make_kernel(name).support(
+    reason = bench_kernel(name).support(
         device=inputs[0].device, n_heads=H, n_kv_heads=kv, alibi=alibi, training=True, seq_len=layout.seq_len
     )
     if reason:
@@ -323,7 +345,8 @@ def bench_packing(args) -> list[dict]:
     }
     real = sum(lens)
     rows = []
-    for mode, layout in layouts.items():
+    for mode in args.modes:
+        layout = layouts[mode]
         for name in args.kernels:
             row = dict(
                 mode=mode,
@@ -348,7 +371,7 @@ def bench_packing(args) -> list[dict]:
 def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 5) -> float:
     """Median time to build the mask of a *new* batch of the same shape (documents reordered):
     what each training step pays, recompilation included."""
-    kernel = make_kernel(name)
+    kernel = bench_kernel(name)
     g = torch.Generator().manual_seed(1)
     times = []
     for _ in range(batches + 1):
@@ -857,10 +880,18 @@ def _positive_int(text: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = text.split(",")
-    bad = [n for n in names if n not in KERNEL_NAMES]
+    known = (*KERNEL_NAMES, *(f"fa4:{g}" for g in Fa4Attention.GROUPINGS[1:]))
+    bad = [n for n in names if n not in known]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(KERNEL_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(known)}")
     return names
+
+
+def _packing_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    if not modes or any(m not in ("padded", "packed") for m in modes):
+        raise argparse.ArgumentTypeError(f"modes {text!r}: padded, packed or padded,packed")
+    return modes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -925,6 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--mean-len", type=float, default=422)
     k.add_argument("--max-len", type=int, default=2048)
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument(
+        "--modes", type=_packing_modes, default=["padded", "packed"], help="padded, packed or both (default)"
+    )
     return p
 
 

@@ -34,6 +34,7 @@ from lit_xf.attention import (
     dense_bias_bytes,
     make_kernel,
 )
+from lit_xf.bench import bench_kernel
 from lit_xf.model import TinyGPT, rope_rotate
 
 CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex", "fa4"}
@@ -159,7 +160,7 @@ def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = Tr
     real = real_mask(doc_lens, T_, q.device)[:, :, None, None]
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * real.cpu()
 
-    kernel = make_kernel(name)
+    kernel = bench_kernel(name)  # a kernel name, or an fa4 plan ("fa4:grouped")
     leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
     with torch.set_grad_enabled(grad):
         ctx = kernel.prepare(
@@ -738,13 +739,13 @@ def test_auto_prefers_fa4_for_long_mha_rows_only(monkeypatch):
     assert auto.choose(**config, seq_len=short) == "sdpa"
 
 
-def test_fa4_cu_seqlens_bucket_lengths_with_empty_segments():
-    cu = attn.fa4_cu_seqlens([[3, 4], [7]])
+def test_fa4_bucketed_bounds_pad_with_empty_sequences():
+    cu = attn.bucketed_bounds([0, 3, 7, 14])
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 7, 14]
-    cu = attn.fa4_cu_seqlens([[2, 2, 2, 2]])  # 5 boundaries -> 8 entries, the last 3 empty segments
-    assert cu.tolist() == [0, 2, 4, 6, 8, 8, 8, 8]
-    sizes = {len(attn.fa4_cu_seqlens([[1] * n])) for n in range(33, 64)}
-    assert sizes == {64}  # 33..63 documents share one length
+    assert attn.bucketed_bounds([0, 2, 4, 6, 8]).tolist() == [0, 2, 4, 6, 8, 8, 8, 8]  # 3 empty sequences
+    assert attn.bucketed_bounds([0, 5]).tolist() == [0, 5, 5, 5]  # at least 4 entries
+    sizes = {len(attn.bucketed_bounds(list(range(n + 1)))) for n in range(33, 64)}
+    assert sizes == {64}  # 33..63 sequences share one length
 
 
 def test_fa4_op_shapes_under_fake_tensors():
@@ -753,12 +754,16 @@ def test_fa4_op_shapes_under_fake_tensors():
 
     with FakeTensorMode():
         q, kv = torch.empty(64, 8, 32, dtype=torch.bfloat16), torch.empty(64, 2, 32, dtype=torch.bfloat16)
-        out, lse = attn.fa4_forward(q, kv, kv, torch.zeros(8, dtype=torch.int32), 32, True)
-        assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
+        cu, seg_pos = torch.zeros(8, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
+        for grouped in (None, seg_pos):
+            out, lse = attn.fa4_forward(q, kv, kv, cu, grouped, 32, True)
+            assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
+            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True)
+            assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
         q4, kv4 = q.view(2, 32, 8, 32), kv.view(2, 32, 2, 32)
-        out, lse = attn.fa4_forward(q4, kv4, kv4, None, 32, True)
+        out, lse = attn.fa4_forward(q4, kv4, kv4, None, None, 32, True)
         assert out.shape == q4.shape and lse.shape == (2, 8, 32)
-        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, 32, True)
+        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True)
         assert [g.shape for g in grads] == [q4.shape, kv4.shape, kv4.shape]
 
 
@@ -797,17 +802,89 @@ def test_fa4_is_refused_clearly_where_it_cannot_run():
 
 
 def test_fa4_varlen_segments_cover_rows_and_padding():
-    """The cumulative lengths fa4 gets for packed rows: documents, then each row's padding, as
-    segments of the flattened [B·T] tokens."""
-    kernel = attn.make_kernel("fa4")
+    """The sequences fa4 gets for packed rows: documents, then each row's padding, as segments of the
+    flattened [B·T] tokens; one sequence each, or grouped with each token's position in its segment."""
 
-    def bias(doc_lens):
+    def bias(doc_lens, grouping):
+        kernel = attn.Fa4Attention(grouping)
         ctx = attn.AttentionContext(kernel, DocLayout(doc_lens, 8), None, None)
         return kernel._bias(ctx, n_heads=2, dtype=torch.bfloat16, device="cpu")
 
-    cu = bias([[3, 5], [2], [8]])  # 5 segments -> 6 boundaries, bucketed to 8 entries
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 24, 24, 24]
-    assert bias([[8], [5]]) is None  # one document per row: dense causal
+    alone = bias([[3, 5], [2], [8]], "per_document")  # 5 segments -> 6 boundaries, bucketed to 8 entries
+    assert alone.seg_pos is None and alone.cu_seqlens.dtype == torch.int32
+    assert alone.cu_seqlens.tolist() == [0, 3, 8, 10, 16, 24, 24, 24]
+    grouped = bias([[3, 5], [2], [8]], "auto")  # 24 tokens: one group beats five sequences
+    assert grouped.cu_seqlens.tolist() == [0, 24, 24, 24]
+    assert grouped.seg_pos.dtype == torch.int32
+    assert grouped.seg_pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, *range(8)]
+    assert bias([[8], [5]], "auto") is None  # one document per row: dense causal
+    with pytest.raises(ValueError, match="fa4 grouping='tiles'; choose one of auto, grouped, per_document"):
+        attn.Fa4Attention("tiles")
+
+
+def fa4_allowed(plan: attn.Fa4Varlen, causal: bool) -> torch.Tensor:
+    """``[N, N]`` bool: what FA4 lets query i see under ``plan`` (the CuTe mask's rule, in Python):
+    keys of i's sequence, j ≤ i if causal, and within i's segment (i − j ≤ seg_pos[i]) if grouped."""
+    bounds = plan.cu_seqlens.tolist()
+    seq = torch.cat([torch.full((b - a,), s) for s, (a, b) in enumerate(itertools.pairwise(bounds))])
+    i = torch.arange(len(seq))
+    allowed = seq[:, None] == seq[None, :]
+    if causal:
+        allowed &= i[None, :] <= i[:, None]
+    if plan.seg_pos is not None:
+        allowed &= (i[:, None] - i[None, :]) <= plan.seg_pos.long()[:, None]
+    return allowed
+
+
+@pytest.mark.parametrize("grouping", ["grouped", "per_document", "auto"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
+    """Grouped or not, FA4's sequences and mask allow exactly the documents' block-diagonal
+    (causal) pairs, padding as its own block: random rows of short and long documents."""
+    gen = torch.Generator().manual_seed(3)
+    seq_len = 320
+    for trial in range(20):
+        rows = []
+        for _ in range(3):
+            lens, filled = [], 0
+            while filled < seq_len - 8:
+                n = int(torch.randint(1, 40 if trial % 2 else 200, (1,), generator=gen))
+                n = min(n, seq_len - filled - int(torch.randint(0, 8, (1,), generator=gen)))
+                if n < 1:
+                    break
+                lens.append(n)
+                filled += n
+            rows.append(lens or [seq_len])
+        layout = DocLayout(rows, seq_len, causal)
+        plan = attn.fa4_varlen(layout, grouping)
+        assert plan.seg_pos is None or (causal and grouping != "per_document")
+        assert torch.equal(fa4_allowed(plan, causal), block_causal_allowed(rows, seq_len, causal)), (trial, rows)
+
+
+def test_fa4_groups_never_split_a_segment():
+    segments = [30, 100, 1, 127, 128, 300, 5, 5, 120, 2]
+    bounds = attn.group_bounds(segments, 128)
+    assert bounds == [0, 30, 131, 258, 386, 686, 696, 818]  # 5 + 5 + 120 > 128
+    ends = set(itertools.accumulate(segments))
+    assert set(bounds[1:]) <= ends  # every boundary is a segment boundary
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    assert all(n <= 128 or n in segments for n in sizes)  # longer only for one long segment
+
+
+def test_fa4_groups_short_documents_only():
+    """Grouping counts 128×128 tiles: it pays for short documents, not for long ones (a grouped
+    sequence gets no causal tile skipping)."""
+    assert attn.fa4_grouping_pays([34] * 960 + [128])  # BPE fortunes-like rows: ~4 documents a tile
+    assert attn.fa4_grouping_pays(attn_lognormal(256, 32))
+    assert not attn.fa4_grouping_pays(attn_lognormal(256, 422))  # anchors.md's packed workload
+    assert not attn.fa4_grouping_pays([2048] * 8)
+    assert not attn.fa4_grouping_pays([100, 100, 100])  # no two fit a tile: nothing to gain
+
+
+def attn_lognormal(n_docs: int, mean: float) -> list[int]:
+    from lit_xf.bench import lognormal_doc_lens
+
+    return lognormal_doc_lens(n_docs, mean, 2048)
 
 
 @pytest.mark.parametrize(
@@ -911,6 +988,24 @@ class TestGpuKernelsAgainstReference:
             errors[f"d{name}"] = relative_error(g, r) if g is not None else math.inf
         bad = {n: e for n, e in errors.items() if not e < tol}
         assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["mha", "gqa"])
+@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document"])
+def test_gpu_fa4_plans_match_reference(request, plan, kv):
+    """Both fa4 plans for packed rows (short documents grouped under the CuTe mask, or one sequence
+    each) in bf16, forward and q/k/v gradients, against float64: documents shorter and longer than a
+    tile, length-1 documents, padding."""
+    if problem := attn.fa4_problem():
+        pytest.skip(problem)
+    doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
+    q, k, v = random_qkv(case_generator(request), 3, T_, 4, KV[kv](4), GPU_K, torch.bfloat16, device="cuda")
+    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True)
+    errors = {"out": relative_error(got[0].cpu()[real.expand_as(want[0])], want[0][real.expand_as(want[0])])}
+    errors |= {f"d{n}": relative_error(g, r) for n, g, r in zip("qkv", got[1:], want[1:], strict=True)}
+    assert all(e < GPU_REL_TOL[torch.bfloat16] for e in errors.values()), errors
 
 
 def test_sdpa_warns_once_about_dense_masks_on_cuda(caplog, monkeypatch):
