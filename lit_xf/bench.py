@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import itertools
 import json
 import math
@@ -439,7 +440,10 @@ def bench_train(args) -> list[dict]:
             base, parts = parsed[variant]
             run = _hand_loop if base == "loop" else _lightning_run
             window = ProfileWindow(args.profile_steps if repeat == 0 else None, device)
-            results[variant].append(run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window))
+            with GcPauses() as pauses:
+                res = run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window)
+            res["gc_ms"], res["gc_full"] = pauses.since(res["t0"])
+            results[variant].append(res)
             peaks[variant] = round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None
             if window.result is not None:
                 profiles[variant] = window.result
@@ -461,6 +465,8 @@ def bench_train(args) -> list[dict]:
             peak_mib=peaks[variant],
             mfu=round(res["flops"] / res["timed_s"] / peak, 4) if peak else None,
             warmup_s=round(results[variant][0]["warmup_s"], 2),
+            gc_ms=round(res["gc_ms"], 1),
+            gc_full=res["gc_full"],
         )
         if args.repeats > 1:
             fastest, slowest = (r["timed_s"] / res["timed_s"] * ms for r in (runs[0], runs[-1]))
@@ -481,6 +487,36 @@ def bench_train(args) -> list[dict]:
             r["profiled_gpu_busy"] = round(busy, 4) if busy is not None else None
         (args.out / f"{args.name or 'train'}_profile.json").write_text(json.dumps(profiles, indent=1))
     return rows
+
+
+class GcPauses:
+    """Python garbage-collector pauses during a ``with`` block (``gc.callbacks``); ``since(t0)``:
+    (ms paused, full collections) in those that started at ``time.perf_counter()`` ≥ t0."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float]] = []
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._note)
+
+    def _note(self, phase: str, info: dict) -> None:
+        self.events.append((phase, info["generation"], time.perf_counter()))
+
+    def since(self, t0: float) -> tuple[float, int]:
+        ms, full, start = 0.0, 0, None
+        for phase, generation, t in self.events:
+            if phase == "start":
+                start = t
+            elif start is not None:
+                if start >= t0:
+                    ms += (t - start) * 1e3
+                    full += generation == 2
+                start = None
+        return ms, full
 
 
 # Variant = base ("loop", "lightning", "lit_xf") + optional parts. "lit_xf" is every monitor + TensorBoard;
@@ -559,6 +595,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     _sync(device)
     timed = time.perf_counter() - t0
     return dict(
+        t0=t0,
         timed_s=timed,
         real_tokens=real,
         flops=flops,
@@ -605,6 +642,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     model = LitTinyGPT(**(model_kwargs | {"compile": _compile_mode(parts)}))
     trainer.fit(model, dm)
     return dict(
+        t0=clock.t0,
         timed_s=clock.seconds,
         real_tokens=clock.real_tokens,
         flops=clock.flops,

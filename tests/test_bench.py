@@ -89,8 +89,27 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         assert r["loss_diff"] < 1e-4, r
         assert r["final_loss"] == pytest.approx(rows[0]["final_loss"], abs=1e-4)
         assert r["warmup_s"] >= 0 and r["tokens_per_s"] > 0
+        assert r["gc_ms"] >= 0 and r["gc_full"] >= 0
     with pytest.raises(ValueError, match="unknown train variant"):
         _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+nonsense", tmp_path)
+
+
+def test_gc_pauses_counts_collections_from_t0_on():
+    """The bench's account of garbage-collector pauses in the timed steps: collections before t0
+    are left out; full (generation-2) ones are counted."""
+    import gc
+    import time
+
+    with bench.GcPauses() as pauses:
+        gc.collect(0)
+        t0 = time.perf_counter()
+        gc.collect(2)
+        gc.collect(1)
+    ms, full = pauses.since(t0)
+    assert full == 1 and ms > 0
+    assert pauses.since(time.perf_counter()) == (0.0, 0)
+    assert pauses.since(0.0)[0] > ms  # the generation-0 collection before t0 counts only from 0 on
+    assert pauses._note not in gc.callbacks
 
 
 def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
