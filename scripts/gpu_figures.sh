@@ -68,10 +68,15 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   run causal_fa4 $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 1 --seq-lens 16384 \
     --kernels sdpa,fa4,auto --reps 20 --out "$OUT" --name causal_fa4
   # short documents (gpt2_124m's BPE fortunes average 34 tokens): ~35k tokens in one packed row
-  for dm in 1024:32 512:64 256:128 128:256; do
-    run "pack_short_docs_${dm#*:}" $BENCH packing --kernels fa4,flex,xformers --heads 12 --head-dim 64 \
-      --docs "${dm%:*}" --mean-len "${dm#*:}" --reps 20 --out "$OUT" --name "pack_short_docs_${dm#*:}"
+  for dm in 2048:16 1024:32 512:64 256:128 128:256; do
+    run "pack_short_docs_${dm#*:}" $BENCH packing --modes packed --max-len 2048 --heads 12 --head-dim 64 \
+      --kernels fa4:grouped,fa4:per_document,fa4,flex,xformers --docs "${dm%:*}" --mean-len "${dm#*:}" --reps 20 \
+      --out "$OUT" --name "pack_short_docs_${dm#*:}"
   done
+  run pack_fa4_plans $BENCH packing --modes packed --heads 16 --head-dim 128 \
+    --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
+  has train && run train_gpt2_124m_cudagraphs $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+    --warmup-steps 40 --out "$OUT" --name train_gpt2_124m_cudagraphs --variants lit_xf+cudagraphs,loop+cudagraphs
   has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
 fi
