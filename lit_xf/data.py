@@ -452,7 +452,13 @@ def collate_rows(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
         "doc_lens": doc_lens,
-        "stats": {"tokens": B * T, "real_tokens": real, "pad_tokens": B * T - real, "documents": len(lens_D)},
+        "stats": {
+            "tokens": B * T,
+            "real_tokens": real,
+            "pad_tokens": B * T - real,
+            "documents": len(lens_D),
+            "causal_pairs": int((lens_D * (lens_D + 1) // 2).sum()),
+        },
     }
 
 

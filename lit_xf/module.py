@@ -296,11 +296,12 @@ class LitTinyGPT(L.LightningModule):
             matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
             self._flops_constants = (matmul, 4 * len(m.blocks) * m.n_heads * m.blocks[0].attn.head_dim)
         matmul, per_pair = self._flops_constants
-        real_tokens = pairs = 0
-        for row in batch["doc_lens"]:
-            for n in row:
-                real_tokens += n
-                pairs += n * (n + 1) // 2
+        stats = batch.get("stats") or {}
+        if "causal_pairs" in stats:  # counted by the collate, off the training thread
+            real_tokens, pairs = stats["real_tokens"], stats["causal_pairs"]
+        else:
+            real_tokens = sum(n for row in batch["doc_lens"] for n in row)
+            pairs = sum(n * (n + 1) for row in batch["doc_lens"] for n in row) // 2
         return 3 * (2 * matmul * real_tokens + per_pair * pairs)
 
     # -- sampling ----------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def check_contract(batch, batch_size: int, seq_len: int, pad_id: int) -> None:
         "real_tokens": real,
         "pad_tokens": batch_size * seq_len - real,
         "documents": sum(map(len, doc_lens)),
+        "causal_pairs": sum(n * (n + 1) // 2 for row in doc_lens for n in row),
     }
 
 
@@ -409,7 +410,7 @@ def test_collate_handles_tiny_rows_by_hand():
     assert batch["labels"].tolist() == [[2, 3, -100, 5, -100, -100], [-100] * 6, [8, 9, 10, 11, 12, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
     assert batch["doc_lens"] == [[3, 2], [1], [6]]
-    assert batch["stats"] == {"tokens": 18, "real_tokens": 12, "pad_tokens": 6, "documents": 4}
+    assert batch["stats"] == {"tokens": 18, "real_tokens": 12, "pad_tokens": 6, "documents": 4, "causal_pairs": 31}
     with pytest.raises(ValueError, match="row of 7 tokens does not fit seq_len=6"):
         collate_rows([[[1] * 7]], seq_len=6, pad_id=0)
 

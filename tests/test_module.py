@@ -117,6 +117,8 @@ def test_flops_count_document_sparsity():
     packed = _batch(doc_lens=((5, 11), (16,)))
     pairs = 5 * 6 // 2 + 11 * 12 // 2 + 16 * 17 // 2
     assert model.flops_per_batch(packed) == 3 * (2 * matmul * 32 + per_pair * pairs)
+    assert packed["stats"]["causal_pairs"] == pairs  # counted by the collate; the same without it:
+    assert model.flops_per_batch({"doc_lens": packed["doc_lens"]}) == model.flops_per_batch(packed)
 
     padded = _batch(doc_lens=((5,), (16,)))  # padding is not useful work
     assert model.flops_per_batch(padded) == 3 * (2 * matmul * 21 + per_pair * (15 + 136))
