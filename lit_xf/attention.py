@@ -62,9 +62,9 @@ class DocLayout:
     causal: bool
 
     def __init__(self, doc_lens, seq_len: int, causal: bool = True):
-        rows = tuple(tuple(int(n) for n in row) for row in doc_lens)
+        rows = tuple(tuple(map(int, row)) for row in doc_lens)
         for b, row in enumerate(rows):
-            if not row or any(n < 1 for n in row) or sum(row) > seq_len:
+            if not row or min(row) < 1 or sum(row) > seq_len:
                 raise ValueError(
                     f"doc_lens row {b} = {list(row)}: need at least one document, lengths >= 1, summing to at most "
                     f"seq_len={seq_len}"
