@@ -547,7 +547,9 @@ class Fa4Attention(AttentionKernel):
 # a grouped sequence of up to 128 tokens takes one tile each way.
 FA4_GROUP_TOKENS = 128
 # Group when that needs at most this fraction of the tiles of one sequence per segment: grouped
-# tiles apply the CuTe mask to every score, per-segment tiles only on the diagonal.
+# tiles apply the CuTe mask to every score, per-segment tiles only on the diagonal. H200, H=12,
+# K=64 (docs/benchmarks.md §4): grouping won at tile ratios 0.19 (2.5x), ~0.4 and 0.54 (1.5-1.7x),
+# tied or lost from 1.17 on.
 FA4_GROUPED_TILE_RATIO = 0.7
 
 
