@@ -99,6 +99,8 @@ def env_report(
     from lit_xf.attention import (
         AUTO_FA4_MIN_ROW_LEN,
         AUTO_PREFERENCE,
+        FA4_GROUP_TOKENS,
+        FA4_GROUPED_TILE_RATIO,
         KERNEL_NAMES,
         AutoAttention,
         kernel_report,
@@ -178,6 +180,10 @@ def env_report(
             case = f"{'packed' if packed else 'causal'}{' GQA' if gqa else ''}{' ALiBi' if alibi else ''}"
             lines.append(f"  {case:20s} {' > '.join(order)}")
         lines.append(f"  causal rows of {AUTO_FA4_MIN_ROW_LEN}+ tokens (MHA, no ALiBi): fa4 first")
+        lines.append(
+            f"  fa4 on packed causal rows: documents grouped into {FA4_GROUP_TOKENS}-token sequences when that needs "
+            f"<= {FA4_GROUPED_TILE_RATIO}x the tiles of one sequence each (short documents)"
+        )
     return "\n".join(lines)
 
 
