@@ -822,6 +822,23 @@ def test_fa4_varlen_segments_cover_rows_and_padding():
         attn.Fa4Attention("tiles")
 
 
+def test_fa4_call_arguments_per_plan(monkeypatch):
+    """What reaches FA4 for each plan: grouped sequences swap FA4's causal mask for the CuTe mask
+    with seg_pos as its aux tensor; one sequence per document keeps FA4's causal flag; dense rows get
+    no varlen arguments. (The CuTe module needs flash-attn-4: a stand-in is enough here.)"""
+    import types
+
+    mask = object()
+    monkeypatch.setitem(sys.modules, "lit_xf.fa4_mask", types.SimpleNamespace(segment_causal=mask))
+    cu, seg_pos = torch.zeros(4, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)
+    grouped = attn._fa4_varlen_kwargs(cu, seg_pos, 8, True)
+    assert grouped["causal"] is False and grouped["mask_mod"] is mask and grouped["aux_tensors"] == [seg_pos]
+    assert grouped["cu_seqlens_q"] is cu and grouped["cu_seqlens_k"] is cu and grouped["max_seqlen_q"] == 8
+    alone = attn._fa4_varlen_kwargs(cu, None, 8, True)
+    assert alone["causal"] is True and "mask_mod" not in alone and alone["max_seqlen_k"] == 8
+    assert attn._fa4_varlen_kwargs(None, None, 8, False) == {"causal": False}
+
+
 def fa4_allowed(plan: attn.Fa4Varlen, causal: bool) -> torch.Tensor:
     """``[N, N]`` bool: what FA4 lets query i see under ``plan`` (the CuTe mask's rule, in Python):
     keys of i's sequence, j ≤ i if causal, and within i's segment (i − j ≤ seg_pos[i]) if grouped."""
