@@ -606,9 +606,10 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
 
 
 def _as_full_rows(batch: dict) -> dict:
-    """The batch as ``loop+rows`` computes it: one document per row (for its FLOPs)."""
+    """The batch as ``loop+rows`` computes it, for its FLOPs: one document per row, and without the
+    collate's ``stats`` (they count the real documents' pairs)."""
     B, T = batch["input_ids"].shape
-    return batch | {"doc_lens": [[T]] * B}
+    return {k: v for k, v in batch.items() if k != "stats"} | {"doc_lens": [[T]] * B}
 
 
 def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window) -> dict:

@@ -137,6 +137,18 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
         _bench_cpu("train", f"--config {config} --repeats 0", tmp_path)
 
 
+def test_rows_loop_counts_the_flops_of_whole_rows():
+    """``loop+rows`` attends across whole rows: its FLOPs count T(T+1)/2 pairs per row, not the
+    documents' pairs that the batch's stats carry."""
+    from lit_xf.data import collate_rows
+    from lit_xf.module import LitTinyGPT
+
+    model = LitTinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa")
+    batch = collate_rows([[[1] * 5, [2] * 6], [[3] * 16]], seq_len=16, pad_id=0)
+    whole = model.flops_per_batch({"input_ids": batch["input_ids"], "doc_lens": [[16], [16]]})
+    assert model.flops_per_batch(bench._as_full_rows(batch)) == whole > model.flops_per_batch(batch)
+
+
 def test_train_bench_profiles_a_window_inside_the_warmup(tmp_path):
     """``--profile-steps A:B`` profiles steps A..B-1 of each variant's first run and writes the
     window's per-step figures (a CPU has no device kernels: wall time only); a window past the
