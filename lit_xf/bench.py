@@ -928,7 +928,7 @@ def _names(text: str) -> list[str]:
 
 def _packing_modes(text: str) -> list[str]:
     modes = text.split(",")
-    if not modes or any(m not in ("padded", "packed") for m in modes):
+    if any(m not in ("padded", "packed") for m in modes):
         raise argparse.ArgumentTypeError(f"modes {text!r}: padded, packed or padded,packed")
     return modes
 
