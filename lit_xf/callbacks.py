@@ -40,11 +40,14 @@ exactly one point per step and tag, whatever ``log_every_n_steps`` is, and never
 All numbers are rank zero's device (multiply rates by the world size for the job's total).
 
 Synchronization. On CUDA, timings are CUDA events recorded on the current stream at the hooks and
-read later: a finished step's events are read once its last event has completed (``query()``,
-usually by the end of the next step), so no step waits on the GPU; values are then logged with the
-step they belong to. At most ``_MAX_PENDING`` steps stay unread before the oldest is waited for,
-and ``on_train_end`` waits for the rest. Memory statistics are allocator bookkeeping on the host
-and need no sync. The profiler window (``KernelTimer``) syncs when it stops, once per
+read later: a finished step's events are read once its last event has completed (``query()``), so
+no step waits on the GPU; values are then logged with the step they belong to. Memory statistics
+are allocator bookkeeping on the host and need no sync. The reading, merging and writing happen in
+``on_after_backward``, ``_READ_EVERY`` steps at a time, while the device runs that backward: at a
+step's end, where an optimizer step that syncs (a logged ``loss.item()``, GradScaler's inf check
+without a fused optimizer) leaves the device idle, the monitors only record marks and counts. At
+most ``_MAX_PENDING`` steps stay unread before the oldest is waited for, and ``on_train_end`` waits
+for the rest. The profiler window (``KernelTimer``) syncs when it stops, once per
 ``profile_every_n_steps``. Without CUDA, clocks are ``time.perf_counter`` after the device's
 ``synchronize`` (a no-op on CPU).
 """
@@ -120,7 +123,8 @@ TEXT_TAGS = ("run/info", "time/top_kernels")
 ATTENTION_KERNEL_PATTERN = r"fmha|flash|attention|attn|cutlass[FB]|sdpa|flex"
 
 _MIB = 2**20
-_MAX_PENDING = 8  # unread CUDA-event steps before the oldest is waited for
+_READ_EVERY = 8  # finished steps read together (one warm loop instead of scattered per-step work)
+_MAX_PENDING = 32  # unread steps before the oldest is waited for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +542,7 @@ class _StepCallback(Callback):
         self._step: int | None = None
         self._pending: deque = deque()
         self._clock: _Clock | None = None
+        self._run_info_due = True
 
     def _open(self, trainer: Trainer) -> bool:
         """True on the first micro-batch of an optimizer step."""
@@ -553,16 +558,29 @@ class _StepCallback(Callback):
         step, self._step = self._step, None
         return step
 
+    def _queue(self, trainer: Trainer, record: Any) -> None:
+        """Keep a finished step's record to be read in a later ``on_after_backward``; past
+        ``_MAX_PENDING`` unread records, read now (waiting for the oldest)."""
+        self._pending.append(record)
+        if len(self._pending) > _MAX_PENDING:
+            self._read_pending(trainer)
+
     def _read_pending(self, trainer: Trainer, wait: bool = False) -> None:
         """Log every pending record whose last mark has completed (all of them when ``wait``)."""
         while self._pending:
             record = self._pending[0]
             if wait or len(self._pending) > _MAX_PENDING:
-                self._clock.wait(record.end)
-            elif not self._clock.ready(record.end):
+                self._wait(record)
+            elif not self._ready(record):
                 return
             self._pending.popleft()
             _step_scalars(trainer).add(trainer, self._measure(record), record.step, reporter=self)
+
+    def _ready(self, record: Any) -> bool:
+        return self._clock.ready(record.end)
+
+    def _wait(self, record: Any) -> None:
+        self._clock.wait(record.end)
 
     def _measure(self, record: Any) -> dict[str, float]:
         raise NotImplementedError
@@ -574,12 +592,27 @@ class _StepCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = None
         self._pending.clear()
+        self._run_info_due = True
         _log_layout_once(trainer)
         if self._reports():
             _step_scalars(trainer).join(self)
 
-    def _end(self, trainer: Trainer) -> None:
-        """Train end: tell the step merging this monitor has logged its last step."""
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Read and log finished steps here, ``_READ_EVERY`` at a time, while the device runs this
+        backward: the host work then overlaps device work, which it would not right after an
+        optimizer step that syncs (a GradScaler without fused optimizer, a logged ``loss.item()``)."""
+        if len(self._pending) >= _READ_EVERY:
+            self._read_pending(trainer)
+        if self._run_info_due:  # after the first forward: a lazily resolved kernel shows its choice
+            self._run_info_due = False
+            _log_run_info_once(trainer, pl_module)
+
+    def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Train end (rank zero): read what is left and tell the step merging this monitor is done."""
+        self._read_pending(trainer, wait=True)
+        if self._run_info_due:
+            self._run_info_due = False
+            _log_run_info_once(trainer, pl_module)
         if self._reports():
             _step_scalars(trainer).end(trainer, self)
 
@@ -587,11 +620,25 @@ class _StepCallback(Callback):
         _flush_step_scalars(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        _flush_step_scalars(trainer)  # what was measured before the failure still reaches the logs
+        # what was measured before the failure still reaches the logs
+        try:
+            self._read_pending(trainer, wait=True)
+        except RuntimeError:  # the device may be what failed: keep what was read
+            pass
+        _flush_step_scalars(trainer)
 
 
 # ---------------------------------------------------------------------------------------------
 # PeakMemoryMonitor
+
+
+@dataclass
+class _MemoryStep:
+    step: int
+    allocated: int  # peak bytes
+    reserved: int  # peak bytes
+    retries: int  # so far
+    ooms: int  # so far
 
 
 def _alloc_events(stats: dict) -> tuple[int, int]:
@@ -641,8 +688,9 @@ class PeakMemoryMonitor(_StepCallback):
             raise ValueError(f"snapshot_max_entries must be positive, got {self.snapshot_max_entries}")
         self._device = trainer.strategy.root_device
         self._enabled = self._device.type == "cuda"
-        if self._enabled:
-            self._base = _alloc_events(torch.cuda.memory_stats_as_nested_dict(self._device))
+        if self._enabled:  # an int index: torch.cuda's memory functions parse a torch.device each call
+            self._index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            self._base = _alloc_events(torch.cuda.memory_stats_as_nested_dict(self._index))
         if not self._enabled and not self._warned:
             self._warned = True
             rank_zero_warn(
@@ -660,38 +708,51 @@ class PeakMemoryMonitor(_StepCallback):
         step = self._close(trainer)
         if step is not None:
             self._update(trainer, step=step)
-        _log_run_info_once(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._recording:
             self._dump_snapshot(trainer)
         if trainer.is_global_zero:
-            self._end(trainer)
+            self._end(trainer, pl_module)
 
     def _reports(self) -> bool:
         return self._enabled
 
     def _update(self, trainer: Trainer, step: int | None) -> None:
-        """At a step's start (``step is None``) reset peaks; at its end log the step's statistics."""
+        """At a step's start (``step is None``) reset peaks; at its end keep the step's statistics."""
         if not (self._enabled and trainer.is_global_zero):
             return
         if step is None:
-            torch.cuda.reset_peak_memory_stats(self._device)
+            torch.cuda.reset_peak_memory_stats(self._index)
             self._maybe_start_snapshot(trainer.global_step)
             return
         # One read per step, unflattened (``memory_stats`` flattens ~150 keys in Python).
-        stats = torch.cuda.memory_stats_as_nested_dict(self._device)
+        stats = torch.cuda.memory_stats_as_nested_dict(self._index)
         retries, ooms = _alloc_events(stats)
-        metrics = {
-            "memory/peak_allocated_mib": stats["allocated_bytes"]["all"]["peak"] / _MIB,
-            "memory/peak_reserved_mib": stats["reserved_bytes"]["all"]["peak"] / _MIB,
-            "memory/alloc_retries": float(retries - self._base[0]),
-            "memory/ooms": float(ooms - self._base[1]),
-        }
-        self._base = (retries, ooms)
-        _step_scalars(trainer).add(trainer, metrics, step, reporter=self)
+        self._queue(
+            trainer,
+            _MemoryStep(
+                step, stats["allocated_bytes"]["all"]["peak"], stats["reserved_bytes"]["all"]["peak"], retries, ooms
+            ),
+        )
         if self._recording and step >= self.snapshot_steps[1] - 1:
             self._dump_snapshot(trainer)
+
+    def _ready(self, record: _MemoryStep) -> bool:
+        return True  # host bookkeeping, read when the step ended
+
+    def _wait(self, record: _MemoryStep) -> None:
+        pass
+
+    def _measure(self, record: _MemoryStep) -> dict[str, float]:
+        metrics = {
+            "memory/peak_allocated_mib": record.allocated / _MIB,
+            "memory/peak_reserved_mib": record.reserved / _MIB,
+            "memory/alloc_retries": float(record.retries - self._base[0]),
+            "memory/ooms": float(record.ooms - self._base[1]),
+        }
+        self._base = (record.retries, record.ooms)
+        return metrics
 
     def _maybe_start_snapshot(self, step: int) -> None:
         if self.snapshot_steps is None or self._recording or self._snapshot_done:
@@ -784,6 +845,7 @@ class KernelTimer(_StepCallback):
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._mark(trainer, "after_backward")
+        super().on_after_backward(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         self._mark(trainer, "before_optimizer")
@@ -792,15 +854,13 @@ class KernelTimer(_StepCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._mark(trainer, "batch_end", step=self._close(trainer))
-        _log_run_info_once(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._profiler is not None:
             self._profiler.stop()
             self._profiler = None
         if trainer.is_global_zero:
-            self._read_pending(trainer, wait=True)
-            self._end(trainer)
+            self._end(trainer, pl_module)
 
     def _mark(self, trainer: Trainer, event: str, first: bool = False, step: int | None = None) -> None:
         """Record one time mark; at a step's end, queue the step and log what has completed."""
@@ -825,10 +885,9 @@ class KernelTimer(_StepCallback):
         elif event == "batch_end" and step is not None:
             current.end = self._clock.mark()
             self._current = None
-            self._pending.append(current)
             if self._profiler is not None:
                 self._finish_profile(trainer, step)
-            self._read_pending(trainer)
+            self._queue(trainer, current)
 
     def _measure(self, record: _TimedStep) -> dict[str, float]:
         ms = self._clock.ms
@@ -934,6 +993,7 @@ class ThroughputMonitor(_StepCallback):
         self._has_flops = True
         self._warned_stats = False
         self._history: deque = deque()
+        self._sums = [0.0, 0, 0, 0]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(self.window, int) or self.window < 1:
@@ -955,6 +1015,7 @@ class ThroughputMonitor(_StepCallback):
         self._anchor = None
         self._counts = [0, 0, 0]
         self._history.clear()
+        self._sums = [0.0, 0, 0, 0]  # seconds, tokens, real tokens, FLOPs in the window
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._anchor = None  # validation time is not training time
@@ -971,12 +1032,10 @@ class ThroughputMonitor(_StepCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._update(trainer, pl_module, batch, phase="end", step=self._close(trainer))
-        _log_run_info_once(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
-            self._read_pending(trainer, wait=True)
-            self._end(trainer)
+            self._end(trainer, pl_module)
 
     def _update(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, phase: str, step: int | None = None
@@ -997,10 +1056,10 @@ class ThroughputMonitor(_StepCallback):
             return
         end = self._clock.mark()
         tokens, real, flops = self._counts
-        self._pending.append(_CountedStep(step, self._anchor, end, tokens, real, flops if self._has_flops else None))
+        record = _CountedStep(step, self._anchor, end, tokens, real, flops if self._has_flops else None)
         self._anchor = end
         self._counts = [0, 0, 0]
-        self._read_pending(trainer)
+        self._queue(trainer, record)
 
     def _batch_tokens(self, batch: Any) -> tuple[int, int]:
         stats = batch.get("stats") if isinstance(batch, dict) else None
@@ -1015,17 +1074,21 @@ class ThroughputMonitor(_StepCallback):
     def _measure(self, record: _CountedStep) -> dict[str, float]:
         seconds = self._clock.ms(record.start, record.end) / 1e3
         self._clock.recycle([record.start])  # the previous step's end; this step's end anchors the next
-        self._history.append((seconds, record.tokens, record.real_tokens, record.flops))
-        total_s = sum(h[0] for h in self._history)
+        entry = (seconds, record.tokens, record.real_tokens, record.flops or 0)
+        if len(self._history) == self.window:  # the oldest leaves the window
+            self._sums = [a - b for a, b in zip(self._sums, self._history[0], strict=True)]
+        self._history.append(entry)
+        self._sums = [a + b for a, b in zip(self._sums, entry, strict=True)]
+        total_s, tokens, real, flops = self._sums
         metrics = {}
         if record.tokens > 0:
             metrics["throughput/padding_efficiency"] = record.real_tokens / record.tokens
         if total_s <= 0:
             return metrics
-        metrics["throughput/tokens_per_s"] = sum(h[1] for h in self._history) / total_s
-        metrics["throughput/real_tokens_per_s"] = sum(h[2] for h in self._history) / total_s
+        metrics["throughput/tokens_per_s"] = tokens / total_s
+        metrics["throughput/real_tokens_per_s"] = real / total_s
         if record.flops is not None:
-            flops_per_s = sum(h[3] or 0 for h in self._history) / total_s
+            flops_per_s = flops / total_s
             metrics["throughput/tflops"] = flops_per_s / 1e12
             if self._peak_flops:
                 metrics["throughput/mfu"] = flops_per_s / self._peak_flops

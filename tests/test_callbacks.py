@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lit_xf.callbacks import (
     _EVENT_PROCESSES,
     _MAX_PENDING,
+    _READ_EVERY,
     ATTENTION_KERNEL_PATTERN,
     TAGS,
     KernelTimer,
@@ -268,6 +269,55 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
         for i in (0, 2, 4)
     ]
     assert eff == pytest.approx(expected, rel=1e-6)
+
+
+class _HookRecordingLogger(Logger):
+    """Records, for each ``log_metrics`` call: the step, the Lightning hook it was made from, the
+    trainer's global step then, and the tags."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, str, int, set[str]]] = []
+        self.module: L.LightningModule | None = None
+
+    name, version = "hooks", 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, self.module._current_fx_name, self.module.trainer.global_step, set(metrics)))
+
+
+def test_steps_are_read_in_batches_in_a_later_backward(tmp_path):
+    """A step's end only records marks and counts; reading, merging and writing wait until
+    ``_READ_EVERY`` steps have finished and run in the next ``on_after_backward`` (the device is busy
+    then); what is left is written at train end. Each step is still one write with every tag."""
+    logger = _HookRecordingLogger()
+    model = TinyLM()
+    logger.module = model
+    steps = 2 * _READ_EVERY + 3
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=logger,
+        callbacks=[KernelTimer(profile_every_n_steps=0), ThroughputMonitor(window=2)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    batches = [make_batch(lens, seed=i) for i, lens in enumerate(DOC_LENS)]
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    writes = [(step, hook, at) for step, hook, at, tags in logger.calls if "time/step_ms" in tags]
+    assert [step for step, _, _ in writes] == list(range(steps))
+    for step, hook, at in writes:
+        if step < 2 * _READ_EVERY:  # read in the backward of the step after each full batch
+            assert (hook, at) == ("on_after_backward", (step // _READ_EVERY + 1) * _READ_EVERY), step
+        else:
+            assert hook == "on_train_end", step
+    assert all("throughput/tokens_per_s" in tags for *_, tags in logger.calls if "time/step_ms" in tags)
 
 
 def test_invalid_arguments_are_rejected_at_setup(tmp_path):
