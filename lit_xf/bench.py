@@ -398,7 +398,8 @@ def bench_train(args) -> list[dict]:
     bare Lightning Trainer, lit_xf as configured (monitoring callbacks + TensorBoard), each eager or
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
-    runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest).
+    runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest;
+    ``ms_runs``: each run in order, for ratios per repeat).
     MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps
     A:B`` profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``).
     Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference
@@ -471,6 +472,8 @@ def bench_train(args) -> list[dict]:
         if args.repeats > 1:
             fastest, slowest = (r["timed_s"] / res["timed_s"] * ms for r in (runs[0], runs[-1]))
             row["ms_range"] = f"{fastest:.3f}-{slowest:.3f}"
+            # in run order: repeat i of every variant ran back to back, so ratios pair up per repeat
+            row["ms_runs"] = [round(r["timed_s"] / (args.steps - args.warmup_steps) * 1e3, 3) for r in results[variant]]
         curves[variant] = [round(x, 5) for x in res["losses"]]
         first = curves[args.variants[0]]
         row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)

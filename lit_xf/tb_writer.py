@@ -3,15 +3,16 @@ queueing them.
 
 Writing an event in the training process costs its thread 100-170 µs: building the protos,
 serializing, and tensorboard's writer thread computing a pure-Python CRC-32C while it holds the
-GIL. ``ScalarEventProcess`` hands steps over in batches (one JSON line of ``[[step, wall_time,
-{tag: value}], ...]`` per batch) to this file run as a script, which writes them with tensorboard's
-own ``EventFileWriter`` into the same log directory (TensorBoard merges a directory's event files).
+GIL. ``ScalarEventProcess`` hands steps over in batches (one pickle of ``[[step, wall_time,
+{tag: value}], ...]`` per batch: ~0.5 µs per step to encode, JSON took ~10) to this file run as a
+script, which writes them with tensorboard's own ``EventFileWriter`` into the same log directory
+(TensorBoard merges a directory's event files).
 This module imports only the standard library; the child imports only tensorboard.
 """
 
 from __future__ import annotations
 
-import json
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -47,9 +48,9 @@ class ScalarEventProcess:
         self._last_send = time.monotonic()
         if not self.unsent:
             return
-        line = json.dumps(self.unsent).encode() + b"\n"
+        frame = pickle.dumps(self.unsent, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self._proc.stdin.write(line)
+            self._proc.stdin.write(frame)
             self._proc.stdin.flush()
         except (BrokenPipeError, ValueError) as err:
             raise OSError(f"the TensorBoard writer process exited: {self._error()}") from err
@@ -101,8 +102,12 @@ def _serve(log_dir: str) -> None:
 
     writer = EventFileWriter(log_dir, flush_secs=5)
     try:
-        for line in sys.stdin.buffer:
-            for step, wall_time, metrics in json.loads(line):
+        while True:
+            try:
+                steps = pickle.load(sys.stdin.buffer)  # from the training process only, over a pipe
+            except EOFError:
+                break
+            for step, wall_time, metrics in steps:
                 values = [Summary.Value(tag=tag, simple_value=value) for tag, value in metrics.items()]
                 writer.add_event(Event(step=step, wall_time=wall_time, summary=Summary(value=values)))
     finally:
