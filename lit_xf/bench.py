@@ -16,6 +16,7 @@ before it.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import gc
 import itertools
@@ -469,6 +470,8 @@ def bench_train(args) -> list[dict]:
             gc_ms=round(res["gc_ms"], 1),
             gc_full=res["gc_full"],
         )
+        if res.get("hook_us") is not None:
+            row["hook_us"] = res["hook_us"]
         if args.repeats > 1:
             fastest, slowest = (r["timed_s"] / res["timed_s"] * ms for r in (runs[0], runs[-1]))
             row["ms_range"] = f"{fastest:.3f}-{slowest:.3f}"
@@ -627,6 +630,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     monitors = [m() for key, m in (("memory", PeakMemoryMonitor), ("throughput", ThroughputMonitor)) if key in parts]
     if "timer" in parts:
         monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
+    hook_time = MonitorHookTime(clock, monitors) if args.hook_us and monitors else None
     logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if "tb" in parts else False
     trainer = L.Trainer(
         accelerator=device.type,
@@ -653,7 +657,47 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
         warmup_s=clock.t0 - clock.start,
         losses=torch.stack(clock.losses).tolist(),
         attention=model.attention_kernel_name,
+        hook_us=hook_time.per_step(args.steps - args.warmup_steps) if hook_time else None,
     )
+
+
+class MonitorHookTime:
+    """Host time of the monitors' per-step hooks in the timed steps, µs per step and hook
+    (``--hook-us``): each hook of each monitor instance is wrapped in ``perf_counter_ns``.
+    Lightning's dispatch of the hooks (~6 µs per callback and hook on the H200's host, see
+    docs/benchmarks.md §5) is not included; nested calls are not split out."""
+
+    HOOKS = (
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+    )
+
+    def __init__(self, clock: _StepClock, monitors: list[L.Callback]) -> None:
+        self.clock, self.ns = clock, collections.Counter()
+        for monitor in monitors:
+            for hook in self.HOOKS:
+                if getattr(type(monitor), hook) is not getattr(L.Callback, hook):  # overridden
+                    setattr(monitor, hook, self._timed(getattr(monitor, hook), f"{type(monitor).__name__}.{hook}"))
+
+    def _timed(self, hook, key: str):
+        def timed(*args, **kwargs):
+            if self.clock.t0 is None:  # warm-up
+                return hook(*args, **kwargs)
+            start = time.perf_counter_ns()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.ns[key] += time.perf_counter_ns() - start
+
+        return timed
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        """{"total": µs, "<Monitor>.<hook>": µs, ...} per timed step, largest first."""
+        us = {key: ns / 1e3 / steps for key, ns in self.ns.most_common()}
+        return {"total": round(sum(us.values()), 1)} | {key: round(v, 1) for key, v in us.items()}
 
 
 class _StepClock(L.Callback):
@@ -983,6 +1027,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A:B",
         help="torch.profiler over steps A..B-1 of each variant's first run (within the warm-up): GPU busy "
         "fraction, kernel time by group -> <name>_profile.json",
+    )
+    t.add_argument(
+        "--hook-us",
+        action="store_true",
+        help="time the monitors' per-step hooks on the host (µs per step and hook -> hook_us)",
     )
     t.add_argument("--out", type=Path, default=Path("bench_results"))
     t.add_argument("--name", default=None)

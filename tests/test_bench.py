@@ -94,6 +94,27 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+nonsense", tmp_path)
 
 
+def test_train_bench_times_the_monitor_hooks(tmp_path):
+    """``--hook-us``: µs per timed step in each monitor's per-step hooks, for variants with monitors."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
+        "       counting_length: 8, counting_documents: 40, drop_last: true}\n"
+        "trainer: {precision: 32-true}\n"
+    )
+    flags = f"--config {config} --steps 6 --warmup-steps 2 --variants lightning,lit_xf,lightning+timer --hook-us"
+    assert _bench_cpu("train", flags, tmp_path) == 0
+    rows = {r["variant"]: r for r in _rows(tmp_path, "train")}
+    assert "hook_us" not in rows["lightning"]
+    lit = rows["lit_xf"]["hook_us"]
+    for monitor in ("KernelTimer", "ThroughputMonitor", "PeakMemoryMonitor"):
+        assert lit[f"{monitor}.on_train_batch_start"] > 0 and lit[f"{monitor}.on_train_batch_end"] > 0
+    assert lit["KernelTimer.on_before_backward"] > 0 and lit["KernelTimer.on_after_backward"] > 0
+    assert lit["total"] == pytest.approx(sum(v for k, v in lit.items() if k != "total"), abs=0.6)
+    assert {k.split(".")[0] for k in rows["lightning+timer"]["hook_us"] if k != "total"} == {"KernelTimer"}
+
+
 def test_gc_pauses_counts_collections_from_t0_on():
     """The bench's account of garbage-collector pauses in the timed steps: collections before t0
     are left out; full (generation-2) ones are counted."""
