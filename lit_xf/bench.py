@@ -400,7 +400,7 @@ def bench_train(args) -> list[dict]:
     compiled. Times steps after ``--warmup-steps`` with synchronized host clocks; ``warmup_s`` is the
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
     runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest;
-    ``ms_runs``: each run in order, for ratios per repeat).
+    ``ms_runs``: each run in order; ``time_vs_first``: all its runs' time over the first variant's).
     MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps
     A:B`` profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``).
     Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference
@@ -477,6 +477,11 @@ def bench_train(args) -> list[dict]:
             row["ms_range"] = f"{fastest:.3f}-{slowest:.3f}"
             # in run order: repeat i of every variant ran back to back, so ratios pair up per repeat
             row["ms_runs"] = [round(r["timed_s"] / (args.steps - args.warmup_steps) * 1e3, 3) for r in results[variant]]
+            # time of all this variant's runs over all the first variant's: the overhead of, e.g.,
+            # lit_xf against lightning+tb, steadier than a ratio of medians
+            row["time_vs_first"] = round(
+                sum(r["timed_s"] for r in results[variant]) / sum(r["timed_s"] for r in results[args.variants[0]]), 4
+            )
         curves[variant] = [round(x, 5) for x in res["losses"]]
         first = curves[args.variants[0]]
         row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)

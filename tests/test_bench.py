@@ -153,6 +153,9 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
         assert low <= r["ms_per_step"] <= high
         assert len(r["ms_runs"]) == 3 and sorted(r["ms_runs"])[1] == r["ms_per_step"]
         assert (min(r["ms_runs"]), max(r["ms_runs"])) == pytest.approx((low, high), abs=2e-3)
+    first, other = rows["loop"], rows["loop+rows"]
+    assert first["time_vs_first"] == 1.0
+    assert other["time_vs_first"] == pytest.approx(sum(other["ms_runs"]) / sum(first["ms_runs"]), rel=1e-3)
     assert rows["loop+rows"]["loss_diff"] > 1e-4  # documents see each other: another objective
     with pytest.raises(ValueError, match="unknown train variant"):
         _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+rows", tmp_path)
