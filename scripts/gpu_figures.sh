@@ -45,6 +45,12 @@ fi
 GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+rows+compile_model,loop+rows+compile
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
   --repeats 5 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
+# monitors on vs off, the same TensorBoard logger on both sides (docs/benchmarks.md §5)
+has train && run monitors_overhead_counting_tb $BENCH train --config configs/counting.yaml --steps 400 \
+  --warmup-steps 100 --repeats 9 --hook-us --variants lightning+cudagraphs+tb,lit_xf+cudagraphs --out "$OUT" \
+  --name monitors_overhead_counting_tb
+has train && run monitors_overhead_default_tb $BENCH train --config configs/default.yaml --steps 300 \
+  --warmup-steps 100 --repeats 5 --hook-us --variants lightning+tb,lit_xf --out "$OUT" --name monitors_overhead_default_tb
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
