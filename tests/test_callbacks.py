@@ -4,6 +4,7 @@ import collections
 import math
 import os
 import time
+import types
 
 import lightning as L
 import pytest
@@ -25,6 +26,8 @@ from lit_xf.callbacks import (
     PeakMemoryMonitor,
     ThroughputMonitor,
     _Clock,
+    _step_scalars,
+    _StepCallback,
     _StepScalars,
     _write_tensorboard_event,
     attention_share,
@@ -241,6 +244,53 @@ def test_step_scalars_merge_reports_and_flush_stragglers():
     scalars.end(trainer, b)
     assert calls[-2:] == [(0, {"late": 1.0}), (2 + 2 * _MAX_PENDING, {"x": 0.0})]
     assert [step for step, values in calls if "y" in values] == [0, *range(2, 2 + 2 * _MAX_PENDING)]
+
+
+class _LaggingClock:
+    """A device clock whose marks complete only when told (or waited for)."""
+
+    def __init__(self):
+        self.done: set[int] = set()
+        self.waited: list[int] = []
+
+    def ready(self, mark):
+        return mark in self.done
+
+    def wait(self, mark):
+        self.waited.append(mark)
+        self.done.add(mark)
+
+
+class _StepRecorder(_StepCallback):
+    """The deferred-reading machinery with a record per step whose "end mark" is the step index."""
+
+    def _measure(self, record):
+        return {"x": float(record.step)}
+
+
+def test_unfinished_steps_wait_in_order_and_are_never_dropped():
+    """Steps whose device marks have not completed stay queued (the backward reads only finished
+    ones, in order); past _MAX_PENDING the oldest is waited for; train end waits for the rest."""
+    trainer, monitor, clock = _FakeTrainer(), _StepRecorder(), _LaggingClock()
+    monitor._clock = clock
+    monitor._run_info_due = False
+    _step_scalars(trainer).join(monitor)
+    written = trainer.loggers[0].calls
+    step = types.SimpleNamespace
+    for s in range(_READ_EVERY):
+        monitor._queue(trainer, step(step=s, end=s))
+    clock.done.update({0, 1, 2, 4})  # 3 is behind: 4 must wait for it
+    monitor.on_after_backward(trainer, None)
+    assert [s for s, _ in written] == [0, 1, 2] and clock.waited == []
+    last = _MAX_PENDING + 5  # nothing completes from here on: the queue is bounded
+    for s in range(_READ_EVERY, last + 1):
+        monitor._queue(trainer, step(step=s, end=s))
+    assert len(monitor._pending) == _MAX_PENDING
+    assert clock.waited == [3, 5]  # the oldest, waited for in order; 4 had completed
+    assert [s for s, _ in written] == list(range(6))
+    monitor._end(trainer, None)
+    assert [s for s, _ in written] == list(range(last + 1))
+    assert written[-1] == (last, {"x": float(last)})
 
 
 def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
