@@ -339,7 +339,7 @@ def _log_layout_once(trainer: Trainer) -> None:
 
 
 def _log_run_info_once(trainer: Trainer, pl_module: LightningModule) -> None:
-    if trainer in _RUN_INFO_TRAINERS:  # called by every monitor every step: keep the common case cheap
+    if trainer in _RUN_INFO_TRAINERS:  # every monitor calls this once: the first one writes
         return
     _RUN_INFO_TRAINERS.add(trainer)
     if not trainer.is_global_zero:
@@ -603,16 +603,17 @@ class _StepCallback(Callback):
         optimizer step that syncs (a GradScaler without fused optimizer, a logged ``loss.item()``)."""
         if len(self._pending) >= _READ_EVERY:
             self._read_pending(trainer)
-        if self._run_info_due:  # after the first forward: a lazily resolved kernel shows its choice
+        self._log_run_info(trainer, pl_module)  # after the first forward: a lazy ``auto`` shows its choice
+
+    def _log_run_info(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._run_info_due:
             self._run_info_due = False
             _log_run_info_once(trainer, pl_module)
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Train end (rank zero): read what is left and tell the step merging this monitor is done."""
         self._read_pending(trainer, wait=True)
-        if self._run_info_due:
-            self._run_info_due = False
-            _log_run_info_once(trainer, pl_module)
+        self._log_run_info(trainer, pl_module)
         if self._reports():
             _step_scalars(trainer).end(trainer, self)
 
