@@ -12,7 +12,7 @@ Scalar tags (one value per optimizer step, see :data:`TAGS`)::
     memory/ooms                     out-of-memory errors raised in the step            (CUDA only)
     time/forward_ms                 batch start -> before backward, summed over micro-batches
     time/backward_ms                before -> after backward, summed over micro-batches
-    time/optimizer_ms               before optimizer step (incl. clipping) -> batch end
+    time/optimizer_ms               last after-backward -> batch end (unscale, clipping, step)
     time/step_ms                    first micro-batch start -> batch end of the optimizer step
     time/attention_share            attention kernels' share of profiled time (profiled steps only)
     throughput/tokens_per_s         tokens (B*T, pads included) per second, windowed
@@ -785,7 +785,6 @@ class PeakMemoryMonitor(_StepCallback):
 class _TimedStep:
     step: int
     micro: list = field(default_factory=list)  # per micro-batch: [start, [[bwd_start, bwd_end], ...]]
-    optimizer: Any = None
     end: Any = None
 
 
@@ -794,8 +793,9 @@ class KernelTimer(_StepCallback):
 
     Marks: forward = batch start -> ``on_before_backward``; backward = ``on_before_backward`` ->
     ``on_after_backward`` (both summed over the micro-batches of an accumulated step); optimizer =
-    ``on_before_optimizer_step`` (after the last backward, so gradient clipping is included) -> batch
-    end; step = first micro-batch start -> batch end. On CUDA the marks are CUDA events read one step
+    the last ``on_after_backward`` -> batch end (GradScaler's unscaling, gradient clipping, the step
+    and zeroing the gradients); step = first micro-batch start -> batch end. Four marks per step
+    without accumulation. On CUDA the marks are CUDA events read one step
     later (no per-step host sync; see the module docstring); elsewhere a synchronized
     ``time.perf_counter``. Made for automatic optimization; under manual optimization the phases are
     whatever falls between the hooks.
@@ -848,9 +848,6 @@ class KernelTimer(_StepCallback):
         self._mark(trainer, "after_backward")
         super().on_after_backward(trainer, pl_module)
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self._mark(trainer, "before_optimizer")
-
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -881,8 +878,6 @@ class KernelTimer(_StepCallback):
             current.micro[-1][1].append([self._clock.mark(), None])
         elif event == "after_backward" and current.micro[-1][1]:
             current.micro[-1][1][-1][1] = self._clock.mark()
-        elif event == "before_optimizer" and current.optimizer is None:
-            current.optimizer = self._clock.mark()
         elif event == "batch_end" and step is not None:
             current.end = self._clock.mark()
             self._current = None
@@ -898,12 +893,12 @@ class KernelTimer(_StepCallback):
                 forward += ms(start, pairs[0][0])
             backward += sum(ms(b, a) for b, a in pairs if a is not None)
         metrics = {"time/forward_ms": forward, "time/backward_ms": backward}
-        if record.optimizer is not None:
-            metrics["time/optimizer_ms"] = ms(record.optimizer, record.end)
+        last_pairs = record.micro[-1][1]
+        if last_pairs and last_pairs[-1][1] is not None:
+            metrics["time/optimizer_ms"] = ms(last_pairs[-1][1], record.end)
         metrics["time/step_ms"] = ms(record.micro[0][0], record.end)
         self._clock.recycle(
-            [record.optimizer, record.end]
-            + [m for start, pairs in record.micro for m in (start, *(x for pair in pairs for x in pair))]
+            [record.end] + [m for start, pairs in record.micro for m in (start, *(x for pair in pairs for x in pair))]
         )
         return metrics
 

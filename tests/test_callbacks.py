@@ -293,6 +293,33 @@ def test_unfinished_steps_wait_in_order_and_are_never_dropped():
     assert written[-1] == (last, {"x": float(last)})
 
 
+class _TickClock(_Clock):
+    """Host marks that count hook calls: a phase's "ms" is the number of marks inside it."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.ticks = 0
+
+    def mark(self):
+        self.ticks += 1
+        return float(self.ticks)
+
+    @staticmethod
+    def ms(start, end):
+        return end - start
+
+
+def test_phases_split_the_step_at_the_backward_marks(tmp_path, monkeypatch):
+    """With two micro-batches a step's marks are: start, before/after backward, start, before/after
+    backward, end. Forward and backward sum over both micro-batches; the optimizer runs from the
+    last backward's end to the step's end."""
+    monkeypatch.setattr("lit_xf.callbacks._Clock", _TickClock)
+    _, events = fit(tmp_path, [KernelTimer(profile_every_n_steps=0)], max_steps=2, accumulate=2)
+    expected = {"time/forward_ms": 2.0, "time/backward_ms": 2.0, "time/optimizer_ms": 1.0, "time/step_ms": 6.0}
+    for tag, ticks in expected.items():
+        assert steps_and_values(events, tag) == ([0, 1], [ticks, ticks]), tag
+
+
 def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
     callbacks = [KernelTimer(profile_every_n_steps=2), ThroughputMonitor(window=2)]
     batches, events = fit(tmp_path, callbacks, max_steps=3, accumulate=2)
