@@ -156,6 +156,10 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path):
     first, other = rows["loop"], rows["loop+rows"]
     assert first["time_vs_first"] == 1.0
     assert other["time_vs_first"] == pytest.approx(sum(other["ms_runs"]) / sum(first["ms_runs"]), rel=1e-3)
+    for r in (first, other):  # the median step interval is a step's time, in ms, like the runs' means
+        assert min(r["ms_runs"]) / 3 < r["step_ms_p50"] < max(r["ms_runs"]) * 3
+    assert first["p50_vs_first"] == 1.0
+    assert other["p50_vs_first"] == pytest.approx(other["step_ms_p50"] / first["step_ms_p50"], rel=2e-3)
     assert rows["loop+rows"]["loss_diff"] > 1e-4  # documents see each other: another objective
     with pytest.raises(ValueError, match="unknown train variant"):
         _bench_cpu("train", f"--config {config} --steps 3 --warmup-steps 1 --variants lightning+rows", tmp_path)
