@@ -48,9 +48,13 @@ has train && run train_counting $BENCH train --config configs/counting.yaml --ou
 # monitors on vs off, the same TensorBoard logger on both sides (docs/benchmarks.md §5)
 has train && run monitors_overhead_counting_tb $BENCH train --config configs/counting.yaml --steps 400 \
   --warmup-steps 100 --repeats 9 --hook-us --variants lightning+cudagraphs+tb,lit_xf+cudagraphs --out "$OUT" \
-  --name monitors_overhead_counting_tb
+  --name monitors_overhead_counting_p50
 has train && run monitors_overhead_default_tb $BENCH train --config configs/default.yaml --steps 300 \
-  --warmup-steps 100 --repeats 5 --hook-us --variants lightning+tb,lit_xf --out "$OUT" --name monitors_overhead_default_tb
+  --warmup-steps 100 --repeats 5 --hook-us --variants lightning+tb,lit_xf --out "$OUT" --name monitors_overhead_default_p50
+has train && run monitors_each_counting_p50 $BENCH train --config configs/counting.yaml --steps 400 --warmup-steps 100 \
+  --repeats 5 --out "$OUT" --name monitors_each_counting_p50 --variants lightning+cudagraphs+tb,lightning+cudagraphs+memory+tb,\
+lightning+cudagraphs+timer+noprofile+tb,lightning+cudagraphs+throughput+tb,lit_xf+cudagraphs,lightning+cudagraphs
+has train && run cuda_events_cost $PY scripts/cuda_events_cost.py "$OUT/cuda_events_between_launches.json"
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
