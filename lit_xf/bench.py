@@ -401,9 +401,10 @@ def bench_train(args) -> list[dict]:
     time before them (compilation included) in the first run. With ``--repeats R`` every variant
     runs R times, interleaved, and the median run is reported (``ms_range``: fastest-slowest;
     ``ms_runs``: each run in order; ``time_vs_first``: all its runs' time over the first variant's).
-    ``step_ms_p50`` is the median of every timed step's host interval (start to next start) over all
-    runs, ``p50_vs_first`` its ratio to the first variant's: the overhead measure least moved by
-    occasional stalls.
+    Odd repeats run the variants in reverse order, so a drift within a repeat, or a run slowed by
+    the one before it, weighs on every variant alike; ``ratio_vs_first`` is the median over repeats
+    of a run's time over the first variant's run in the same repeat (the overhead measure least
+    moved by one slow run).
     MFU counts ``LitTinyGPT.flops_per_batch`` against the device's dense peak. ``--profile-steps
     A:B`` profiles steps A..B-1 (inside the warm-up) of each variant's first run (``ProfileWindow``).
     Per-step losses go to ``<name>_losses.json``; ``loss_diff`` is their mean absolute difference
@@ -436,7 +437,7 @@ def bench_train(args) -> list[dict]:
     peaks: dict[str, int | None] = {}
     profiles: dict[str, dict] = {}
     for repeat in range(args.repeats):  # interleaved: drifts in clocks and host load hit every variant alike
-        for variant in args.variants:
+        for variant in args.variants if repeat % 2 == 0 else args.variants[::-1]:
             torch.manual_seed(0)
             torch.compiler.reset()  # each run compiles its own model (no stale graphs or CUDA-graph trees)
             if device.type == "cuda":
@@ -454,8 +455,6 @@ def bench_train(args) -> list[dict]:
                 profiles[variant] = window.result
     rows, curves = [], {}
     tokens = dm.hparams.batch_size * dm.hparams.seq_len
-    # the median step over all timed steps of all runs: steadier than a run's mean against stalls
-    p50 = {v: statistics.median(x for r in results[v] for x in r["step_s"]) * 1e3 for v in args.variants}
     for variant in args.variants:
         runs = sorted(results[variant], key=lambda r: r["timed_s"])
         res = runs[len(runs) // 2]  # the median run (upper median for an even count)
@@ -474,8 +473,6 @@ def bench_train(args) -> list[dict]:
             warmup_s=round(results[variant][0]["warmup_s"], 2),
             gc_ms=round(res["gc_ms"], 1),
             gc_full=res["gc_full"],
-            step_ms_p50=round(p50[variant], 3),
-            p50_vs_first=round(p50[variant] / p50[args.variants[0]], 4),
         )
         if res.get("hook_us") is not None:
             row["hook_us"] = res["hook_us"]
@@ -489,6 +486,8 @@ def bench_train(args) -> list[dict]:
             row["time_vs_first"] = round(
                 sum(r["timed_s"] for r in results[variant]) / sum(r["timed_s"] for r in results[args.variants[0]]), 4
             )
+            pairs = zip(results[variant], results[args.variants[0]], strict=True)
+            row["ratio_vs_first"] = round(statistics.median(r["timed_s"] / f["timed_s"] for r, f in pairs), 4)
         curves[variant] = [round(x, 5) for x in res["losses"]]
         first = curves[args.variants[0]]
         row["loss_diff"] = round(statistics.fmean(abs(a - b) for a, b in zip(curves[variant], first, strict=True)), 5)
@@ -585,14 +584,12 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
     batches = _cycle(dm.train_dataloader())
     real = flops = 0
-    t0, losses, start, marks = None, [], time.perf_counter(), []
+    t0, losses, start = None, [], time.perf_counter()
     for step in range(args.steps):
         window.at_step(step)
         if step == args.warmup_steps:
             _sync(device)
             t0 = time.perf_counter()
-        if t0 is not None:
-            marks.append(time.perf_counter())
         batch = next(batches)
         ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
         pos = None if rows else batch["position_ids"].to(device, non_blocking=True)
@@ -614,11 +611,9 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     window.finish()
     _sync(device)
     timed = time.perf_counter() - t0
-    marks.append(t0 + timed)
     return dict(
         t0=t0,
         timed_s=timed,
-        step_s=[b - a for a, b in itertools.pairwise(marks)],
         real_tokens=real,
         flops=flops,
         warmup_s=t0 - start,
@@ -668,7 +663,6 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     return dict(
         t0=clock.t0,
         timed_s=clock.seconds,
-        step_s=[b - a for a, b in itertools.pairwise(clock.marks)],
         real_tokens=clock.real_tokens,
         flops=clock.flops,
         warmup_s=clock.t0 - clock.start,
@@ -723,7 +717,6 @@ class _StepClock(L.Callback):
 
     def __init__(self, warmup: int, device: torch.device, window: ProfileWindow):
         self.warmup, self.device, self.window, self.t0, self.seconds = warmup, device, window, None, 0.0
-        self.marks: list[float] = []  # host time at each timed step's start, then at the end
         self.real_tokens = self.flops = 0
         self.losses: list[torch.Tensor] = []
 
@@ -736,7 +729,6 @@ class _StepClock(L.Callback):
             _sync(self.device)
             self.t0 = time.perf_counter()
         if self.t0 is not None:
-            self.marks.append(time.perf_counter())
             self.real_tokens += batch["stats"]["real_tokens"]
             self.flops += pl_module.flops_per_batch(batch)
 
@@ -747,7 +739,6 @@ class _StepClock(L.Callback):
         self.window.finish()
         _sync(self.device)
         self.seconds = time.perf_counter() - self.t0
-        self.marks.append(self.t0 + self.seconds)
 
 
 # Kernel groups of a profiled window: the first pattern that matches a kernel's name (case-insensitive).
