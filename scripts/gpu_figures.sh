@@ -46,13 +46,13 @@ GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+rows+compile_model,loop+ro
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
   --repeats 5 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
 # monitors on vs off, the same TensorBoard logger on both sides (docs/benchmarks.md §5)
-has train && run monitors_overhead_counting_tb $BENCH train --config configs/counting.yaml --steps 400 \
-  --warmup-steps 100 --repeats 9 --hook-us --variants lightning+cudagraphs+tb,lit_xf+cudagraphs --out "$OUT" \
-  --name monitors_overhead_counting_p50
-has train && run monitors_overhead_default_tb $BENCH train --config configs/default.yaml --steps 300 \
-  --warmup-steps 100 --repeats 5 --hook-us --variants lightning+tb,lit_xf --out "$OUT" --name monitors_overhead_default_p50
-has train && run monitors_each_counting_p50 $BENCH train --config configs/counting.yaml --steps 400 --warmup-steps 100 \
-  --repeats 5 --out "$OUT" --name monitors_each_counting_p50 --variants lightning+cudagraphs+tb,lightning+cudagraphs+memory+tb,\
+has train && run monitors_overhead_counting_abba $BENCH train --config configs/counting.yaml --steps 400 \
+  --warmup-steps 100 --repeats 10 --hook-us --variants lightning+cudagraphs+tb,lit_xf+cudagraphs --out "$OUT" \
+  --name monitors_overhead_counting_abba
+has train && run monitors_overhead_default_abba $BENCH train --config configs/default.yaml --steps 300 \
+  --warmup-steps 100 --repeats 8 --hook-us --variants lightning+tb,lit_xf --out "$OUT" --name monitors_overhead_default_abba
+has train && run monitors_each_counting_abba $BENCH train --config configs/counting.yaml --steps 400 --warmup-steps 100 \
+  --repeats 6 --out "$OUT" --name monitors_each_counting_abba --variants lightning+cudagraphs+tb,lightning+cudagraphs+memory+tb,\
 lightning+cudagraphs+timer+noprofile+tb,lightning+cudagraphs+throughput+tb,lit_xf+cudagraphs,lightning+cudagraphs
 has train && run cuda_events_cost $PY scripts/cuda_events_cost.py "$OUT/cuda_events_between_launches.json"
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
