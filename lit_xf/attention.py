@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -498,7 +498,10 @@ class Fa4Attention(AttentionKernel):
     document fills a quarter of one. Causal rows of short documents therefore run grouped:
     consecutive segments share sequences of up to ``FA4_GROUP_TOKENS`` tokens, a CuTe mask keeping
     attention inside each segment. ``grouping="auto"`` groups where that needs fewer tiles
-    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan.
+    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan. "block_sparse" (opt-in, for
+    causal rows with B·T a multiple of 128; else the auto plan) runs the batch as one sequence of
+    B·T tokens under FA4's block sparsity (``fa4_block_sparse``): 128×128 blocks with no visible
+    pair are skipped, blocks inside one segment run unmasked, the rest under the same CuTe mask.
 
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
     keeps a call inside its graph. Nothing in a call changes with the batch's documents but tensor
@@ -507,7 +510,7 @@ class Fa4Attention(AttentionKernel):
 
     name = "fa4"
     dtypes = (torch.float16, torch.bfloat16)
-    GROUPINGS = ("auto", "grouped", "per_document")
+    GROUPINGS = ("auto", "grouped", "per_document", "block_sparse")
 
     def __init__(self, grouping: str = "auto"):
         if grouping not in self.GROUPINGS:
@@ -532,11 +535,16 @@ class Fa4Attention(AttentionKernel):
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
         causal = ctx.layout.causal
         if ctx.bias is None:
-            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, None, q_BTHK.shape[1], causal)[0]
+            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, None, q_BTHK.shape[1], causal, [])[0]
         B, T, H, K = q_BTHK.shape
         G = k_BTGK.shape[2]
+        plan = ctx.bias
+        if plan.blocks:  # one sequence of N = B·T tokens: [1, N, H|G, K]
+            q_1NHK, k_1NGK, v_1NGK = (t.reshape(1, B * T, *t.shape[2:]) for t in (q_BTHK, k_BTGK, v_BTGK))
+            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, None, plan.seg_pos, B * T, causal, plan.blocks)[0]
+            return out_1NHK.view(B, T, H, K)
         q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
-        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, ctx.bias.cu_seqlens, ctx.bias.seg_pos, T, causal)[0]
+        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
         return out_NHK.view(B, T, H, K)
 
     def __repr__(self) -> str:
@@ -558,23 +566,31 @@ class Fa4Varlen:
     """Block-diagonal rows for FA4, flattened to N = B·T tokens. ``cu_seqlens`` (int32, bucketed
     by ``bucketed_bounds``) bounds the sequences FA4 runs: each segment alone (``seg_pos`` None;
     FA4's causal mask), or consecutive segments grouped (``seg_pos`` int32 [N]: each token's
-    position in its segment, read by the CuTe mask ``lit_xf.fa4_mask.segment_causal``)."""
+    position in its segment, read by the CuTe mask ``lit_xf.fa4_mask.segment_causal``). The
+    block-sparse plan has no ``cu_seqlens`` (one sequence of N tokens) and ``blocks``: the int32
+    block lists of ``fa4_block_sparse``."""
 
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | None
     seg_pos: torch.Tensor | None = None
+    blocks: list[torch.Tensor] = field(default_factory=list)
 
     def to(self, device) -> Fa4Varlen:
-        if self.seg_pos is None:
-            return Fa4Varlen(self.cu_seqlens.to(device, non_blocking=True))
-        both = torch.cat([self.cu_seqlens, self.seg_pos]).to(device, non_blocking=True)  # one copy
-        n = len(self.cu_seqlens)
-        return Fa4Varlen(both[:n], both[n:])
+        parts = [t for t in (self.cu_seqlens, self.seg_pos, *self.blocks) if t is not None]
+        flat = torch.cat([t.reshape(-1) for t in parts]).to(device, non_blocking=True)  # one copy
+        moved = iter(flat.split([t.numel() for t in parts]))
+        cu = next(moved) if self.cu_seqlens is not None else None
+        seg_pos = next(moved) if self.seg_pos is not None else None
+        return Fa4Varlen(cu, seg_pos, [next(moved).view(t.shape) for t in self.blocks])
 
 
 def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
-    """FA4's varlen sequences for a block-diagonal layout, built on the host: grouped for causal
-    rows where ``grouping`` is "grouped", or "auto" and ``fa4_grouping_pays``; else one per segment."""
+    """FA4's plan for a block-diagonal layout, built on the host: block-sparse where ``grouping`` is
+    "block_sparse" (causal rows, B·T a multiple of ``FA4_BLOCK``); else varlen sequences, grouped
+    for causal rows where ``grouping`` is "grouped", or "auto"/"block_sparse" and
+    ``fa4_grouping_pays``; else one per segment."""
     segments = [n for row in layout.segment_lens() for n in row]
+    if grouping == "block_sparse" and layout.causal and (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0:
+        return fa4_block_sparse(segments)
     if layout.causal and grouping != "per_document":
         bounds = group_bounds(segments)
         if grouping == "grouped" or fa4_grouping_pays(segments, bounds):
@@ -584,6 +600,41 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
             seg_pos = torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
             return Fa4Varlen(bucketed_bounds(bounds), seg_pos)
     return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
+
+
+# Query and key block of the block-sparse plan: Hopper's FA4 tile for head dims up to 128 (forward
+# and backward); FA4 wants the key block equal to its tile and the query block a multiple of it.
+FA4_BLOCK = 128
+
+
+def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
+    """The block-sparse plan for one causal sequence of consecutive ``segments`` (N = Σ tokens, a
+    multiple of ``block``): each token's position in its segment (``seg_pos``, for the CuTe mask)
+    and FA4's block lists. Query block i and key block j (``block`` tokens each) hold some visible
+    pair (j ≤ i in a shared segment) or none (skipped); all pairs are visible when j < i and one
+    segment spans both blocks (run unmasked), else the mask decides per pair. ``blocks``: for the
+    forward, per query block, the count and the ascending indices of masked key blocks, then of
+    unmasked ones (int32 ``[1, 1, n]``, ``[1, 1, n, n]``); then the same per key block for the
+    backward."""
+    lens = _int32(segments)
+    n = int(lens.sum())
+    seg = torch.repeat_interleave(torch.arange(len(segments), dtype=torch.int32), lens, output_size=n)
+    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+    seg_pos = torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
+    first, last = seg.view(-1, block)[:, 0], seg.view(-1, block)[:, -1]  # segments are contiguous
+    i, j = torch.arange(len(first))[:, None], torch.arange(len(first))[None, :]
+    visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j
+    full = (j < i) & (first[None, :] == last[:, None])  # one segment from key block j's start to query block i's end
+    masked = visible & ~full
+    lists = [*_block_lists(masked), *_block_lists(full), *_block_lists(masked.T), *_block_lists(full.T)]
+    return Fa4Varlen(None, seg_pos, lists)
+
+
+def _block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [rows, cols] -> per row the count and the column indices (selected first, ascending),
+    int32 [1, 1, rows] and [1, 1, rows, cols], FA4's block-sparse layout."""
+    order = torch.argsort((~selected).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return selected.sum(-1, dtype=torch.int32)[None, None], order[None, None]
 
 
 def group_bounds(segments: list[int], group_tokens: int = FA4_GROUP_TOKENS) -> list[int]:
@@ -631,8 +682,9 @@ def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
 # batch's layout), and autograd pairs them. q/k/v are [B, T, H|G, K] (dense, cu_seqlens None) or
 # [N, H|G, K] tokens under cu_seqlens; lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every
 # sequence (the row length T). seg_pos (int32 [N], see Fa4Varlen) marks grouped sequences: FA4
-# then masks with lit_xf.fa4_mask.segment_causal instead of its causal mask.
-def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal) -> dict:
+# then masks with lit_xf.fa4_mask.segment_causal instead of its causal mask. blocks (empty, or the
+# eight block lists of fa4_block_sparse) makes a dense [1, N] call block-sparse under that mask.
+def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=(), backward=False) -> dict:
     kw = dict(causal=causal)
     if cu_seqlens is not None:
         kw.update(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
@@ -640,6 +692,11 @@ def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal) -> dict:
         from lit_xf.fa4_mask import segment_causal
 
         kw.update(causal=False, mask_mod=segment_causal, aux_tensors=[seg_pos])
+    if blocks:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        lists = blocks[4:] if backward else blocks[:4]  # the backward walks query blocks per key block
+        kw["block_sparse_tensors"] = BlockSparseTensorsTorch(*lists, block_size=(FA4_BLOCK, FA4_BLOCK))
     return kw
 
 
@@ -652,19 +709,20 @@ def fa4_forward(
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
+    blocks: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ/√K, causal per segment) v and its row-wise log-sum-exp."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
-    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks)
     attend = flash_attn_func if cu_seqlens is None else flash_attn_varlen_func
     with torch.no_grad():
-        out, lse = attend(q, k, v, return_lse=True, **kw)
+        out, lse = attend(q, k, v, return_lse=True, **kw)[:2]
     return out, lse
 
 
 @fa4_forward.register_fake
-def _(q, k, v, cu_seqlens, seg_pos, max_seqlen, causal):
+def _(q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
     # FA4 allocates both contiguous, whatever q's strides
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
@@ -682,30 +740,31 @@ def fa4_backward(
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
+    blocks: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of ``fa4_forward`` (FA4's own backward kernel)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks, backward=True)
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, **kw)[:3]
     return dq, dk, dv
 
 
 @fa4_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, seg_pos, max_seqlen, causal = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos)
+    q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos, *blocks)
     ctx.max_seqlen, ctx.causal = max_seqlen, causal
 
 
 def _fa4_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
-    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, cu_seqlens, seg_pos, *blocks = ctx.saved_tensors
+    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal, blocks)
+    return dq, dk, dv, None, None, None, None, None
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)

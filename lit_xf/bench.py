@@ -181,13 +181,14 @@ def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
 
 
 def bench_kernel(name: str) -> AttentionKernel:
-    """``make_kernel(name)``, plus the fa4 plans as kernels of their own: ``fa4:grouped`` and
-    ``fa4:per_document`` (``Fa4Attention``'s grouping of short documents forced on or off)."""
+    """``make_kernel(name)``, plus the fa4 plans as kernels of their own: ``fa4:grouped``,
+    ``fa4:per_document`` (``Fa4Attention``'s grouping of short documents forced on or off) and
+    ``fa4:block_sparse``."""
     base, _, grouping = name.partition(":")
     if not grouping:
         return make_kernel(name)
     if base != "fa4":
-        raise ValueError(f"kernel {name!r}: only fa4 has variants (fa4:grouped, fa4:per_document)")
+        raise ValueError(f"kernel {name!r}: only fa4 has variants (fa4:grouped, fa4:per_document, fa4:block_sparse)")
     return Fa4Attention(grouping)
 
 

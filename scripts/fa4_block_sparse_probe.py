@@ -95,9 +95,9 @@ def main(out_path: str) -> None:
 
     varlen = fa4_varlen(layout, "grouped").to(dev)
     qn, kn, vn, dn = (t.reshape(B * T, H, K) for t in (q, k, v, dout))
-    fwd = lambda: fa4_forward(qn, kn, vn, varlen.cu_seqlens, varlen.seg_pos, T, True)  # noqa: E731
+    fwd = lambda: fa4_forward(qn, kn, vn, varlen.cu_seqlens, varlen.seg_pos, T, True, [])  # noqa: E731
     out, lse = fwd()
-    bwd = lambda: fa4_backward(dn, qn, kn, vn, out, lse, varlen.cu_seqlens, varlen.seg_pos, T, True)  # noqa: E731
+    bwd = lambda: fa4_backward(dn, qn, kn, vn, out, lse, varlen.cu_seqlens, varlen.seg_pos, T, True, [])  # noqa: E731
     res["grouped_varlen"] = dict(
         errors=errors(out.view(B, T, H, K), bwd()), fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd),
         fwd_bwd_ms=median_ms(lambda: (fwd(), bwd())),

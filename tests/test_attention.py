@@ -756,14 +756,20 @@ def test_fa4_op_shapes_under_fake_tensors():
         q, kv = torch.empty(64, 8, 32, dtype=torch.bfloat16), torch.empty(64, 2, 32, dtype=torch.bfloat16)
         cu, seg_pos = torch.zeros(8, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
         for grouped in (None, seg_pos):
-            out, lse = attn.fa4_forward(q, kv, kv, cu, grouped, 32, True)
+            out, lse = attn.fa4_forward(q, kv, kv, cu, grouped, 32, True, [])
             assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
-            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True)
+            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True, [])
             assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+        q1, kv1 = q.view(1, 64, 8, 32), kv.view(1, 64, 2, 32)  # block-sparse: one sequence
+        blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 4
+        out, lse = attn.fa4_forward(q1, kv1, kv1, None, seg_pos, 64, True, blocks)
+        assert out.shape == q1.shape and lse.shape == (1, 8, 64)
+        grads = attn.fa4_backward(out, q1, kv1, kv1, out, lse, None, seg_pos, 64, True, blocks)
+        assert [g.shape for g in grads] == [q1.shape, kv1.shape, kv1.shape]
         q4, kv4 = q.view(2, 32, 8, 32), kv.view(2, 32, 2, 32)
-        out, lse = attn.fa4_forward(q4, kv4, kv4, None, None, 32, True)
+        out, lse = attn.fa4_forward(q4, kv4, kv4, None, None, 32, True, [])
         assert out.shape == q4.shape and lse.shape == (2, 8, 32)
-        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True)
+        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True, [])
         assert [g.shape for g in grads] == [q4.shape, kv4.shape, kv4.shape]
 
 
@@ -837,11 +843,22 @@ def test_fa4_call_arguments_per_plan(monkeypatch):
     alone = attn._fa4_varlen_kwargs(cu, None, 8, True)
     assert alone["causal"] is True and "mask_mod" not in alone and alone["max_seqlen_k"] == 8
     assert attn._fa4_varlen_kwargs(None, None, 8, False) == {"causal": False}
+    # block-sparse: one dense sequence, the CuTe mask, the forward's lists or the backward's
+    fake_lists = types.SimpleNamespace(BlockSparseTensorsTorch=lambda *lists, block_size: (lists, block_size))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", fake_lists)
+    blocks = [torch.full((1,), n, dtype=torch.int32) for n in range(8)]
+    for backward, lists in ((False, blocks[:4]), (True, blocks[4:])):
+        kw = attn._fa4_varlen_kwargs(None, seg_pos, 8, True, blocks, backward=backward)
+        assert kw["causal"] is False and kw["mask_mod"] is mask and "cu_seqlens_q" not in kw
+        assert kw["block_sparse_tensors"] == (tuple(lists), (128, 128))
 
 
 def fa4_allowed(plan: attn.Fa4Varlen, causal: bool) -> torch.Tensor:
     """``[N, N]`` bool: what FA4 lets query i see under ``plan`` (the CuTe mask's rule, in Python):
-    keys of i's sequence, j ≤ i if causal, and within i's segment (i − j ≤ seg_pos[i]) if grouped."""
+    keys of i's sequence, j ≤ i if causal, and within i's segment (i − j ≤ seg_pos[i]) if grouped.
+    Block-sparse: pairs in listed masked blocks under the mask, in listed unmasked blocks all."""
+    if plan.blocks:
+        return block_sparse_allowed(plan)
     bounds = plan.cu_seqlens.tolist()
     seq = torch.cat([torch.full((b - a,), s) for s, (a, b) in enumerate(itertools.pairwise(bounds))])
     i = torch.arange(len(seq))
@@ -853,13 +870,40 @@ def fa4_allowed(plan: attn.Fa4Varlen, causal: bool) -> torch.Tensor:
     return allowed
 
 
-@pytest.mark.parametrize("grouping", ["grouped", "per_document", "auto"])
+def block_lists_dense(count: torch.Tensor, index: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """FA4 block lists (``[1, 1, R]`` counts, ``[1, 1, R, C]`` indices) -> bool ``[R, n_cols]``."""
+    dense = torch.zeros(count.shape[-1], n_cols, dtype=torch.bool)
+    for r, (c, idx) in enumerate(zip(count[0, 0].tolist(), index[0, 0], strict=True)):
+        dense[r, idx[:c].long()] = True
+        assert idx[:c].tolist() == sorted(idx[:c].tolist())  # ascending
+    return dense
+
+
+def block_sparse_allowed(plan: attn.Fa4Varlen, block: int = attn.FA4_BLOCK) -> torch.Tensor:
+    n = len(plan.seg_pos)
+    nb = n // block
+    masked_fwd, full_fwd, masked_bwd, full_bwd = (
+        block_lists_dense(plan.blocks[2 * k], plan.blocks[2 * k + 1], nb) for k in range(4)
+    )
+    assert torch.equal(masked_bwd, masked_fwd.T) and torch.equal(full_bwd, full_fwd.T)  # the backward's lists
+    assert not (masked_fwd & full_fwd).any()
+    i = torch.arange(n)
+    rule = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :]) <= plan.seg_pos.long()[:, None])
+    per_block = rule.view(nb, block, nb, block).permute(0, 2, 1, 3)
+    some, every = per_block.any(-1).any(-1), per_block.all(-1).all(-1)
+    assert torch.equal(full_fwd, every) and torch.equal(masked_fwd, some & ~every)  # no block more or less
+    expand = lambda b: b.repeat_interleave(block, 0).repeat_interleave(block, 1)  # noqa: E731
+    return (expand(masked_fwd) & rule) | expand(full_fwd)
+
+
+@pytest.mark.parametrize("grouping", ["grouped", "per_document", "auto", "block_sparse"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
-    """Grouped or not, FA4's sequences and mask allow exactly the documents' block-diagonal
-    (causal) pairs, padding as its own block: random rows of short and long documents."""
+    """Grouped, one sequence each or block-sparse, FA4's sequences, blocks and mask allow exactly the
+    documents' block-diagonal (causal) pairs, padding as its own block: random rows of short and
+    long documents."""
     gen = torch.Generator().manual_seed(3)
-    seq_len = 320
+    seq_len = 384 if grouping == "block_sparse" else 320  # block-sparse: B·T a multiple of 128
     for trial in range(20):
         rows = []
         for _ in range(3):
@@ -875,7 +919,36 @@ def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
         layout = DocLayout(rows, seq_len, causal)
         plan = attn.fa4_varlen(layout, grouping)
         assert plan.seg_pos is None or (causal and grouping != "per_document")
+        assert bool(plan.blocks) == (causal and grouping == "block_sparse")
         assert torch.equal(fa4_allowed(plan, causal), block_causal_allowed(rows, seq_len, causal)), (trial, rows)
+
+
+def test_fa4_block_sparse_lists_per_block():
+    """Segments [300, 84] in three 128-token blocks: block 1 lies inside segment 0 with key block 0
+    (unmasked), block 2 holds a boundary (masked against every earlier block); diagonals are masked;
+    nothing above the diagonal is listed. The backward's lists are per key block."""
+    plan = attn.fa4_block_sparse([300, 84])
+    assert plan.cu_seqlens is None and plan.seg_pos.tolist() == [*range(300), *range(84)]
+    masked_cnt, masked_idx, full_cnt, full_idx, bwd_masked_cnt, bwd_masked_idx, bwd_full_cnt, _ = plan.blocks
+    assert all(t.dtype == torch.int32 for t in plan.blocks)
+    assert masked_cnt.shape == (1, 1, 3) and masked_idx.shape == (1, 1, 3, 3)
+    assert masked_cnt.tolist() == [[[1, 1, 3]]] and full_cnt.tolist() == [[[0, 1, 0]]]
+    assert [row[:c] for row, c in zip(masked_idx[0, 0].tolist(), [1, 1, 3], strict=True)] == [[0], [1], [0, 1, 2]]
+    assert full_idx[0, 0, 1, 0] == 0
+    assert bwd_masked_cnt.tolist() == [[[2, 2, 1]]] and bwd_full_cnt.tolist() == [[[1, 0, 0]]]
+    assert [row[:c] for row, c in zip(bwd_masked_idx[0, 0].tolist(), [2, 2, 1], strict=True)] == [[0, 2], [1, 2], [2]]
+    moved = plan.to("cpu")  # one copy of every tensor, shapes kept
+    assert moved.cu_seqlens is None and [t.shape for t in moved.blocks] == [t.shape for t in plan.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(moved.blocks, plan.blocks, strict=True))
+
+
+def test_fa4_block_sparse_plan_needs_whole_blocks_and_causal_rows():
+    """"block_sparse" takes causal rows whose B·T fills 128-token blocks; otherwise the auto plan."""
+    rows = [[30, 98], [128]]
+    assert attn.fa4_varlen(DocLayout(rows, 128), "block_sparse").blocks  # 256 tokens
+    fallback = attn.fa4_varlen(DocLayout([[30, 60], [90]], 90), "block_sparse")  # 180 tokens
+    assert not fallback.blocks and fallback.cu_seqlens is not None
+    assert not attn.fa4_varlen(DocLayout(rows, 128, causal=False), "block_sparse").blocks
 
 
 def test_fa4_groups_never_split_a_segment():
@@ -1010,11 +1083,11 @@ class TestGpuKernelsAgainstReference:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kv", ["mha", "gqa"])
-@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document"])
+@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document", "fa4:block_sparse"])
 def test_gpu_fa4_plans_match_reference(request, plan, kv):
-    """Both fa4 plans for packed rows (short documents grouped under the CuTe mask, or one sequence
-    each) in bf16, forward and q/k/v gradients, against float64: documents shorter and longer than a
-    tile, length-1 documents, padding."""
+    """The fa4 plans for packed rows (short documents grouped under the CuTe mask, one sequence
+    each, or the batch as one block-sparse sequence) in bf16, forward and q/k/v gradients, against
+    float64: documents shorter and longer than a tile, length-1 documents, padding."""
     if problem := attn.fa4_problem():
         pytest.skip(problem)
     doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
