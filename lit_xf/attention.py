@@ -37,9 +37,13 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-KernelName = Literal["auto", "naive", "sdpa", "xformers", "flex", "fa4"]
+# A kernel, or fa4 with its packed-row plan forced (``Fa4Attention.GROUPINGS``)
+KernelName = Literal[
+    "auto", "naive", "sdpa", "xformers", "flex", "fa4", "fa4:grouped", "fa4:per_document", "fa4:block_sparse"
+]
 PositionScheme = Literal["learned", "rope", "alibi", "none"]
-KERNEL_NAMES: tuple[str, ...] = get_args(KernelName)
+ATTENTION_CHOICES: tuple[str, ...] = get_args(KernelName)
+KERNEL_NAMES: tuple[str, ...] = tuple(n for n in ATTENTION_CHOICES if ":" not in n)
 POSITION_SCHEMES: tuple[str, ...] = get_args(PositionScheme)
 
 # xformers has no ALiBi: it gets a dense [B, H, T, T] bias. Refuse biases above this many bytes.
@@ -869,10 +873,11 @@ KERNELS: dict[str, type[AttentionKernel]] = {
 
 
 def make_kernel(name: str) -> AttentionKernel:
-    """The kernel called ``name`` (one of ``KERNEL_NAMES``)."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; choose one of {', '.join(KERNEL_NAMES)}")
-    return KERNELS[name]()
+    """The kernel called ``name`` (one of ``ATTENTION_CHOICES``: a kernel, or ``fa4:<plan>``)."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    base, _, plan = name.partition(":")
+    return Fa4Attention(plan) if plan else KERNELS[base]()
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,10 +33,8 @@ import lightning as L
 import torch
 
 from lit_xf.attention import (
-    KERNEL_NAMES,
-    AttentionKernel,
+    ATTENTION_CHOICES,
     DocLayout,
-    Fa4Attention,
     Fa4Varlen,
     alibi_slopes,
     make_kernel,
@@ -106,7 +104,7 @@ def fwd_bwd_case(
 
     q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
     do = torch.randn(B, T, n_heads, head_dim, generator=g, device=device, dtype=dtype)
-    kernel = bench_kernel(kernel_name)
+    kernel = make_kernel(kernel_name)
     position_ids = layout.position_ids(device)
     slopes = alibi_slopes(n_heads).to(device) if alibi else None
 
@@ -180,22 +178,10 @@ def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_kernel(name: str) -> AttentionKernel:
-    """``make_kernel(name)``, plus the fa4 plans as kernels of their own: ``fa4:grouped``,
-    ``fa4:per_document`` (``Fa4Attention``'s grouping of short documents forced on or off) and
-    ``fa4:block_sparse``."""
-    base, _, grouping = name.partition(":")
-    if not grouping:
-        return make_kernel(name)
-    if base != "fa4":
-        raise ValueError(f"kernel {name!r}: only fa4 has variants (fa4:grouped, fa4:per_document, fa4:block_sparse)")
-    return Fa4Attention(grouping)
-
-
 def _run_case(name, layout, args, dtype, device) -> dict:
     kv_heads = args.kv_heads or args.heads
     reason = (
-        bench_kernel(name).support(
+        make_kernel(name).support(
             device=device,
             n_heads=args.heads,
             n_kv_heads=kv_heads,
@@ -269,7 +255,7 @@ def run_kernel(name: str, layout: DocLayout, inputs: list[torch.Tensor], dtype, 
     """Forward + backward of kernel ``name`` on ``inputs`` cast to ``dtype``: (out, dq, dk, dv)."""
     q, k, v = (x.detach().to(dtype, copy=True).requires_grad_() for x in inputs[:3])
     H, kv = q.shape[2], k.shape[2]
-    kernel = bench_kernel(name)
+    kernel = make_kernel(name)
     slopes = alibi_slopes(H).to(q.device) if alibi else None
     ctx = kernel.prepare(
         layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=kv, dtype=dtype, device=q.device
@@ -302,7 +288,7 @@ def bench_correctness(args) -> list[dict]:
 
 def _check(name, layout, inputs, ref, dtype, alibi, real) -> dict:
     H, kv = inputs[0].shape[2], inputs[1].shape[2]
-    reason = bench_kernel(name).support(
+    reason = make_kernel(name).support(
         device=inputs[0].device, n_heads=H, n_kv_heads=kv, alibi=alibi, training=True, seq_len=layout.seq_len
     )
     if reason:
@@ -374,7 +360,7 @@ def bench_packing(args) -> list[dict]:
 def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 5) -> float:
     """Median time to build the mask of a *new* batch of the same shape (documents reordered):
     what each training step pays, recompilation included."""
-    kernel = bench_kernel(name)
+    kernel = make_kernel(name)
     g = torch.Generator().manual_seed(1)
     times = []
     for _ in range(batches + 1):
@@ -978,7 +964,7 @@ def _positive_int(text: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = text.split(",")
-    known = (*KERNEL_NAMES, *(f"fa4:{g}" for g in Fa4Attention.GROUPINGS[1:]))
+    known = ATTENTION_CHOICES
     bad = [n for n in names if n not in known]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(known)}")

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_xf.attention import (
-    KERNEL_NAMES,
+    ATTENTION_CHOICES,
     POSITION_SCHEMES,
     AttentionContext,
     DocLayout,
@@ -115,7 +115,8 @@ class TinyGPT(nn.Module):
         n_kv_heads: key/value heads for grouped-query attention (divides ``n_heads``; default
             ``n_heads``; 1 is multi-query).
         max_seq_len: longest row (tokens) the model accepts.
-        attention: kernel name, one of ``auto naive sdpa xformers flex``.
+        attention: kernel name, one of ``auto naive sdpa xformers flex fa4``, or ``fa4:<plan>`` with
+            fa4's plan for packed rows forced (``grouped``, ``per_document``, ``block_sparse``).
         positions: ``learned`` (absolute embeddings), ``rope``, ``alibi`` or ``none``. Positions
             count inside each document, so they restart at every document of a packed row.
         ffn: ``swiglu``, ``gelu`` or a factory ``dim -> nn.Module`` (called once per layer).
@@ -305,8 +306,8 @@ def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, a
         )
     if (d_model // n_heads) % 2 and positions == "rope":
         raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={d_model // n_heads}")
-    if attention not in KERNEL_NAMES:
-        raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     if positions not in POSITION_SCHEMES:
         raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITION_SCHEMES)}")
     if isinstance(ffn, str) and ffn not in FFNS:

@@ -34,7 +34,6 @@ from lit_xf.attention import (
     dense_bias_bytes,
     make_kernel,
 )
-from lit_xf.bench import bench_kernel
 from lit_xf.model import TinyGPT, rope_rotate
 
 CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex", "fa4"}
@@ -160,7 +159,7 @@ def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = Tr
     real = real_mask(doc_lens, T_, q.device)[:, :, None, None]
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * real.cpu()
 
-    kernel = bench_kernel(name)  # a kernel name, or an fa4 plan ("fa4:grouped")
+    kernel = attn.make_kernel(name)  # a kernel name, or an fa4 plan ("fa4:grouped")
     leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
     with torch.set_grad_enabled(grad):
         ctx = kernel.prepare(
@@ -824,8 +823,13 @@ def test_fa4_varlen_segments_cover_rows_and_padding():
     assert grouped.seg_pos.dtype == torch.int32
     assert grouped.seg_pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, *range(8)]
     assert bias([[8], [5]], "auto") is None  # one document per row: dense causal
-    with pytest.raises(ValueError, match="fa4 grouping='tiles'; choose one of auto, grouped, per_document"):
+    with pytest.raises(ValueError, match="fa4 grouping=.tiles.; choose one of auto, grouped, per_document, block_"):
         attn.Fa4Attention("tiles")
+    # a model or config names a plan as fa4:<plan>
+    assert repr(attn.make_kernel("fa4:block_sparse")) == "Fa4Attention(grouping='block_sparse')"
+    assert "fa4:block_sparse" in attn.ATTENTION_CHOICES and "fa4:block_sparse" not in attn.KERNEL_NAMES
+    with pytest.raises(ValueError, match="unknown attention kernel 'fa4:tiles'; choose one of auto, .*fa4:grouped"):
+        attn.make_kernel("fa4:tiles")
 
 
 def test_fa4_call_arguments_per_plan(monkeypatch):
