@@ -635,10 +635,15 @@ def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
 
 
 def _block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [rows, cols] -> per row the count and the column indices (selected first, ascending),
-    int32 [1, 1, rows] and [1, 1, rows, cols], FA4's block-sparse layout."""
-    order = torch.argsort((~selected).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return selected.sum(-1, dtype=torch.int32)[None, None], order[None, None]
+    """bool [rows, cols] -> per row the count and the selected column indices, ascending, then
+    zeros (FA4 reads a row's first ``count``): int32 [1, 1, rows] and [1, 1, rows, cols], FA4's
+    block-sparse layout."""
+    rows, cols = selected.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+    count = selected.sum(-1, dtype=torch.int32)
+    rank = torch.arange(len(rows)) - (torch.cumsum(count, 0) - count)[rows]  # place within its row
+    index = torch.zeros(selected.shape, dtype=torch.int32)
+    index[rows, rank] = cols.to(torch.int32)
+    return count[None, None], index[None, None]
 
 
 def group_bounds(segments: list[int], group_tokens: int = FA4_GROUP_TOKENS) -> list[int]:
