@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -545,7 +545,7 @@ class Fa4Attention(AttentionKernel):
         plan = ctx.bias
         if plan.blocks:  # one sequence of N = B·T tokens: [1, N, H|G, K]
             q_1NHK, k_1NGK, v_1NGK = (t.reshape(1, B * T, *t.shape[2:]) for t in (q_BTHK, k_BTGK, v_BTGK))
-            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, None, plan.seg_pos, B * T, causal, plan.blocks)[0]
+            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, None, plan.seg_pos, B * T, causal, list(plan.blocks))[0]
             return out_1NHK.view(B, T, H, K)
         q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
         out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
@@ -576,7 +576,7 @@ class Fa4Varlen:
 
     cu_seqlens: torch.Tensor | None
     seg_pos: torch.Tensor | None = None
-    blocks: list[torch.Tensor] = field(default_factory=list)
+    blocks: tuple[torch.Tensor, ...] = ()
 
     def to(self, device) -> Fa4Varlen:
         parts = [t for t in (self.cu_seqlens, self.seg_pos, *self.blocks) if t is not None]
@@ -584,7 +584,7 @@ class Fa4Varlen:
         moved = iter(flat.split([t.numel() for t in parts]))
         cu = next(moved) if self.cu_seqlens is not None else None
         seg_pos = next(moved) if self.seg_pos is not None else None
-        return Fa4Varlen(cu, seg_pos, [next(moved).view(t.shape) for t in self.blocks])
+        return Fa4Varlen(cu, seg_pos, tuple(next(moved).view(t.shape) for t in self.blocks))
 
 
 def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
@@ -630,7 +630,7 @@ def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
     visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j
     full = (j < i) & (first[None, :] == last[:, None])  # one segment from key block j's start to query block i's end
     masked = visible & ~full
-    lists = [*_block_lists(masked), *_block_lists(full), *_block_lists(masked.T), *_block_lists(full.T)]
+    lists = (*_block_lists(masked), *_block_lists(full), *_block_lists(masked.T), *_block_lists(full.T))
     return Fa4Varlen(None, seg_pos, lists)
 
 
