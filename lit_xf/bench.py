@@ -964,10 +964,9 @@ def _positive_int(text: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = text.split(",")
-    known = ATTENTION_CHOICES
-    bad = [n for n in names if n not in known]
+    bad = [n for n in names if n not in ATTENTION_CHOICES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {bad}; choose from {', '.join(ATTENTION_CHOICES)}")
     return names
 
 

@@ -793,10 +793,10 @@ class KernelTimer(_StepCallback):
 
     Marks: forward = batch start -> ``on_before_backward``; backward = ``on_before_backward`` ->
     ``on_after_backward`` (both summed over the micro-batches of an accumulated step); optimizer =
-    the last ``on_after_backward`` -> batch end (GradScaler's unscaling, gradient clipping, the step
-    and zeroing the gradients); step = first micro-batch start -> batch end. Four marks per step
-    without accumulation. On CUDA the marks are CUDA events read one step
-    later (no per-step host sync; see the module docstring); elsewhere a synchronized
+    the last ``on_after_backward`` -> batch end (GradScaler's unscaling, gradient clipping and the
+    step; Lightning zeroes gradients before each backward); step = first micro-batch start -> batch
+    end: four marks per step without accumulation. On CUDA the marks are CUDA events read later
+    (no per-step host sync; see the module docstring); elsewhere a synchronized
     ``time.perf_counter``. Made for automatic optimization; under manual optimization the phases are
     whatever falls between the hooks.
 
