@@ -87,6 +87,10 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
   has train && run train_gpt2_124m_cudagraphs $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
     --warmup-steps 40 --out "$OUT" --name train_gpt2_124m_cudagraphs --variants lit_xf+cudagraphs,loop+cudagraphs
+  # the opt-in block-sparse plan on the same job (compare with train_gpt2_124m, auto's grouped plan)
+  has train && run train_gpt2_124m_block_sparse $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+    --warmup-steps 40 --repeats 3 --attention fa4:block_sparse --out "$OUT" --name train_gpt2_124m_block_sparse \
+    --variants lit_xf+compile,loop+compile,loop+rows+compile_model
   has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
 fi
