@@ -598,12 +598,16 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
     if layout.causal and grouping != "per_document":
         bounds = group_bounds(segments)
         if grouping == "grouped" or fa4_grouping_pays(segments, bounds):
-            lens = _int32(segments)
-            starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
-            n = bounds[-1]
-            seg_pos = torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
-            return Fa4Varlen(bucketed_bounds(bounds), seg_pos)
+            return Fa4Varlen(bucketed_bounds(bounds), segment_positions(segments))
     return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
+
+
+def segment_positions(segments: list[int]) -> torch.Tensor:
+    """int32 [Σ segments]: each token's position in its segment (consecutive segments of ≥ 1 token)."""
+    lens = _int32(segments)
+    n = int(lens.sum())
+    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+    return torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
 
 
 # Query and key block of the block-sparse plan: Hopper's FA4 tile for head dims up to 128 (forward
@@ -620,11 +624,8 @@ def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
     forward, per query block, the count and the ascending indices of masked key blocks, then of
     unmasked ones (int32 ``[1, 1, n]``, ``[1, 1, n, n]``); then the same per key block for the
     backward."""
-    lens = _int32(segments)
-    n = int(lens.sum())
-    seg = torch.repeat_interleave(torch.arange(len(segments), dtype=torch.int32), lens, output_size=n)
-    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
-    seg_pos = torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
+    seg_pos = segment_positions(segments)
+    seg = torch.cumsum(seg_pos == 0, 0) - 1  # each token's segment: a segment starts at position 0
     first, last = seg.view(-1, block)[:, 0], seg.view(-1, block)[:, -1]  # segments are contiguous
     i, j = torch.arange(len(first))[:, None], torch.arange(len(first))[None, :]
     visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j

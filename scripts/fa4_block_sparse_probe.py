@@ -1,6 +1,6 @@
-"""Short packed documents through FlashAttention-4 two ways, per call (docs/benchmarks.md §4):
-lit_xf's grouped varlen plan, and the batch flattened to one sequence with FA4's block sparsity
-(partial blocks masked by ``lit_xf.fa4_mask.segment_causal``, full blocks unmasked).
+"""Short packed documents through FlashAttention-4, per call (docs/benchmarks.md §4): lit_xf's
+grouped varlen plan against its block-sparse plan (the batch as one sequence under FA4's block
+sparsity, ``fa4_block_sparse``), both through lit_xf's custom ops, with errors against fp32 sdpa.
 
 Usage: python scripts/fa4_block_sparse_probe.py OUT.json  (one Hopper GPU, flash-attn-4 installed)."""
 
@@ -8,39 +8,10 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import torch
 
 from lit_xf.attention import DocLayout, fa4_backward, fa4_forward, fa4_varlen
-
-
-def block_classes(seg_ids: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-decreasing segment ids [S] of one sequence -> (partial, full) bool [S/m, S/n]: blocks of
-    query rows × key columns where some / every pair is visible (key ≤ query, same segment)."""
-    n_q, n_k = seg_ids.numel() // m, seg_ids.numel() // n
-    q, k = seg_ids.view(n_q, m), seg_ids.view(n_k, n)
-    qf, ql, kf, kl = q[:, 0], q[:, -1], k[:, 0], k[:, -1]
-    i = torch.arange(n_q, device=seg_ids.device)[:, None]
-    j = torch.arange(n_k, device=seg_ids.device)[None, :]
-    visible = (j * n <= (i + 1) * m - 1) & (kf[None, :] <= ql[:, None]) & (qf[:, None] <= kl[None, :])
-    one_segment = (qf == ql)[:, None] & (kf == kl)[None, :] & (qf[:, None] == kf[None, :])
-    full = ((j + 1) * n - 1 <= i * m) & one_segment
-    return visible & ~full, full
-
-
-def _packed(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, C] bool -> counts [1, 1, R] and indices [1, 1, R, C] (selected columns first, ascending)."""
-    idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return dense.sum(-1).to(torch.int32)[None, None].contiguous(), idx[None, None].contiguous()
-
-
-def sparse_tensors(partial, full, block, transpose=False):
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-    if transpose:  # the backward walks query blocks per key block
-        partial, full = partial.T, full.T
-    return BlockSparseTensorsTorch(*_packed(partial), *_packed(full), block_size=block)
 
 
 def median_ms(fn, reps: int = 20) -> float:
@@ -58,11 +29,6 @@ def median_ms(fn, reps: int = 20) -> float:
 
 
 def main(out_path: str) -> None:
-    from flash_attn.cute import flash_attn_func
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    from lit_xf.fa4_mask import segment_causal
-
     B, T, H, K = 16, 2048, 12, 64
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -93,34 +59,23 @@ def main(out_path: str) -> None:
             name: round((grad.view(B, T, H, K).float() - r).abs().max().item(), 4) for name, grad, r in pairs
         }
 
-    varlen = fa4_varlen(layout, "grouped").to(dev)
-    qn, kn, vn, dn = (t.reshape(B * T, H, K) for t in (q, k, v, dout))
-    fwd = lambda: fa4_forward(qn, kn, vn, varlen.cu_seqlens, varlen.seg_pos, T, True, [])  # noqa: E731
-    out, lse = fwd()
-    bwd = lambda: fa4_backward(dn, qn, kn, vn, out, lse, varlen.cu_seqlens, varlen.seg_pos, T, True, [])  # noqa: E731
-    res["grouped_varlen"] = dict(
-        errors=errors(out.view(B, T, H, K), bwd()), fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd),
-        fwd_bwd_ms=median_ms(lambda: (fwd(), bwd())),
-    )
-
-    seg = (layout.segment_ids() + torch.arange(B)[:, None] * T).reshape(-1).to(dev)  # ids unique per row
-    pos = layout.position_ids().reshape(-1).to(torch.int32).to(dev)
-    q1, k1, v1, d1 = (t.reshape(1, B * T, H, K) for t in (q, k, v, dout))
-    for block in ((128, 128), (256, 128)):
-        t0 = time.perf_counter()
-        partial, full = block_classes(seg, *block)
-        fwd_t, bwd_t = sparse_tensors(partial, full, block), sparse_tensors(partial, full, block, transpose=True)
-        torch.cuda.synchronize()
-        build_ms = (time.perf_counter() - t0) * 1e3
-        kw = dict(causal=False, mask_mod=segment_causal, aux_tensors=[pos])
-        fwd = lambda: flash_attn_func(q1, k1, v1, block_sparse_tensors=fwd_t, return_lse=True, **kw)[:2]  # noqa: E731,B023
+    qn, kn, vn, dn = (t.reshape(B * T, H, K) for t in (q, k, v, dout))  # grouped: [N] tokens
+    q1, k1, v1, d1 = (t.reshape(1, B * T, H, K) for t in (q, k, v, dout))  # block-sparse: one sequence
+    for name, inputs, max_seqlen in (("grouped", (qn, kn, vn, dn), T), ("block_sparse", (q1, k1, v1, d1), B * T)):
+        plan = fa4_varlen(layout, name).to(dev)
+        qx, kx, vx, dx = inputs
+        args = (plan.cu_seqlens, plan.seg_pos, max_seqlen, True, list(plan.blocks))
+        fwd = lambda: fa4_forward(qx, kx, vx, *args)  # noqa: E731,B023
         out, lse = fwd()
-        bwd = lambda: _flash_attn_bwd(q1, k1, v1, out, d1, lse, block_sparse_tensors=bwd_t, **kw)[:3]  # noqa: E731,B023
-        res[f"flat_block_sparse_{block[0]}x{block[1]}"] = dict(
-            build_ms=round(build_ms, 2), partial_blocks=int(partial.sum()), full_blocks=int(full.sum()),
-            errors=errors(out.view(B, T, H, K), bwd()), fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd),
+        bwd = lambda: fa4_backward(dx, qx, kx, vx, out, lse, *args)  # noqa: E731,B023
+        res[name] = dict(
+            errors=errors(out.view(B, T, H, K), bwd()),
+            fwd_ms=median_ms(fwd),
+            bwd_ms=median_ms(bwd),
             fwd_bwd_ms=median_ms(lambda: (fwd(), bwd())),  # noqa: B023
         )
+        if plan.blocks:
+            res[name] |= dict(masked_blocks=int(plan.blocks[0].sum()), unmasked_blocks=int(plan.blocks[2].sum()))
     print(json.dumps(res, indent=1))
     with open(out_path, "w") as f:
         json.dump(res, f, indent=1)
