@@ -774,7 +774,8 @@ def _fa4_setup_context(ctx, inputs, output):
 def _fa4_grad(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens, seg_pos, *blocks = ctx.saved_tensors
     dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal, blocks)
-    return dq, dk, dv, None, None, None, None, None
+    # one gradient per input, and per tensor of the list input (autograd checks the structure)
+    return dq, dk, dv, None, None, None, None, [None] * len(blocks)
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)

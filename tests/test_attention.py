@@ -946,8 +946,73 @@ def test_fa4_block_sparse_lists_per_block():
     assert all(torch.equal(a, b) for a, b in zip(moved.blocks, plan.blocks, strict=True))
 
 
+def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
+    """What FA4 computes for the ops' arguments, in float64 on the CPU, under ``fa4_allowed`` of the
+    plan they describe (dense rows without one): (out, lse), or with ``dout`` (dq, dk, dv) by
+    P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K / √K, dK = dSᵀ Q / √K."""
+    dense = cu_seqlens is None and not blocks
+    q_BTHK, k_BTGK, v_BTGK = (t.double() if dense else t.double().reshape(1, -1, *t.shape[-2:]) for t in (q, k, v))
+    B, T, H, K = q_BTHK.shape
+    if dense:
+        allowed = torch.ones(T, T, dtype=torch.bool).tril() if causal else torch.ones(T, T, dtype=torch.bool)
+    else:
+        allowed = fa4_allowed(attn.Fa4Varlen(cu_seqlens, seg_pos, tuple(blocks)), causal)
+    G = k_BTGK.shape[2]
+    q_BHTK, k_BHTK, v_BHTK = (t.repeat_interleave(H // t.shape[2], 2).transpose(1, 2) for t in (q_BTHK, k_BTGK, v_BTGK))
+    scores = (q_BHTK @ k_BHTK.transpose(-1, -2) / math.sqrt(K)).masked_fill(~allowed, -math.inf)
+    p_BHTT = scores.softmax(-1).nan_to_num()
+    out_BHTK = p_BHTT @ v_BHTK
+    if dout is None:
+        out, lse_BHT = out_BHTK.transpose(1, 2).reshape(q.shape).to(q.dtype), scores.logsumexp(-1).float()
+        return out, (lse_BHT if cu_seqlens is None else lse_BHT[0])  # [B, H, T]; varlen [H, N]
+    do_BHTK = dout.double().reshape(B, T, H, K).transpose(1, 2)
+    ds = p_BHTT * (do_BHTK @ v_BHTK.transpose(-1, -2) - (do_BHTK * out_BHTK).sum(-1, keepdim=True))
+    dq, dk, dv = (
+        ds @ k_BHTK / math.sqrt(K),
+        ds.transpose(-1, -2) @ q_BHTK / math.sqrt(K),
+        p_BHTT.transpose(-1, -2) @ do_BHTK,
+    )
+    per_kv = lambda g: g.unflatten(1, (G, H // G)).sum(2)  # noqa: E731 -- GQA: sum over each group's heads
+    return tuple(g.transpose(1, 2).reshape(t.shape).to(t.dtype) for g, t in ((dq, q), (per_kv(dk), k), (per_kv(dv), v)))
+
+
+@pytest.fixture
+def fa4_ops_on_cpu():
+    """CPU kernels for lit_xf's two FA4 ops (the stand-in above), so the plans, reshapes and
+    autograd wiring around FA4 run without a GPU."""
+    lib = torch.library.Library("lit_xf", "IMPL")
+    lib.impl(
+        "fa4_forward",
+        lambda q, k, v, cu, seg_pos, _, causal, blocks: _fa4_stand_in(q, k, v, cu, seg_pos, causal, blocks),
+        "CPU",
+    )
+    lib.impl(
+        "fa4_backward",
+        lambda dout, q, k, v, out, lse, cu, seg_pos, _, causal, blocks: _fa4_stand_in(
+            q, k, v, cu, seg_pos, causal, blocks, dout
+        ),
+        "CPU",
+    )
+    yield
+    lib._destroy()
+
+
+@pytest.mark.parametrize("kv", ["mha", "gqa"])
+@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document", "fa4:block_sparse", "fa4", "fa4 dense"])
+def test_fa4_plans_forward_and_backward_through_the_ops(fa4_ops_on_cpu, plan, kv):
+    """Each fa4 plan (and dense rows) through the custom ops and their autograd on the CPU, with
+    stand-in kernels: the plan's arguments reach the forward and the backward, the list of block
+    tensors included, and the output and q/k/v gradients equal block-diagonal causal attention."""
+    doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
+    if plan == "fa4 dense":
+        plan, doc_lens = "fa4", [[T_]] * 3
+    q, k, v = random_qkv(torch.Generator().manual_seed(5), 3, T_, 4, KV[kv](4), 16, torch.bfloat16)
+    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True)
+    assert_matches(got, want, real, 2e-2)  # bf16 outputs and gradients; a wrong mask is off by O(1)
+
+
 def test_fa4_block_sparse_plan_needs_whole_blocks_and_causal_rows():
-    """"block_sparse" takes causal rows whose B·T fills 128-token blocks; otherwise the auto plan."""
+    """ "block_sparse" takes causal rows whose B·T fills 128-token blocks; otherwise the auto plan."""
     rows = [[30, 98], [128]]
     assert attn.fa4_varlen(DocLayout(rows, 128), "block_sparse").blocks  # 256 tokens
     fallback = attn.fa4_varlen(DocLayout([[30, 60], [90]], 90), "block_sparse")  # 180 tokens
