@@ -109,7 +109,6 @@ class LitTinyGPT(L.LightningModule):
             tie_embeddings,
             dropout,
         )
-        self.train_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()  # weighted by real target tokens
         self._flops_constants: tuple[int, int] | None = None
@@ -167,14 +166,21 @@ class LitTinyGPT(L.LightningModule):
         log_now = self._logs_this_step()
         if self._trainer is None or self.trainer.world_size == 1:
             loss, logits = self._loss(batch)
-            if log_now:
-                self.log("train/loss", loss, prog_bar=True)
+            global_loss = loss
         else:
-            loss, logits = self._distributed_loss(batch, log_now)
+            loss, logits, global_loss = self._distributed_loss(batch)
         if log_now:
-            self.train_acc(logits.detach().flatten(0, 1), batch["labels"].flatten())
-            self.log("train/acc", self.train_acc, prog_bar=True)
+            self._log_train_metrics(global_loss, token_accuracy(logits.detach(), batch["labels"]))
         return loss
+
+    def _log_train_metrics(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
+        """Log ``train/loss`` and ``train/acc`` as CPU tensors, copied in one transfer: the one wait
+        for the GPU of a logged step. Lightning converts progress-bar values to numbers after every
+        step until the epoch ends; from a CUDA tensor each conversion would wait for the GPU, on
+        every step, and the host could never run ahead of it."""
+        loss_cpu, accuracy_cpu = torch.stack([loss.detach().float(), accuracy.float()]).cpu()
+        self.log("train/loss", loss_cpu, prog_bar=True)
+        self.log("train/acc", accuracy_cpu, prog_bar=True)
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.estimated_stepping_batches
@@ -186,8 +192,8 @@ class LitTinyGPT(L.LightningModule):
         step = self.global_step + 1
         return step % self.trainer.log_every_n_steps == 0 or step >= getattr(self, "_last_step", step)
 
-    def _distributed_loss(self, batch: dict, log_now: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate on this rank, logits); logs ``train/loss`` as the global token mean."""
+    def _distributed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate on this rank, logits, global token mean for ``train/loss``)."""
         logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
         labels = batch["labels"].flatten()
         nll_sum = self._cross_entropy(logits_BTV, batch["labels"], reduction="sum")
@@ -199,9 +205,7 @@ class LitTinyGPT(L.LightningModule):
         else:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         tokens = totals[1].clamp(min=1)  # no real token anywhere: loss 0, not NaN
-        if log_now:
-            self.log("train/loss", totals[0] / tokens, prog_bar=True)  # already global: no sync_dist
-        return nll_sum * self.trainer.world_size / tokens, logits_BTV
+        return nll_sum * self.trainer.world_size / tokens, logits_BTV, totals[0] / tokens  # already global
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -344,6 +348,13 @@ class LitTinyGPT(L.LightningModule):
                 break
         self.train(was_training)
         return ids if prompt_ids.ndim > 1 else ids[0]
+
+
+def token_accuracy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Share of real target tokens (label ≠ ``IGNORE_INDEX``) whose arg-max logit is the label
+    (0 without any); no host sync, unlike boolean indexing."""
+    real = labels_BT != IGNORE_INDEX
+    return ((logits_BTV.argmax(-1) == labels_BT) & real).sum() / real.sum().clamp(min=1)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -8,24 +8,46 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 
 from lit_xf.attention import DocLayout, fa4_backward, fa4_forward, fa4_varlen
 
 
-def median_ms(fn, reps: int = 20) -> float:
+def timings_ms(fn, calls: int = 20) -> dict:
+    """Per call: ``gpu`` (the calls queued behind a 100 ms GPU sleep, so the host never paces them),
+    ``host`` (the host's time to issue one) and ``paced`` (median of calls timed one by one, which
+    the host paces when it is the slower)."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
+    paced = []
+    for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
+        paced.append(start.elapsed_time(end))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(100 * _sleep_cycles_per_ms())
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / calls
+    end.record()
+    end.synchronize()
+    gpu = start.elapsed_time(end) / calls
+    return dict(gpu=round(gpu, 3), host=round(host, 3), paced=round(statistics.median(paced), 3))
+
+
+def _sleep_cycles_per_ms() -> int:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10**8)
+    torch.cuda.synchronize()
+    return int(10**8 / ((time.perf_counter() - t0) * 1e3))
 
 
 def main(out_path: str) -> None:
@@ -70,9 +92,9 @@ def main(out_path: str) -> None:
         bwd = lambda: fa4_backward(dx, qx, kx, vx, out, lse, *args)  # noqa: E731,B023
         res[name] = dict(
             errors=errors(out.view(B, T, H, K), bwd()),
-            fwd_ms=median_ms(fwd),
-            bwd_ms=median_ms(bwd),
-            fwd_bwd_ms=median_ms(lambda: (fwd(), bwd())),  # noqa: B023
+            fwd_ms=timings_ms(fwd),
+            bwd_ms=timings_ms(bwd),
+            fwd_bwd_ms=timings_ms(lambda: (fwd(), bwd())),  # noqa: B023
         )
         if plan.blocks:
             res[name] |= dict(masked_blocks=int(plan.blocks[0].sum()), unmasked_blocks=int(plan.blocks[2].sum()))

@@ -411,3 +411,69 @@ def test_adamw_is_fused_on_cuda_unless_clipping_under_a_grad_scaler():
     assert fused == {("cpu", False): False, ("cpu", True): False, ("cuda", False): True, ("cuda", True): False}
     groups = adamw(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu")).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+
+
+def test_token_accuracy_matches_torchmetrics_and_skips_ignored_labels():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lit_xf.module import IGNORE_INDEX, token_accuracy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 20, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 20), generator=gen)
+    labels[:, 15:] = IGNORE_INDEX
+    labels[0, :8] = logits[0, :8].argmax(-1)  # some right answers
+    want = MulticlassAccuracy(11, average="micro", ignore_index=IGNORE_INDEX)(logits.flatten(0, 1), labels.flatten())
+    assert token_accuracy(logits, labels) == pytest.approx(want.item()) and 0 < want < 1
+    assert token_accuracy(logits, torch.full_like(labels, IGNORE_INDEX)) == 0
+
+
+class _SyncGuard(L.Callback):
+    """Turns any host-device synchronization into an error from the start of each step that logs
+    nothing (not the first) until the next step starts, Lightning's end-of-step work included."""
+
+    def __init__(self):
+        self.guarded = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step + 1
+        logged = step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
+        torch.cuda.set_sync_debug_mode(0 if logged or trainer.global_step == 0 else "error")
+        self.guarded.append(not logged and trainer.global_step > 0)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_only_logged_steps_wait_for_the_gpu(tmp_path):
+    """A training step that logs nothing never waits for the GPU (so the host can run ahead of it),
+    with the progress bar, TensorBoard, the three monitors, clipping and bf16: only the steps that
+    write ``train/*`` synchronize, once."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
+
+    dm = TextDataModule(corpus="counting", batch_mode="packed", seq_len=64, batch_size=8, counting_documents=800)
+    model = LitTinyGPT(vocab_size=dm.vocab_size, max_seq_len=64, d_model=64, n_layers=2, n_heads=4)
+    guard = _SyncGuard()
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=16,
+        log_every_n_steps=5,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[guard, PeakMemoryMonitor(), KernelTimer(profile_every_n_steps=0), ThroughputMonitor()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    try:
+        trainer.fit(model, dm)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.global_step == 16 and sum(guard.guarded) == 11  # steps 1-14 but 4, 9, 14
+    assert set(trainer.progress_bar_metrics) >= {"train/loss", "train/acc"}
