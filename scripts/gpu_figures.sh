@@ -58,7 +58,7 @@ has train && run cuda_events_cost $PY scripts/cuda_events_cost.py "$OUT/cuda_eve
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
-  --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
+  --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()
@@ -89,8 +89,9 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     --warmup-steps 40 --out "$OUT" --name train_gpt2_124m_cudagraphs --variants lit_xf+cudagraphs,loop+cudagraphs
   # the opt-in block-sparse plan on the same job (compare with train_gpt2_124m, auto's grouped plan)
   has train && run train_gpt2_124m_block_sparse $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
-    --warmup-steps 40 --repeats 3 --attention fa4:block_sparse --out "$OUT" --name train_gpt2_124m_block_sparse \
-    --variants lit_xf+compile,loop+compile,loop+rows+compile_model
+    --warmup-steps 40 --repeats 2 --attention fa4:block_sparse --profile-steps 30:34 --out "$OUT" \
+    --name train_gpt2_124m_block_sparse --variants lit_xf+compile,loop+compile,loop+rows+compile_model
+  run fa4_block_sparse_plans $PY scripts/fa4_block_sparse_probe.py "$OUT/fa4_block_sparse_plans.json"
   has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
 fi
