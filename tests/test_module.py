@@ -450,7 +450,7 @@ class _SyncGuard(L.Callback):
 def test_gpu_only_logged_steps_wait_for_the_gpu(tmp_path):
     """A training step that logs nothing never waits for the GPU (so the host can run ahead of it),
     with the progress bar, TensorBoard, the three monitors, clipping and bf16: only the steps that
-    write ``train/*`` synchronize, once."""
+    write ``train/*`` synchronize."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
