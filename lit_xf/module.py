@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import SumMetric
 
 from lit_xf.attention import KernelName, PositionScheme
 from lit_xf.model import COMPILE_MODES, CompileMode, NormName, TinyGPT
@@ -109,8 +108,10 @@ class LitTinyGPT(L.LightningModule):
             tie_embeddings,
             dropout,
         )
-        self.val_acc = MulticlassAccuracy(vocab_size, average="micro", ignore_index=IGNORE_INDEX)
-        self.val_loss = MeanMetric()  # weighted by real target tokens
+        # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
+        # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
+        # (a NaN loss shows as NaN); MeanMetric would drop its weights without it (torchmetrics 1.9).
+        self.val_nll, self.val_correct, self.val_tokens = (SumMetric(nan_strategy="disable") for _ in range(3))
         self._flops_constants: tuple[int, int] | None = None
         self._cross_entropy = token_cross_entropy
 
@@ -214,9 +215,12 @@ class LitTinyGPT(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        loss, logits = self._loss(batch)
-        self.val_loss.update(loss, weight=(batch["labels"] != IGNORE_INDEX).sum())
-        self.val_acc(logits.flatten(0, 1), batch["labels"].flatten())
+        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        labels_BT = batch["labels"]
+        real_BT = labels_BT != IGNORE_INDEX
+        self.val_nll.update(self._cross_entropy(logits_BTV, labels_BT, reduction="sum"))
+        self.val_correct.update(((logits_BTV.argmax(-1) == labels_BT) & real_BT).sum())
+        self.val_tokens.update(real_BT.sum())
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -225,13 +229,16 @@ class LitTinyGPT(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        loss = self.val_loss.compute()
+        """``<prefix>/loss`` = Σ nll / tokens, ``/ppl`` = exp(loss), ``/acc`` = Σ correct / tokens."""
+        sums = [metric.compute() for metric in (self.val_nll, self.val_correct, self.val_tokens)]
+        nll, correct, tokens = torch.stack(sums).cpu()  # one wait for the GPU per validation
+        loss = nll / tokens
         self.log_dict(
-            {f"{prefix}/loss": loss, f"{prefix}/ppl": loss.exp(), f"{prefix}/acc": self.val_acc.compute()},
+            {f"{prefix}/loss": loss, f"{prefix}/ppl": loss.exp(), f"{prefix}/acc": correct / tokens},
             prog_bar=prefix == "val",
         )
-        self.val_loss.reset()
-        self.val_acc.reset()
+        for metric in (self.val_nll, self.val_correct, self.val_tokens):
+            metric.reset()
 
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):

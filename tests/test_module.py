@@ -477,3 +477,30 @@ def test_gpu_only_logged_steps_wait_for_the_gpu(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     assert trainer.global_step == 16 and sum(guard.guarded) == 11  # steps 1-14 but 4, 9, 14
     assert set(trainer.progress_bar_metrics) >= {"train/loss", "train/acc"}
+
+
+def test_validation_metrics_are_means_over_real_target_tokens():
+    """val/loss and val/acc average over every real target token of the run (batches weighted by
+    their counts, equal to torchmetrics' micro accuracy), and a batch without targets changes
+    neither."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lit_xf.module import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    batches = [_batch(doc_lens=((5, 11), (16,))), _batch(doc_lens=((3,), (7, 2))), _batch(doc_lens=((16,), (9,)))]
+    empty = _batch(doc_lens=((4,), (6,)))
+    empty["labels"].fill_(IGNORE_INDEX)
+    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, attention="sdpa")
+    (got,) = L.Trainer(**TRAINER).validate(model, _loader(*batches, empty), verbose=False)
+
+    accuracy = MulticlassAccuracy(50, average="micro", ignore_index=IGNORE_INDEX)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["input_ids"], b["position_ids"], b["doc_lens"])
+            accuracy.update(logits.flatten(0, 1), b["labels"].flatten())
+            nll += token_cross_entropy(logits, b["labels"], reduction="sum").item()
+            count += int((b["labels"] != IGNORE_INDEX).sum())
+    assert got["val/acc"] == pytest.approx(accuracy.compute().item(), abs=1e-6)
+    assert got["val/loss"] == pytest.approx(nll / count, rel=1e-5)
