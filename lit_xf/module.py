@@ -110,7 +110,7 @@ class LitTinyGPT(L.LightningModule):
         )
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
-        # (a NaN loss shows as NaN); MeanMetric would drop its weights without it (torchmetrics 1.9).
+        # (a NaN loss shows as NaN); MeanMetric drops its weights without it (torchmetrics#3434).
         self.val_nll, self.val_correct, self.val_tokens = (SumMetric(nan_strategy="disable") for _ in range(3))
         self._flops_constants: tuple[int, int] | None = None
         self._cross_entropy = token_cross_entropy
