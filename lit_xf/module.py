@@ -171,7 +171,8 @@ class LitTinyGPT(L.LightningModule):
         else:
             loss, logits, global_loss = self._distributed_loss(batch)
         if log_now:
-            self._log_train_metrics(global_loss, token_accuracy(logits.detach(), batch["labels"]))
+            hits, real = token_hits(logits.detach(), batch["labels"])
+            self._log_train_metrics(global_loss, hits / real.clamp(min=1))
         return loss
 
     def _log_train_metrics(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
@@ -216,11 +217,10 @@ class LitTinyGPT(L.LightningModule):
 
     def _eval_step(self, batch: dict) -> None:
         logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
-        labels_BT = batch["labels"]
-        real_BT = labels_BT != IGNORE_INDEX
-        self.val_nll.update(self._cross_entropy(logits_BTV, labels_BT, reduction="sum"))
-        self.val_correct.update(((logits_BTV.argmax(-1) == labels_BT) & real_BT).sum())
-        self.val_tokens.update(real_BT.sum())
+        hits, real = token_hits(logits_BTV, batch["labels"])
+        self.val_nll.update(self._cross_entropy(logits_BTV, batch["labels"], reduction="sum"))
+        self.val_correct.update(hits)
+        self.val_tokens.update(real)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -357,11 +357,11 @@ class LitTinyGPT(L.LightningModule):
         return ids if prompt_ids.ndim > 1 else ids[0]
 
 
-def token_accuracy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Share of real target tokens (label ≠ ``IGNORE_INDEX``) whose arg-max logit is the label
-    (0 without any); no host sync, unlike boolean indexing."""
-    real = labels_BT != IGNORE_INDEX
-    return ((logits_BTV.argmax(-1) == labels_BT) & real).sum() / real.sum().clamp(min=1)
+def token_hits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real target tokens whose arg-max logit is the label, real target tokens), labels ≠
+    ``IGNORE_INDEX``; counted on the device without a host sync (boolean indexing would sync)."""
+    real_BT = labels_BT != IGNORE_INDEX
+    return ((logits_BTV.argmax(-1) == labels_BT) & real_BT).sum(), real_BT.sum()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

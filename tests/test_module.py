@@ -413,10 +413,10 @@ def test_adamw_is_fused_on_cuda_unless_clipping_under_a_grad_scaler():
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
-def test_token_accuracy_matches_torchmetrics_and_skips_ignored_labels():
+def test_token_hits_match_torchmetrics_and_skip_ignored_labels():
     from torchmetrics.classification import MulticlassAccuracy
 
-    from lit_xf.module import IGNORE_INDEX, token_accuracy
+    from lit_xf.module import IGNORE_INDEX, token_hits
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 20, 11, generator=gen)
@@ -424,8 +424,9 @@ def test_token_accuracy_matches_torchmetrics_and_skips_ignored_labels():
     labels[:, 15:] = IGNORE_INDEX
     labels[0, :8] = logits[0, :8].argmax(-1)  # some right answers
     want = MulticlassAccuracy(11, average="micro", ignore_index=IGNORE_INDEX)(logits.flatten(0, 1), labels.flatten())
-    assert token_accuracy(logits, labels) == pytest.approx(want.item()) and 0 < want < 1
-    assert token_accuracy(logits, torch.full_like(labels, IGNORE_INDEX)) == 0
+    hits, real = token_hits(logits, labels)
+    assert real == 45 and hits / real == pytest.approx(want.item()) and 0 < want < 1
+    assert token_hits(logits, torch.full_like(labels, IGNORE_INDEX)) == (0, 0)
 
 
 class _SyncGuard(L.Callback):
