@@ -142,8 +142,11 @@ class LitTinyGPT(L.LightningModule):
         return self.model(input_ids, position_ids, doc_lens, eager=eager)
 
     # -- steps -------------------------------------------------------------------------------
+    def _logits(self, batch: dict) -> torch.Tensor:
+        return self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        logits_BTV = self._logits(batch)
         loss = self._cross_entropy(logits_BTV, batch["labels"])
         return loss, logits_BTV
 
@@ -196,7 +199,7 @@ class LitTinyGPT(L.LightningModule):
 
     def _distributed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss to backpropagate on this rank, logits, global token mean for ``train/loss``)."""
-        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        logits_BTV = self._logits(batch)
         labels = batch["labels"].flatten()
         nll_sum = self._cross_entropy(logits_BTV, batch["labels"], reduction="sum")
         # [Σ nll, real tokens] of this rank -> of all ranks, in one collective (fp32 counts are exact
@@ -216,7 +219,7 @@ class LitTinyGPT(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        logits_BTV = self._logits(batch)
         hits, real = token_hits(logits_BTV, batch["labels"])
         self.val_nll.update(self._cross_entropy(logits_BTV, batch["labels"], reduction="sum"))
         self.val_correct.update(hits)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from lit_xf.attention import DocLayout, fa4_backward, fa4_forward, fa4_varlen
+from lit_xf.bench import time_call
 
 
 def timings_ms(fn, calls: int = 20) -> dict:
@@ -21,14 +22,7 @@ def timings_ms(fn, calls: int = 20) -> dict:
     the host paces when it is the slower)."""
     for _ in range(3):
         fn()
-    paced = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        paced.append(start.elapsed_time(end))
+    paced = [time_call(fn, torch.device("cuda")) for _ in range(calls)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(100 * _sleep_cycles_per_ms())
     start.record()
