@@ -579,8 +579,13 @@ class Fa4Varlen:
     blocks: tuple[torch.Tensor, ...] = ()
 
     def to(self, device) -> Fa4Varlen:
+        """The plan on ``device`` in one copy. To CUDA from pinned memory: a copy from pageable
+        memory over ~1 MiB waits for the work already queued on the stream (the previous step)."""
         parts = [t for t in (self.cu_seqlens, self.seg_pos, *self.blocks) if t is not None]
-        flat = torch.cat([t.reshape(-1) for t in parts]).to(device, non_blocking=True)  # one copy
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        if torch.device(device).type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
         moved = iter(flat.split([t.numel() for t in parts]))
         cu = next(moved) if self.cu_seqlens is not None else None
         seg_pos = next(moved) if self.seg_pos is not None else None
@@ -637,12 +642,15 @@ def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
 
 def _block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [rows, cols] -> per row the count and the selected column indices, ascending, then
-    zeros (FA4 reads a row's first ``count``): int32 [1, 1, rows] and [1, 1, rows, cols], FA4's
-    block-sparse layout."""
+    zeros (FA4 reads a row's first ``count``): int32 [1, 1, rows] and [1, 1, rows, width], FA4's
+    block-sparse layout with compact rows. ``width`` is the largest count rounded up to a power of
+    two (at least 4, at most ``cols``): short documents list 1–3 blocks per row, so the lists stay a
+    few KiB instead of rows × cols, and their shape takes few values (few recompiles)."""
     rows, cols = selected.nonzero(as_tuple=True)  # row-major: columns ascend within a row
     count = selected.sum(-1, dtype=torch.int32)
     rank = torch.arange(len(rows)) - (torch.cumsum(count, 0) - count)[rows]  # place within its row
-    index = torch.zeros(selected.shape, dtype=torch.int32)
+    width = min(selected.shape[1], max(4, 1 << (int(count.max()) - 1).bit_length()))
+    index = torch.zeros(selected.shape[0], width, dtype=torch.int32)
     index[rows, rank] = cols.to(torch.int32)
     return count[None, None], index[None, None]
 

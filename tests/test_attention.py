@@ -946,6 +946,18 @@ def test_fa4_block_sparse_lists_per_block():
     assert all(torch.equal(a, b) for a, b in zip(moved.blocks, plan.blocks, strict=True))
 
 
+def test_fa4_block_sparse_lists_are_compact():
+    """Index rows are as wide as the longest list rounded up to a power of two (at least 4), not
+    one slot per key block: 64 blocks of 30-token documents list at most 2 blocks per row."""
+    plan = attn.fa4_block_sparse([30] * (64 * 128 // 30) + [64 * 128 % 30])
+    masked_cnt, masked_idx, full_cnt, full_idx = plan.blocks[:4]
+    assert int(masked_cnt.max()) == 2 and masked_idx.shape == (1, 1, 64, 4) and full_idx.shape == (1, 1, 64, 4)
+    assert int(full_cnt.max()) == 0
+    long_doc = attn.fa4_block_sparse([64 * 128])  # one document: row i lists i full blocks
+    assert long_doc.blocks[3].shape == (1, 1, 64, 64) and long_doc.blocks[1].shape == (1, 1, 64, 4)
+    assert torch.equal(block_sparse_allowed(long_doc), torch.ones(64 * 128, 64 * 128, dtype=torch.bool).tril())
+
+
 def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
     """What FA4 computes for the ops' arguments, in float64 on the CPU, under ``fa4_allowed`` of the
     plan they describe (dense rows without one): (out, lse), or with ``dout`` (dq, dk, dv) by
