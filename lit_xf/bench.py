@@ -528,7 +528,9 @@ class GcPauses:
 _MONITOR_PARTS = {"tb", "memory", "timer", "throughput", "noprofile"}
 # "loop+rows": the usual hand-written GPT loop (nanoGPT's): each row is one causal sequence through
 # sdpa, documents attending across their boundaries, positions 0..T-1; same weights and data.
-_LOOP_PARTS = {"rows"}
+# Loops compute logits and then the loss, as written by hand; "+fused" takes lit_xf's loss instead
+# (``linear_cross_entropy``, fused with the output projection).
+_LOOP_PARTS = {"rows", "fused"}
 _COMPILE_PARTS = {"compile": "blocks", "compile_model": "model", "cudagraphs": "cudagraphs"}
 
 
@@ -539,7 +541,8 @@ def _parse_variant(variant: str) -> tuple[str, set[str]]:
     if base not in ("loop", "lightning", "lit_xf") or parts - allowed or len(parts & set(_COMPILE_PARTS)) > 1:
         raise ValueError(
             f"unknown train variant {variant!r}: use loop, lightning or lit_xf, optionally with one of "
-            "+compile +compile_model +cudagraphs; loop also with +rows (no document masking, sdpa); "
+            "+compile +compile_model +cudagraphs; loop also with +rows (no document masking, sdpa) and "
+            "+fused (lit_xf's fused loss); "
             "Lightning ones also with +tb +memory +timer +throughput +noprofile"
         )
     if base == "lit_xf":
@@ -553,9 +556,10 @@ def _compile_mode(parts: set[str]) -> str | bool:
 
 def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, device, window) -> dict:
     """What a user writes by hand: autocast (+ GradScaler for fp16), fused AdamW, same schedule."""
-    from lit_xf.module import LitTinyGPT, adamw, compiled_token_cross_entropy, token_cross_entropy, warmup_cosine
+    from lit_xf.loss import compiled_token_cross_entropy, linear_cross_entropy, token_cross_entropy
+    from lit_xf.module import LitTinyGPT, adamw, warmup_cosine
 
-    rows = "rows" in parts
+    rows, fused = "rows" in parts, "fused" in parts
     lit = LitTinyGPT(**(model_kwargs | ({"attention": "sdpa"} if rows else {})))  # the Lightning runs' initialization
     hp, model = lit.hparams, lit.model.to(device)
     loss_fn = token_cross_entropy
@@ -581,8 +585,12 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
         pos = None if rows else batch["position_ids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(ids, pos, None if rows else batch["doc_lens"])
-        loss = loss_fn(logits, labels)
+            out = model(ids, pos, None if rows else batch["doc_lens"], hidden=fused)
+            if fused:  # lit_xf's loss: fused with the output projection
+                nll_sum, _, n_real = linear_cross_entropy(out, model.lm_head.weight, labels)
+                loss = nll_sum / n_real.clamp(min=1)
+        if not fused:
+            loss = loss_fn(out, labels)
         scaler.scale(loss).backward()
         if clip:
             scaler.unscale_(opt)

@@ -190,11 +190,13 @@ class TinyGPT(nn.Module):
         doc_lens: list[list[int]] | None = None,
         *,
         eager: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
-        """``input_ids [B, T]`` → logits ``[B, T, V]``. ``doc_lens`` (documents per row, as in the
-        batch contract) confines attention to each document; ``position_ids [B, T]`` default to
-        positions inside each document. ``eager`` bypasses a whole-model compilation (see
-        ``compile_model``), e.g. for calls whose shapes change every time."""
+        """``input_ids [B, T]`` → logits ``[B, T, V]``, or with ``hidden`` the final normed states
+        ``[B, T, D]`` that ``lm_head`` projects (for a loss fused with it). ``doc_lens`` (documents
+        per row, as in the batch contract) confines attention to each document; ``position_ids
+        [B, T]`` default to positions inside each document. ``eager`` bypasses a whole-model
+        compilation (see ``compile_model``), e.g. for calls whose shapes change every time."""
         B, T = input_ids.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
@@ -213,16 +215,19 @@ class TinyGPT(nn.Module):
             device=device,
         )
         if self._compiled_tokens is None or eager or not ctx.traceable:
-            return self.forward_tokens(input_ids, position_ids, ctx)
-        if self.compile_mode == "cudagraphs":
-            # Each call is a new step: the previous call's outputs may be overwritten from here on.
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled_tokens(input_ids, position_ids, ctx)
+            x_BTD = self.forward_tokens(input_ids, position_ids, ctx)
+        else:
+            if self.compile_mode == "cudagraphs":
+                # Each call is a new step: the previous call's outputs may be overwritten from here on.
+                torch.compiler.cudagraph_mark_step_begin()
+            x_BTD = self._compiled_tokens(input_ids, position_ids, ctx)
+        return x_BTD if hidden else self.lm_head(x_BTD)
 
     def forward_tokens(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        """Embeddings → blocks → logits for a prepared attention context (the compiled region)."""
+        """Embeddings → blocks → final norm for a prepared attention context (the compiled region;
+        the output projection stays outside, where a fused loss can take it)."""
         x_BTD = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(position_ids)
@@ -233,7 +238,7 @@ class TinyGPT(nn.Module):
             rope = (angles_BTK.cos(), angles_BTK.sin())
         for block in self.blocks:
             x_BTD = block(x_BTD, ctx, rope)
-        return self.lm_head(self.norm_f(x_BTD))
+        return self.norm_f(x_BTD)
 
     def compile_model(self, mode: CompileMode) -> None:
         """``torch.compile`` in place, attention bias building always left outside:

@@ -15,14 +15,19 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention import KernelName, PositionScheme
+from lit_xf.loss import (
+    LossParts,
+    compiled_token_cross_entropy,
+    linear_cross_entropy,
+    token_cross_entropy,
+    token_hits,
+)
 from lit_xf.model import COMPILE_MODES, CompileMode, NormName, TinyGPT
 
-IGNORE_INDEX = -100
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
 ARCHITECTURE_KEYS = (
     "vocab_size",
@@ -35,20 +40,6 @@ ARCHITECTURE_KEYS = (
     "norm",
     "tie_embeddings",
 )
-
-
-def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """−log softmax(logits)[label] over the real targets (labels ≠ −100), computed in fp32; the
-    mean over them, or their sum (``reduction="sum"``)."""
-    return F.cross_entropy(
-        logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-    )
-
-
-# Compiled, the fp32 upcast, log-softmax and its gradient fuse into passes over the 16-bit logits;
-# eagerly they materialize fp32 logits and an fp32 gradient (B·T·V·4 bytes each: 6.6 GB at 32k
-# tokens × 50k vocabulary). The compiled models use it (their loss, like nanoGPT's, is compiled too).
-compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 class LitTinyGPT(L.LightningModule):
@@ -138,27 +129,29 @@ class LitTinyGPT(L.LightningModule):
     def _root_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
-    def forward(self, input_ids, position_ids=None, doc_lens=None, *, eager: bool = False) -> torch.Tensor:
-        return self.model(input_ids, position_ids, doc_lens, eager=eager)
+    def forward(self, input_ids, position_ids=None, doc_lens=None, *, eager: bool = False, hidden: bool = False):
+        """``TinyGPT.forward``: logits ``[B, T, V]``, or with ``hidden`` the states ``lm_head`` projects."""
+        return self.model(input_ids, position_ids, doc_lens, eager=eager, hidden=hidden)
 
     # -- steps -------------------------------------------------------------------------------
-    def _logits(self, batch: dict) -> torch.Tensor:
-        return self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
-
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_BTV = self._logits(batch)
-        loss = self._cross_entropy(logits_BTV, batch["labels"])
-        return loss, logits_BTV
+    def _loss_parts(self, batch: dict) -> LossParts:
+        """Σ nll, hits and real targets of a batch, the loss fused with the output projection."""
+        hidden_BTD = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"), hidden=True)
+        return linear_cross_entropy(hidden_BTD, self.model.lm_head.weight, batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Mean cross-entropy over the real target tokens of the whole step, all ranks together.
 
-        One process: ``F.cross_entropy`` mean over this batch, no communication. Several (DDP, FSDP):
+        One process: Σ nll / real targets of this batch, no communication. Several (DDP, FSDP):
         ranks' batches hold different numbers of real tokens, so the mean of per-rank means is not
         the mean over tokens. Each rank backpropagates ``Σ nll · world_size / N``, where ``N`` is the
         real-token count summed over ranks (one all-reduce of two numbers per batch); DDP/FSDP average
         the gradients over ranks, which gives the gradient of ``Σ_ranks Σ nll / N``. ``train/loss``
         logs that global mean (the same value on every rank); the returned per-rank loss is not it.
+        A batch without real targets has loss 0.
+
+        The loss is ``linear_cross_entropy``: the logits' gradient is written during the forward
+        pass over the logits themselves, and the logits are not returned.
 
         Gradient accumulation: Lightning divides each micro-batch's loss by
         ``accumulate_grad_batches``, so each micro-batch's (global) token mean weighs equally,
@@ -166,16 +159,14 @@ class LitTinyGPT(L.LightningModule):
         before the first backward; packed rows are nearly full, so the counts barely differ there.
         """
         # Metrics only on the steps Lightning writes: ``self.log`` costs about as much host time as
-        # this small model's forward, and accuracy costs kernels.
-        log_now = self._logs_this_step()
+        # this small model's forward.
+        parts = self._loss_parts(batch)
         if self._trainer is None or self.trainer.world_size == 1:
-            loss, logits = self._loss(batch)
-            global_loss = loss
+            loss = global_loss = parts.nll_sum / parts.real.clamp(min=1)
         else:
-            loss, logits, global_loss = self._distributed_loss(batch)
-        if log_now:
-            hits, real = token_hits(logits.detach(), batch["labels"])
-            self._log_train_metrics(global_loss, hits / real.clamp(min=1))
+            loss, global_loss = self._distributed_loss(parts)
+        if self._logs_this_step():
+            self._log_train_metrics(global_loss, parts.hits / parts.real.clamp(min=1))
         return loss
 
     def _log_train_metrics(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
@@ -197,20 +188,17 @@ class LitTinyGPT(L.LightningModule):
         step = self.global_step + 1
         return step % self.trainer.log_every_n_steps == 0 or step >= getattr(self, "_last_step", step)
 
-    def _distributed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate on this rank, logits, global token mean for ``train/loss``)."""
-        logits_BTV = self._logits(batch)
-        labels = batch["labels"].flatten()
-        nll_sum = self._cross_entropy(logits_BTV, batch["labels"], reduction="sum")
+    def _distributed_loss(self, parts: LossParts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate on this rank, global token mean for ``train/loss``)."""
         # [Σ nll, real tokens] of this rank -> of all ranks, in one collective (fp32 counts are exact
         # up to 2^24 real tokens per global batch)
-        totals = torch.stack([nll_sum.detach(), (labels != IGNORE_INDEX).sum().to(nll_sum.dtype)])
+        totals = torch.stack([parts.nll_sum.detach(), parts.real.to(parts.nll_sum.dtype)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)  # sum
         else:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         tokens = totals[1].clamp(min=1)  # no real token anywhere: loss 0, not NaN
-        return nll_sum * self.trainer.world_size / tokens, logits_BTV, totals[0] / tokens  # already global
+        return parts.nll_sum * self.trainer.world_size / tokens, totals[0] / tokens  # already global
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -219,7 +207,7 @@ class LitTinyGPT(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        logits_BTV = self._logits(batch)
+        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
         hits, real = token_hits(logits_BTV, batch["labels"])
         self.val_nll.update(self._cross_entropy(logits_BTV, batch["labels"], reduction="sum"))
         self.val_correct.update(hits)
@@ -358,13 +346,6 @@ class LitTinyGPT(L.LightningModule):
                 break
         self.train(was_training)
         return ids if prompt_ids.ndim > 1 else ids[0]
-
-
-def token_hits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real target tokens whose arg-max logit is the label, real target tokens), labels ≠
-    ``IGNORE_INDEX``; counted on the device without a host sync (boolean indexing would sync)."""
-    real_BT = labels_BT != IGNORE_INDEX
-    return ((logits_BTV.argmax(-1) == labels_BT) & real_BT).sum(), real_BT.sum()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 from lit_xf import LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
+from lit_xf.loss import compiled_token_cross_entropy, token_cross_entropy
 from lit_xf.model import GeluMLP, SwiGLU
-from lit_xf.module import adamw, compiled_token_cross_entropy, token_cross_entropy
+from lit_xf.module import adamw
 
 TRAINER = dict(
     accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -416,7 +417,7 @@ def test_adamw_is_fused_on_cuda_unless_clipping_under_a_grad_scaler():
 def test_token_hits_match_torchmetrics_and_skip_ignored_labels():
     from torchmetrics.classification import MulticlassAccuracy
 
-    from lit_xf.module import IGNORE_INDEX, token_hits
+    from lit_xf.loss import IGNORE_INDEX, token_hits
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 20, 11, generator=gen)
@@ -486,7 +487,7 @@ def test_validation_metrics_are_means_over_real_target_tokens():
     neither."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    from lit_xf.module import IGNORE_INDEX
+    from lit_xf.loss import IGNORE_INDEX
 
     torch.manual_seed(0)
     batches = [_batch(doc_lens=((5, 11), (16,))), _batch(doc_lens=((3,), (7, 2))), _batch(doc_lens=((16,), (9,)))]
