@@ -502,10 +502,12 @@ class Fa4Attention(AttentionKernel):
     document fills a quarter of one. Causal rows of short documents therefore run grouped:
     consecutive segments share sequences of up to ``FA4_GROUP_TOKENS`` tokens, a CuTe mask keeping
     attention inside each segment. ``grouping="auto"`` groups where that needs fewer tiles
-    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan. "block_sparse" (opt-in, for
-    causal rows with B·T a multiple of 128; else the auto plan) runs the batch as one sequence of
-    B·T tokens under FA4's block sparsity (``fa4_block_sparse``): 128×128 blocks with no visible
-    pair are skipped, blocks inside one segment run unmasked, the rest under the same CuTe mask.
+    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan. "block_sparse" (for causal
+    rows with B·T a multiple of 128; else the auto plan) runs the forward as one sequence of B·T
+    tokens under FA4's block sparsity (``fa4_block_sparse``): 128×128 blocks with no visible pair
+    are skipped, blocks inside one segment run unmasked, the rest under the same CuTe mask; its
+    backward runs the grouped sequences (FA4's block-sparse backward was slower, on the GPU and the
+    host).
 
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
     keeps a call inside its graph. Nothing in a call changes with the batch's documents but tensor
@@ -545,7 +547,9 @@ class Fa4Attention(AttentionKernel):
         plan = ctx.bias
         if plan.blocks:  # one sequence of N = B·T tokens: [1, N, H|G, K]
             q_1NHK, k_1NGK, v_1NGK = (t.reshape(1, B * T, *t.shape[2:]) for t in (q_BTHK, k_BTGK, v_BTGK))
-            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, None, plan.seg_pos, B * T, causal, list(plan.blocks))[0]
+            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks))[
+                0
+            ]
             return out_1NHK.view(B, T, H, K)
         q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
         out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
@@ -571,8 +575,8 @@ class Fa4Varlen:
     by ``bucketed_bounds``) bounds the sequences FA4 runs: each segment alone (``seg_pos`` None;
     FA4's causal mask), or consecutive segments grouped (``seg_pos`` int32 [N]: each token's
     position in its segment, read by the CuTe mask ``lit_xf.fa4_mask.segment_causal``). The
-    block-sparse plan has no ``cu_seqlens`` (one sequence of N tokens) and ``blocks``: the int32
-    block lists of ``fa4_block_sparse``."""
+    block-sparse plan adds ``blocks``, the int32 block lists of ``fa4_block_sparse`` for a forward
+    over one sequence of N tokens; its backward runs the grouped ``cu_seqlens``."""
 
     cu_seqlens: torch.Tensor | None
     seg_pos: torch.Tensor | None = None
@@ -599,7 +603,7 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
     ``fa4_grouping_pays``; else one per segment."""
     segments = [n for row in layout.segment_lens() for n in row]
     if grouping == "block_sparse" and layout.causal and (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0:
-        return fa4_block_sparse(segments)
+        return fa4_block_sparse(segments, bucketed_bounds(group_bounds(segments)))
     if layout.causal and grouping != "per_document":
         bounds = group_bounds(segments)
         if grouping == "grouped" or fa4_grouping_pays(segments, bounds):
@@ -620,15 +624,15 @@ def segment_positions(segments: list[int]) -> torch.Tensor:
 FA4_BLOCK = 128
 
 
-def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
+def fa4_block_sparse(segments: list[int], cu_seqlens: torch.Tensor | None = None, block: int = FA4_BLOCK) -> Fa4Varlen:
     """The block-sparse plan for one causal sequence of consecutive ``segments`` (N = Σ tokens, a
     multiple of ``block``): each token's position in its segment (``seg_pos``, for the CuTe mask)
-    and FA4's block lists. Query block i and key block j (``block`` tokens each) hold some visible
-    pair (j ≤ i in a shared segment) or none (skipped); all pairs are visible when j < i and one
-    segment spans both blocks (run unmasked), else the mask decides per pair. ``blocks``: for the
-    forward, per query block, the count and the ascending indices of masked key blocks, then of
-    unmasked ones (int32 ``[1, 1, n]``, ``[1, 1, n, n]``); then the same per key block for the
-    backward."""
+    and FA4's block lists for the forward; ``cu_seqlens`` (grouped sequences) for the backward.
+    Query block i and key block j (``block`` tokens each) hold some visible pair (j ≤ i in a
+    shared segment) or none (skipped); all pairs are visible when j < i and one segment spans both
+    blocks (run unmasked), else the mask decides per pair. ``blocks``: per query block, the count
+    and the ascending indices of masked key blocks, then of unmasked ones (int32 ``[1, 1, n]``,
+    ``[1, 1, n, width]``, see ``_block_lists``)."""
     seg_pos = segment_positions(segments)
     seg = torch.cumsum(seg_pos == 0, 0) - 1  # each token's segment: a segment starts at position 0
     first, last = seg.view(-1, block)[:, 0], seg.view(-1, block)[:, -1]  # segments are contiguous
@@ -636,8 +640,7 @@ def fa4_block_sparse(segments: list[int], block: int = FA4_BLOCK) -> Fa4Varlen:
     visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j
     full = (j < i) & (first[None, :] == last[:, None])  # one segment from key block j's start to query block i's end
     masked = visible & ~full
-    lists = (*_block_lists(masked), *_block_lists(full), *_block_lists(masked.T), *_block_lists(full.T))
-    return Fa4Varlen(None, seg_pos, lists)
+    return Fa4Varlen(cu_seqlens, seg_pos, (*_block_lists(masked), *_block_lists(full)))
 
 
 def _block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,20 +704,20 @@ def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
 # [N, H|G, K] tokens under cu_seqlens; lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every
 # sequence (the row length T). seg_pos (int32 [N], see Fa4Varlen) marks grouped sequences: FA4
 # then masks with lit_xf.fa4_mask.segment_causal instead of its causal mask. blocks (empty, or the
-# eight block lists of fa4_block_sparse) makes a dense [1, N] call block-sparse under that mask.
-def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=(), backward=False) -> dict:
+# four block lists of fa4_block_sparse) makes the forward a dense [1, N] call, block-sparse under
+# that mask; its backward takes the same tokens as [N, H|G, K] under cu_seqlens.
+def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=()) -> dict:
     kw = dict(causal=causal)
-    if cu_seqlens is not None:
+    if blocks:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        kw["block_sparse_tensors"] = BlockSparseTensorsTorch(*blocks, block_size=(FA4_BLOCK, FA4_BLOCK))
+    elif cu_seqlens is not None:
         kw.update(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
     if seg_pos is not None:
         from lit_xf.fa4_mask import segment_causal
 
         kw.update(causal=False, mask_mod=segment_causal, aux_tensors=[seg_pos])
-    if blocks:
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-        lists = blocks[4:] if backward else blocks[:4]  # the backward walks query blocks per key block
-        kw["block_sparse_tensors"] = BlockSparseTensorsTorch(*lists, block_size=(FA4_BLOCK, FA4_BLOCK))
     return kw
 
 
@@ -733,7 +736,7 @@ def fa4_forward(
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks)
-    attend = flash_attn_func if cu_seqlens is None else flash_attn_varlen_func
+    attend = flash_attn_func if cu_seqlens is None or blocks else flash_attn_varlen_func
     with torch.no_grad():
         out, lse = attend(q, k, v, return_lse=True, **kw)[:2]
     return out, lse
@@ -742,7 +745,8 @@ def fa4_forward(
 @fa4_forward.register_fake
 def _(q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
     # FA4 allocates both contiguous, whatever q's strides
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+    varlen = cu_seqlens is not None and not blocks
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -758,32 +762,36 @@ def fa4_backward(
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
-    blocks: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of ``fa4_forward`` (FA4's own backward kernel)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks, backward=True)
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, **kw)[:3]
     return dq, dk, dv
 
 
 @fa4_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
+def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa4_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos, *blocks)
-    ctx.max_seqlen, ctx.causal = max_seqlen, causal
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos)
+    ctx.max_seqlen, ctx.causal, ctx.n_blocks = max_seqlen, causal, len(blocks)
 
 
 def _fa4_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, seg_pos, *blocks = ctx.saved_tensors
-    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal, blocks)
+    q, k, v, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
+    tensors = (dout, q, k, v, out, lse)
+    if ctx.n_blocks:  # a block-sparse forward over [1, N]: the backward runs [N] under cu_seqlens
+        tensors = tuple(t[0] for t in tensors)
+    dq, dk, dv = fa4_backward(*tensors, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
+    if ctx.n_blocks:
+        dq, dk, dv = dq[None], dk[None], dv[None]
     # one gradient per input, and per tensor of the list input (autograd checks the structure)
-    return dq, dk, dv, None, None, None, None, [None] * len(blocks)
+    return dq, dk, dv, None, None, None, None, [None] * ctx.n_blocks
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)

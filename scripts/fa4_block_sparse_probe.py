@@ -77,13 +77,15 @@ def main(out_path: str) -> None:
 
     qn, kn, vn, dn = (t.reshape(B * T, H, K) for t in (q, k, v, dout))  # grouped: [N] tokens
     q1, k1, v1, d1 = (t.reshape(1, B * T, H, K) for t in (q, k, v, dout))  # block-sparse: one sequence
-    for name, inputs, max_seqlen in (("grouped", (qn, kn, vn, dn), T), ("block_sparse", (q1, k1, v1, d1), B * T)):
+    for name, inputs in (("grouped", (qn, kn, vn, dn)), ("block_sparse", (q1, k1, v1, d1))):
         plan = fa4_varlen(layout, name).to(dev)
         qx, kx, vx, dx = inputs
-        args = (plan.cu_seqlens, plan.seg_pos, max_seqlen, True, list(plan.blocks))
-        fwd = lambda: fa4_forward(qx, kx, vx, *args)  # noqa: E731,B023
+        fwd = lambda: fa4_forward(qx, kx, vx, plan.cu_seqlens, plan.seg_pos, T, True, list(plan.blocks))  # noqa: E731,B023
         out, lse = fwd()
-        bwd = lambda: fa4_backward(dx, qx, kx, vx, out, lse, *args)  # noqa: E731,B023
+        bwd_inputs = (dx, qx, kx, vx, out, lse)
+        if plan.blocks:  # as lit_xf's autograd does: the backward over the grouped [N] tokens
+            bwd_inputs = tuple(t[0] for t in bwd_inputs)
+        bwd = lambda: fa4_backward(*bwd_inputs, plan.cu_seqlens, plan.seg_pos, T, True)  # noqa: E731,B023
         res[name] = dict(
             errors=errors(out.view(B, T, H, K), bwd()),
             fwd_ms=timings_ms(fwd),

@@ -757,18 +757,16 @@ def test_fa4_op_shapes_under_fake_tensors():
         for grouped in (None, seg_pos):
             out, lse = attn.fa4_forward(q, kv, kv, cu, grouped, 32, True, [])
             assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
-            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True, [])
+            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True)
             assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
-        q1, kv1 = q.view(1, 64, 8, 32), kv.view(1, 64, 2, 32)  # block-sparse: one sequence
-        blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 4
-        out, lse = attn.fa4_forward(q1, kv1, kv1, None, seg_pos, 64, True, blocks)
+        q1, kv1 = q.view(1, 64, 8, 32), kv.view(1, 64, 2, 32)  # block-sparse forward: one sequence
+        blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 2
+        out, lse = attn.fa4_forward(q1, kv1, kv1, cu, seg_pos, 32, True, blocks)
         assert out.shape == q1.shape and lse.shape == (1, 8, 64)
-        grads = attn.fa4_backward(out, q1, kv1, kv1, out, lse, None, seg_pos, 64, True, blocks)
-        assert [g.shape for g in grads] == [q1.shape, kv1.shape, kv1.shape]
         q4, kv4 = q.view(2, 32, 8, 32), kv.view(2, 32, 2, 32)
         out, lse = attn.fa4_forward(q4, kv4, kv4, None, None, 32, True, [])
         assert out.shape == q4.shape and lse.shape == (2, 8, 32)
-        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True, [])
+        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True)
         assert [g.shape for g in grads] == [q4.shape, kv4.shape, kv4.shape]
 
 
@@ -847,22 +845,25 @@ def test_fa4_call_arguments_per_plan(monkeypatch):
     alone = attn._fa4_varlen_kwargs(cu, None, 8, True)
     assert alone["causal"] is True and "mask_mod" not in alone and alone["max_seqlen_k"] == 8
     assert attn._fa4_varlen_kwargs(None, None, 8, False) == {"causal": False}
-    # block-sparse: one dense sequence, the CuTe mask, the forward's lists or the backward's
+    # block-sparse forward: one dense sequence under the block lists and the CuTe mask (cu_seqlens,
+    # for the backward, not passed)
     fake_lists = types.SimpleNamespace(BlockSparseTensorsTorch=lambda *lists, block_size: (lists, block_size))
     monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", fake_lists)
-    blocks = [torch.full((1,), n, dtype=torch.int32) for n in range(8)]
-    for backward, lists in ((False, blocks[:4]), (True, blocks[4:])):
-        kw = attn._fa4_varlen_kwargs(None, seg_pos, 8, True, blocks, backward=backward)
-        assert kw["causal"] is False and kw["mask_mod"] is mask and "cu_seqlens_q" not in kw
-        assert kw["block_sparse_tensors"] == (tuple(lists), (128, 128))
+    blocks = [torch.full((1,), n, dtype=torch.int32) for n in range(4)]
+    kw = attn._fa4_varlen_kwargs(cu, seg_pos, 8, True, blocks)
+    assert kw["causal"] is False and kw["mask_mod"] is mask and "cu_seqlens_q" not in kw
+    assert kw["block_sparse_tensors"] == (tuple(blocks), (128, 128))
 
 
 def fa4_allowed(plan: attn.Fa4Varlen, causal: bool) -> torch.Tensor:
     """``[N, N]`` bool: what FA4 lets query i see under ``plan`` (the CuTe mask's rule, in Python):
     keys of i's sequence, j ≤ i if causal, and within i's segment (i − j ≤ seg_pos[i]) if grouped.
-    Block-sparse: pairs in listed masked blocks under the mask, in listed unmasked blocks all."""
+    Block-sparse: pairs in listed masked blocks under the mask, in listed unmasked blocks all (the
+    forward), which must equal what its grouped sequences allow (the backward)."""
     if plan.blocks:
-        return block_sparse_allowed(plan)
+        forward = block_sparse_allowed(plan)
+        assert torch.equal(forward, fa4_allowed(attn.Fa4Varlen(plan.cu_seqlens, plan.seg_pos), causal))
+        return forward
     bounds = plan.cu_seqlens.tolist()
     seq = torch.cat([torch.full((b - a,), s) for s, (a, b) in enumerate(itertools.pairwise(bounds))])
     i = torch.arange(len(seq))
@@ -886,10 +887,7 @@ def block_lists_dense(count: torch.Tensor, index: torch.Tensor, n_cols: int) -> 
 def block_sparse_allowed(plan: attn.Fa4Varlen, block: int = attn.FA4_BLOCK) -> torch.Tensor:
     n = len(plan.seg_pos)
     nb = n // block
-    masked_fwd, full_fwd, masked_bwd, full_bwd = (
-        block_lists_dense(plan.blocks[2 * k], plan.blocks[2 * k + 1], nb) for k in range(4)
-    )
-    assert torch.equal(masked_bwd, masked_fwd.T) and torch.equal(full_bwd, full_fwd.T)  # the backward's lists
+    masked_fwd, full_fwd = (block_lists_dense(plan.blocks[2 * k], plan.blocks[2 * k + 1], nb) for k in range(2))
     assert not (masked_fwd & full_fwd).any()
     i = torch.arange(n)
     rule = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :]) <= plan.seg_pos.long()[:, None])
@@ -930,19 +928,19 @@ def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
 def test_fa4_block_sparse_lists_per_block():
     """Segments [300, 84] in three 128-token blocks: block 1 lies inside segment 0 with key block 0
     (unmasked), block 2 holds a boundary (masked against every earlier block); diagonals are masked;
-    nothing above the diagonal is listed. The backward's lists are per key block."""
-    plan = attn.fa4_block_sparse([300, 84])
-    assert plan.cu_seqlens is None and plan.seg_pos.tolist() == [*range(300), *range(84)]
-    masked_cnt, masked_idx, full_cnt, full_idx, bwd_masked_cnt, bwd_masked_idx, bwd_full_cnt, _ = plan.blocks
+    nothing above the diagonal is listed. The backward runs the plan's grouped sequences."""
+    plan = attn.fa4_varlen(DocLayout([[300, 84]], 384), "block_sparse")
+    assert plan.cu_seqlens.tolist() == [0, 300, 384, 384] and plan.seg_pos.tolist() == [*range(300), *range(84)]
+    masked_cnt, masked_idx, full_cnt, full_idx = plan.blocks
     assert all(t.dtype == torch.int32 for t in plan.blocks)
     assert masked_cnt.shape == (1, 1, 3) and masked_idx.shape == (1, 1, 3, 3)
     assert masked_cnt.tolist() == [[[1, 1, 3]]] and full_cnt.tolist() == [[[0, 1, 0]]]
     assert [row[:c] for row, c in zip(masked_idx[0, 0].tolist(), [1, 1, 3], strict=True)] == [[0], [1], [0, 1, 2]]
     assert full_idx[0, 0, 1, 0] == 0
-    assert bwd_masked_cnt.tolist() == [[[2, 2, 1]]] and bwd_full_cnt.tolist() == [[[1, 0, 0]]]
-    assert [row[:c] for row, c in zip(bwd_masked_idx[0, 0].tolist(), [2, 2, 1], strict=True)] == [[0, 2], [1, 2], [2]]
     moved = plan.to("cpu")  # one copy of every tensor, shapes kept
-    assert moved.cu_seqlens is None and [t.shape for t in moved.blocks] == [t.shape for t in plan.blocks]
+    assert torch.equal(moved.cu_seqlens, plan.cu_seqlens) and [t.shape for t in moved.blocks] == [
+        t.shape for t in plan.blocks
+    ]
     assert all(torch.equal(a, b) for a, b in zip(moved.blocks, plan.blocks, strict=True))
 
 
@@ -976,7 +974,7 @@ def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
     out_BHTK = p_BHTT @ v_BHTK
     if dout is None:
         out, lse_BHT = out_BHTK.transpose(1, 2).reshape(q.shape).to(q.dtype), scores.logsumexp(-1).float()
-        return out, (lse_BHT if cu_seqlens is None else lse_BHT[0])  # [B, H, T]; varlen [H, N]
+        return out, (lse_BHT if cu_seqlens is None or blocks else lse_BHT[0])  # [B, H, T]; varlen [H, N]
     do_BHTK = dout.double().reshape(B, T, H, K).transpose(1, 2)
     ds = p_BHTT * (do_BHTK @ v_BHTK.transpose(-1, -2) - (do_BHTK * out_BHTK).sum(-1, keepdim=True))
     dq, dk, dv = (
@@ -1000,9 +998,7 @@ def fa4_ops_on_cpu():
     )
     lib.impl(
         "fa4_backward",
-        lambda dout, q, k, v, out, lse, cu, seg_pos, _, causal, blocks: _fa4_stand_in(
-            q, k, v, cu, seg_pos, causal, blocks, dout
-        ),
+        lambda dout, q, k, v, out, lse, cu, seg_pos, _, causal: _fa4_stand_in(q, k, v, cu, seg_pos, causal, (), dout),
         "CPU",
     )
     yield
