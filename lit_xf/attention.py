@@ -19,7 +19,6 @@ position_ids, alibi_slopes)``; in every layer ``out_BTHK = kernel(q_BTHK, k_BTGK
 
 from __future__ import annotations
 
-import array
 import ctypes
 import functools
 import importlib.util
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -586,7 +586,7 @@ class Fa4Varlen:
         """The plan on ``device`` in one copy. To CUDA from pinned memory: a copy from pageable
         memory over ~1 MiB waits for the work already queued on the stream (the previous step)."""
         parts = [t for t in (self.cu_seqlens, self.seg_pos, *self.blocks) if t is not None]
-        flat = torch.cat([t.reshape(-1) for t in parts])
+        flat = torch.from_numpy(np.concatenate([t.numpy().reshape(-1) for t in parts]))
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=True)
@@ -611,12 +611,14 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
     return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
 
 
+# The plans are built on the host once per forward, in numpy: torch's CPU ops split even 64k-element
+# tensors over its intra-op threads, and on a busy host (loader workers, compile workers) each such
+# op took 5-10 ms on an H200 machine's 16 cores, long enough to leave the GPU idle.
 def segment_positions(segments: list[int]) -> torch.Tensor:
     """int32 [Σ segments]: each token's position in its segment (consecutive segments of ≥ 1 token)."""
-    lens = _int32(segments)
-    n = int(lens.sum())
-    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
-    return torch.arange(n, dtype=torch.int32) - torch.repeat_interleave(starts, lens, output_size=n)
+    lens = np.asarray(segments, dtype=np.int32)
+    starts = np.cumsum(lens, dtype=np.int32) - lens
+    return torch.from_numpy(np.arange(lens.sum(), dtype=np.int32) - np.repeat(starts, lens))
 
 
 # Query and key block of the block-sparse plan: Hopper's FA4 tile for head dims up to 128 (forward
@@ -634,28 +636,28 @@ def fa4_block_sparse(segments: list[int], cu_seqlens: torch.Tensor | None = None
     and the ascending indices of masked key blocks, then of unmasked ones (int32 ``[1, 1, n]``,
     ``[1, 1, n, width]``, see ``_block_lists``)."""
     seg_pos = segment_positions(segments)
-    seg = torch.cumsum(seg_pos == 0, 0) - 1  # each token's segment: a segment starts at position 0
-    first, last = seg.view(-1, block)[:, 0], seg.view(-1, block)[:, -1]  # segments are contiguous
-    i, j = torch.arange(len(first))[:, None], torch.arange(len(first))[None, :]
+    seg = np.cumsum(seg_pos.numpy() == 0) - 1  # each token's segment: a segment starts at position 0
+    first, last = seg.reshape(-1, block)[:, 0], seg.reshape(-1, block)[:, -1]  # segments are contiguous
+    i, j = np.arange(len(first))[:, None], np.arange(len(first))[None, :]
     visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j
     full = (j < i) & (first[None, :] == last[:, None])  # one segment from key block j's start to query block i's end
     masked = visible & ~full
     return Fa4Varlen(cu_seqlens, seg_pos, (*_block_lists(masked), *_block_lists(full)))
 
 
-def _block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_lists(selected: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [rows, cols] -> per row the count and the selected column indices, ascending, then
     zeros (FA4 reads a row's first ``count``): int32 [1, 1, rows] and [1, 1, rows, width], FA4's
     block-sparse layout with compact rows. ``width`` is the largest count rounded up to a power of
     two (at least 4, at most ``cols``): short documents list 1–3 blocks per row, so the lists stay a
     few KiB instead of rows × cols, and their shape takes few values (few recompiles)."""
-    rows, cols = selected.nonzero(as_tuple=True)  # row-major: columns ascend within a row
-    count = selected.sum(-1, dtype=torch.int32)
-    rank = torch.arange(len(rows)) - (torch.cumsum(count, 0) - count)[rows]  # place within its row
+    rows, cols = selected.nonzero()  # row-major: columns ascend within a row
+    count = selected.sum(-1, dtype=np.int32)
+    rank = np.arange(len(rows)) - (np.cumsum(count) - count)[rows]  # place within its row
     width = min(selected.shape[1], max(4, 1 << (int(count.max()) - 1).bit_length()))
-    index = torch.zeros(selected.shape[0], width, dtype=torch.int32)
-    index[rows, rank] = cols.to(torch.int32)
-    return count[None, None], index[None, None]
+    index = np.zeros((selected.shape[0], width), dtype=np.int32)
+    index[rows, rank] = cols
+    return torch.from_numpy(count)[None, None], torch.from_numpy(index)[None, None]
 
 
 def group_bounds(segments: list[int], group_tokens: int = FA4_GROUP_TOKENS) -> list[int]:
@@ -686,17 +688,12 @@ def fa4_grouping_pays(
     return grouped <= FA4_GROUPED_TILE_RATIO * alone
 
 
-def _int32(values: list[int]) -> torch.Tensor:
-    """int32 CPU tensor of Python ints, through a buffer (~3x faster than ``torch.tensor(list)``)."""
-    return torch.frombuffer(array.array("i", values), dtype=torch.int32)
-
-
 def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
     """int32 ``bounds``, then repeats of the total (zero-length sequences) up to the next power of
     two entries (at least 4), so the tensor's length takes few values."""
-    out = torch.full((max(4, 1 << (len(bounds) - 1).bit_length()),), bounds[-1], dtype=torch.int32)
-    out[: len(bounds)] = _int32(bounds)
-    return out
+    out = np.full(max(4, 1 << (len(bounds) - 1).bit_length()), bounds[-1], dtype=np.int32)
+    out[: len(bounds)] = bounds
+    return torch.from_numpy(out)
 
 
 # FA4 as two custom ops: torch.compile sees one opaque op per call (no graph break, no guards on the
