@@ -501,13 +501,15 @@ class Fa4Attention(AttentionKernel):
     FA4 gives every varlen sequence tiles of its own (128 query rows or more), so a 30-token
     document fills a quarter of one. Causal rows of short documents therefore run grouped:
     consecutive segments share sequences of up to ``FA4_GROUP_TOKENS`` tokens, a CuTe mask keeping
-    attention inside each segment. ``grouping="auto"`` groups where that needs fewer tiles
-    (``fa4_grouping_pays``); "grouped" / "per_document" force one plan. "block_sparse" (for causal
-    rows with B·T a multiple of 128; else the auto plan) runs the forward as one sequence of B·T
-    tokens under FA4's block sparsity (``fa4_block_sparse``): 128×128 blocks with no visible pair
-    are skipped, blocks inside one segment run unmasked, the rest under the same CuTe mask; its
-    backward runs the grouped sequences (FA4's block-sparse backward was slower, on the GPU and the
-    host).
+    attention inside each segment. The "block_sparse" plan (for causal rows with B·T a multiple of
+    128; else grouped) runs the forward as one sequence of B·T tokens under FA4's block sparsity
+    (``fa4_block_sparse``): 128×128 blocks with no visible pair are skipped, blocks inside one
+    segment run unmasked, the rest under the same CuTe mask; its backward runs the grouped
+    sequences (FA4's block-sparse backward was slower, on the GPU and the host). The grouped
+    backward gets no causal tile skipping, so long documents run one sequence each instead.
+    ``grouping="auto"`` takes "block_sparse" where grouping needs fewer tiles
+    (``fa4_grouping_pays``), else "per_document"; "grouped", "per_document" and "block_sparse"
+    force a plan.
 
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
     keeps a call inside its graph. Nothing in a call changes with the batch's documents but tensor
@@ -597,16 +599,17 @@ class Fa4Varlen:
 
 
 def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
-    """FA4's plan for a block-diagonal layout, built on the host: block-sparse where ``grouping`` is
-    "block_sparse" (causal rows, B·T a multiple of ``FA4_BLOCK``); else varlen sequences, grouped
-    for causal rows where ``grouping`` is "grouped", or "auto"/"block_sparse" and
-    ``fa4_grouping_pays``; else one per segment."""
+    """FA4's plan for a block-diagonal layout, built on the host. Causal rows: "block_sparse", or
+    "auto" where ``fa4_grouping_pays``, gives the block-sparse forward with the grouped backward
+    (B·T a multiple of ``FA4_BLOCK``; else grouped); "grouped" the grouped sequences both ways.
+    Else (and "per_document"): one varlen sequence per segment."""
     segments = [n for row in layout.segment_lens() for n in row]
-    if grouping == "block_sparse" and layout.causal and (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0:
-        return fa4_block_sparse(segments, bucketed_bounds(group_bounds(segments)))
     if layout.causal and grouping != "per_document":
         bounds = group_bounds(segments)
-        if grouping == "grouped" or fa4_grouping_pays(segments, bounds):
+        if grouping in ("grouped", "block_sparse") or fa4_grouping_pays(segments, bounds):
+            whole_blocks = (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0
+            if grouping != "grouped" and whole_blocks:
+                return fa4_block_sparse(segments, bucketed_bounds(bounds))
             return Fa4Varlen(bucketed_bounds(bounds), segment_positions(segments))
     return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
 

@@ -203,7 +203,13 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         chosen = ctx.kernel.name
         plan = ""
         if isinstance(ctx.bias, Fa4Varlen):  # which fa4 plan ran the packed rows
-            plan = "documents grouped" if ctx.bias.seg_pos is not None else "one sequence per document"
+            plan = (
+                "block-sparse forward, grouped backward"
+                if ctx.bias.blocks
+                else "documents grouped"
+                if ctx.bias.seg_pos is not None
+                else "one sequence per document"
+            )
         del step, ctx
     except torch.OutOfMemoryError:
         return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")

@@ -816,7 +816,9 @@ def test_fa4_varlen_segments_cover_rows_and_padding():
     alone = bias([[3, 5], [2], [8]], "per_document")  # 5 segments -> 6 boundaries, bucketed to 8 entries
     assert alone.seg_pos is None and alone.cu_seqlens.dtype == torch.int32
     assert alone.cu_seqlens.tolist() == [0, 3, 8, 10, 16, 24, 24, 24]
-    grouped = bias([[3, 5], [2], [8]], "auto")  # 24 tokens: one group beats five sequences
+    grouped = bias([[3, 5], [2], [8]], "grouped")  # 24 tokens: one group (auto: the same, 24 not a multiple of 128)
+    auto = bias([[3, 5], [2], [8]], "auto")
+    assert torch.equal(auto.cu_seqlens, grouped.cu_seqlens) and torch.equal(auto.seg_pos, grouped.seg_pos)
     assert grouped.cu_seqlens.tolist() == [0, 24, 24, 24]
     assert grouped.seg_pos.dtype == torch.int32
     assert grouped.seg_pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, *range(8)]
@@ -905,7 +907,7 @@ def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
     documents' block-diagonal (causal) pairs, padding as its own block: random rows of short and
     long documents."""
     gen = torch.Generator().manual_seed(3)
-    seq_len = 384 if grouping == "block_sparse" else 320  # block-sparse: B·T a multiple of 128
+    seq_len = 384 if grouping in ("block_sparse", "auto") else 320  # B·T a multiple of 128 for block lists
     for trial in range(20):
         rows = []
         for _ in range(3):
@@ -921,7 +923,9 @@ def test_fa4_sequences_mask_exactly_the_block_diagonal(grouping, causal):
         layout = DocLayout(rows, seq_len, causal)
         plan = attn.fa4_varlen(layout, grouping)
         assert plan.seg_pos is None or (causal and grouping != "per_document")
-        assert bool(plan.blocks) == (causal and grouping == "block_sparse")
+        segments = [n for row in layout.segment_lens() for n in row]
+        auto_sparse = grouping == "auto" and attn.fa4_grouping_pays(segments) and 3 * seq_len % 128 == 0
+        assert bool(plan.blocks) == (causal and (grouping == "block_sparse" or auto_sparse))
         assert torch.equal(fa4_allowed(plan, causal), block_causal_allowed(rows, seq_len, causal)), (trial, rows)
 
 
@@ -1020,12 +1024,19 @@ def test_fa4_plans_forward_and_backward_through_the_ops(fa4_ops_on_cpu, plan, kv
 
 
 def test_fa4_block_sparse_plan_needs_whole_blocks_and_causal_rows():
-    """ "block_sparse" takes causal rows whose B·T fills 128-token blocks; otherwise the auto plan."""
+    """ "block_sparse" takes causal rows whose B·T fills 128-token blocks; otherwise grouped; "auto"
+    takes it where grouping pays, and one sequence per document where it doesn't."""
     rows = [[30, 98], [128]]
     assert attn.fa4_varlen(DocLayout(rows, 128), "block_sparse").blocks  # 256 tokens
     fallback = attn.fa4_varlen(DocLayout([[30, 60], [90]], 90), "block_sparse")  # 180 tokens
     assert not fallback.blocks and fallback.cu_seqlens is not None
     assert not attn.fa4_varlen(DocLayout(rows, 128, causal=False), "block_sparse").blocks
+    assert fallback.seg_pos is not None  # grouped
+    short_docs = [[30] * 4 + [8], [32] * 4]  # 256 tokens: grouping pays
+    assert attn.fa4_varlen(DocLayout(short_docs, 128), "auto").blocks
+    assert not attn.fa4_varlen(DocLayout(short_docs, 128), "grouped").blocks
+    long_docs = attn.fa4_varlen(DocLayout([[256], [256]], 256), "auto")
+    assert not long_docs.blocks and long_docs.seg_pos is None  # one sequence per document
 
 
 def test_fa4_groups_never_split_a_segment():
