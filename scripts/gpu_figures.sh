@@ -42,7 +42,7 @@ if has packing; then
 fi
 # GPT-2 shapes: timed after the first epoch's short last batch (it compiles once more); the plain
 # loops (+rows) attend across documents like a hand-written nanoGPT loop.
-GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+rows+compile_model,loop+rows+compile
+GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+compile+fused,loop+rows+compile_model,loop+rows+compile
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
   --repeats 5 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
 # monitors on vs off, the same TensorBoard logger on both sides (docs/benchmarks.md §5)
@@ -87,11 +87,15 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
   has train && run train_gpt2_124m_cudagraphs $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
     --warmup-steps 40 --out "$OUT" --name train_gpt2_124m_cudagraphs --variants lit_xf+cudagraphs,loop+cudagraphs
-  # the opt-in block-sparse plan on the same job (compare with train_gpt2_124m, auto's grouped plan)
+  # the same job with the plan forced (auto takes block-sparse here), and the grouped plan to compare
   has train && run train_gpt2_124m_block_sparse $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
     --warmup-steps 40 --repeats 2 --attention fa4:block_sparse --profile-steps 30:34 --out "$OUT" \
-    --name train_gpt2_124m_block_sparse --variants lit_xf+compile,loop+compile,loop+rows+compile_model
+    --name train_gpt2_124m_block_sparse --variants lit_xf+compile,loop+compile+fused,loop+rows+compile_model
+  has train && run train_gpt2_124m_grouped $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+    --warmup-steps 40 --repeats 2 --attention fa4:grouped --out "$OUT" \
+    --name train_gpt2_124m_grouped --variants lit_xf+compile,loop+rows+compile_model
   run fa4_block_sparse_plans $PY scripts/fa4_block_sparse_probe.py "$OUT/fa4_block_sparse_plans.json"
+  run lm_head_loss $PY scripts/lm_head_loss_probe.py "$OUT/lm_head_loss.json"
   has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
 fi

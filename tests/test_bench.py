@@ -77,14 +77,15 @@ def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
         "trainer: {precision: 32-true}\n"
     )
     # 20 documents, 2% held out: 4 batches an epoch, so 6 steps reach the second (reshuffled) epoch
-    variants = "loop,lightning,lit_xf,lit_xf+compile_model"
+    variants = "loop,lightning,lit_xf,lit_xf+compile_model,loop+fused"
     rc = _bench_cpu("train", f"--config {config} --steps 6 --warmup-steps 2 --variants {variants}", tmp_path)
     assert rc == 0
     rows = _rows(tmp_path, "train")
-    assert [r["variant"] for r in rows] == ["loop", "lightning", "lit_xf", "lit_xf+compile_model"]
-    # the same initialization, data and schedule: the same loss curve, whichever loop ran it, eager or compiled
+    assert [r["variant"] for r in rows] == ["loop", "lightning", "lit_xf", "lit_xf+compile_model", "loop+fused"]
+    # the same initialization, data and schedule: the same loss curve, whichever loop ran it, eager or
+    # compiled, with the loss on logits (loop) or fused with the output projection (the others)
     curves = json.loads((tmp_path / "train_losses.json").read_text())
-    assert [len(c) for c in curves.values()] == [6] * 4
+    assert [len(c) for c in curves.values()] == [6] * 5
     assert len(set(curves["loop"])) > 1  # real per-step values, not one repeated number
     for r in rows:
         assert r["loss_diff"] < 1e-4, r
