@@ -6,6 +6,7 @@ per token, computed in fp32 from 16-bit logits ``z``.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -109,6 +110,7 @@ def _nll_and_grad_in_place(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> t
     return torch.where(real, lse - z_label, 0.0), hit
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -121,13 +123,13 @@ def _triton_available() -> bool:
 CE_BLOCK, CE_WARPS = 8192, 16
 
 
-def _triton_nll_and_grad(logits_NV, labels_N, block: int | None = None, warps: int | None = None):
+def _triton_nll_and_grad(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from lit_xf._ce_kernel import nll_and_grad_kernel
 
     N, V = logits_NV.shape
     nll_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
     hit_N = torch.empty(N, dtype=torch.bool, device=logits_NV.device)
-    block = min(block or CE_BLOCK, max(16, 1 << (V - 1).bit_length()))
-    args = (logits_NV, labels_N, nll_N, hit_N, logits_NV.stride(0), V, IGNORE_INDEX)
-    nll_and_grad_kernel[(N,)](*args, BLOCK=block, num_warps=warps or CE_WARPS)
+    block = min(CE_BLOCK, max(16, 1 << (V - 1).bit_length()))
+    args = (logits_NV, labels_N.contiguous(), nll_N, hit_N, logits_NV.stride(0), V, IGNORE_INDEX)
+    nll_and_grad_kernel[(N,)](*args, BLOCK=block, num_warps=CE_WARPS)
     return nll_N, hit_N

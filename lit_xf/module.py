@@ -52,7 +52,9 @@ class LitTinyGPT(L.LightningModule):
             compiles each block (any batches); ``"model"`` the whole model as one graph and
             ``"cudagraphs"`` that graph as CUDA graphs (batches whose attention bias can't be traced,
             xformers' packed masks, run eagerly there). The attention bias is always built outside,
-            once per forward. Compiling also compiles the loss (``compiled_token_cross_entropy``).
+            once per forward, and the output projection runs outside, fused with the training loss
+            (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
+            logits (``compiled_token_cross_entropy``).
     """
 
     def __init__(

@@ -109,6 +109,46 @@ def test_training_step_loss_and_gradients_equal_the_loss_on_logits():
         assert torch.allclose(fused[name], p.grad, rtol=1e-9, atol=1e-12), name
 
 
+_INTERPRETED_KERNEL = """
+import torch
+from lit_xf import loss as L
+from lit_xf._ce_kernel import nll_and_grad_kernel
+
+torch.manual_seed(0)
+for V, dtype in ((258, torch.bfloat16), (8193, torch.float16)):
+    z = (torch.randn(24, V) * 4).to(dtype)
+    labels = torch.randint(0, V, (24,))
+    labels[::7] = L.IGNORE_INDEX
+    labels[1] = z[1].float().argmax()
+    labels[5] = V + 3  # out of range
+    z_kernel, nll, hit = z.clone(), torch.empty(24), torch.empty(24, dtype=torch.bool)
+    block = min(L.CE_BLOCK, 1 << (V - 1).bit_length())
+    nll_and_grad_kernel[(24,)](z_kernel, labels, nll, hit, V, V, L.IGNORE_INDEX, BLOCK=block)
+    ok = labels <= V
+    z_torch = z[ok].clone()
+    nll_torch, hit_torch = L._nll_and_grad_in_place(z_torch, labels[ok])
+    assert torch.allclose(nll[ok], nll_torch, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit[ok], hit_torch) and hit_torch[1]
+    assert (z_kernel[ok].float() - z_torch.float()).abs().max() <= torch.finfo(dtype).eps
+    assert nll[5].isnan() and not hit[5]
+print("ok")
+"""
+
+
+def test_triton_kernel_interpreted_on_the_cpu_matches_the_torch_rows():
+    """The Triton kernel under Triton's CPU interpreter (where Triton is installed; the CPU torch
+    wheel has none): the torch rows' nll, hits and gradient; an out-of-range label reads no memory
+    and gives NaN."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
