@@ -549,9 +549,8 @@ class Fa4Attention(AttentionKernel):
         plan = ctx.bias
         if plan.blocks:  # one sequence of N = B·T tokens: [1, N, H|G, K]
             q_1NHK, k_1NGK, v_1NGK = (t.reshape(1, B * T, *t.shape[2:]) for t in (q_BTHK, k_BTGK, v_BTGK))
-            out_1NHK = fa4_forward(q_1NHK, k_1NGK, v_1NGK, plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks))[
-                0
-            ]
+            args = (plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks))
+            out_1NHK, _ = fa4_forward(q_1NHK, k_1NGK, v_1NGK, *args)
             return out_1NHK.view(B, T, H, K)
         q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
         out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
@@ -609,7 +608,7 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
         if grouping in ("grouped", "block_sparse") or fa4_grouping_pays(segments, bounds):
             whole_blocks = (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0
             if grouping != "grouped" and whole_blocks:
-                return fa4_block_sparse(segments, bucketed_bounds(bounds))
+                return fa4_block_sparse(segments, bounds)
             return Fa4Varlen(bucketed_bounds(bounds), segment_positions(segments))
     return Fa4Varlen(bucketed_bounds([0, *itertools.accumulate(segments)]))
 
@@ -629,10 +628,11 @@ def segment_positions(segments: list[int]) -> torch.Tensor:
 FA4_BLOCK = 128
 
 
-def fa4_block_sparse(segments: list[int], cu_seqlens: torch.Tensor | None = None, block: int = FA4_BLOCK) -> Fa4Varlen:
+def fa4_block_sparse(segments: list[int], bounds: list[int] | None = None, block: int = FA4_BLOCK) -> Fa4Varlen:
     """The block-sparse plan for one causal sequence of consecutive ``segments`` (N = Σ tokens, a
     multiple of ``block``): each token's position in its segment (``seg_pos``, for the CuTe mask)
-    and FA4's block lists for the forward; ``cu_seqlens`` (grouped sequences) for the backward.
+    and FA4's block lists for the forward; for the backward, ``cu_seqlens`` of the grouped
+    sequences (``bounds`` from ``group_bounds``, computed when not given).
     Query block i and key block j (``block`` tokens each) hold some visible pair (j ≤ i in a
     shared segment) or none (skipped); all pairs are visible when j < i and one segment spans both
     blocks (run unmasked), else the mask decides per pair. ``blocks``: per query block, the count
@@ -645,6 +645,7 @@ def fa4_block_sparse(segments: list[int], cu_seqlens: torch.Tensor | None = None
     visible = (j <= i) & (first[:, None] <= last[None, :])  # [query block i, key block j]: i's first segment reaches j
     full = (j < i) & (first[None, :] == last[:, None])  # one segment from key block j's start to query block i's end
     masked = visible & ~full
+    cu_seqlens = bucketed_bounds(group_bounds(segments) if bounds is None else bounds)
     return Fa4Varlen(cu_seqlens, seg_pos, (*_block_lists(masked), *_block_lists(full)))
 
 

@@ -957,6 +957,7 @@ def test_fa4_block_sparse_lists_are_compact():
     assert int(full_cnt.max()) == 0
     long_doc = attn.fa4_block_sparse([64 * 128])  # one document: row i lists i full blocks
     assert long_doc.blocks[3].shape == (1, 1, 64, 64) and long_doc.blocks[1].shape == (1, 1, 64, 4)
+    assert long_doc.cu_seqlens.tolist() == [0, 64 * 128, 64 * 128, 64 * 128]  # the backward's sequence
     assert torch.equal(block_sparse_allowed(long_doc), torch.ones(64 * 128, 64 * 128, dtype=torch.bool).tril())
 
 
