@@ -163,12 +163,13 @@ class LitTinyGPT(L.LightningModule):
         # Metrics only on the steps Lightning writes: ``self.log`` costs about as much host time as
         # this small model's forward.
         parts = self._loss_parts(batch)
+        real = parts.real.clamp(min=1)  # no real target: loss 0, not NaN
         if self._trainer is None or self.trainer.world_size == 1:
-            loss = global_loss = parts.nll_sum / parts.real.clamp(min=1)
+            loss = global_loss = parts.nll_sum / real
         else:
             loss, global_loss = self._distributed_loss(parts)
         if self._logs_this_step():
-            self._log_train_metrics(global_loss, parts.hits / parts.real.clamp(min=1))
+            self._log_train_metrics(global_loss, parts.hits / real)
         return loss
 
     def _log_train_metrics(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:

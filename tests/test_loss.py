@@ -109,43 +109,44 @@ def test_training_step_loss_and_gradients_equal_the_loss_on_logits():
         assert torch.allclose(fused[name], p.grad, rtol=1e-9, atol=1e-12), name
 
 
-_INTERPRETED_KERNEL = """
-import torch
-from lit_xf import loss as L
-from lit_xf._ce_kernel import nll_and_grad_kernel
+def check_kernel_rows(device: str, V: int, dtype: torch.dtype, rows: int = 64) -> None:
+    """The Triton kernel gives the torch path's nll, hits and in-place gradient (ignored rows, one
+    certain hit); an out-of-range label reads no memory and gives NaN."""
+    from lit_xf import loss
 
-torch.manual_seed(0)
-for V, dtype in ((258, torch.bfloat16), (8193, torch.float16)):
-    z = (torch.randn(24, V) * 4).to(dtype)
-    labels = torch.randint(0, V, (24,))
-    labels[::7] = L.IGNORE_INDEX
-    labels[1] = z[1].float().argmax()
+    gen = torch.Generator(device=device).manual_seed(0)
+    z = (torch.randn(rows, V, device=device, generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, V, (rows,), device=device, generator=gen)
+    labels[::7] = IGNORE_INDEX
+    labels[1] = z[1].float().argmax()  # one certain hit
     labels[5] = V + 3  # out of range
-    z_kernel, nll, hit = z.clone(), torch.empty(24), torch.empty(24, dtype=torch.bool)
-    block = min(L.CE_BLOCK, 1 << (V - 1).bit_length())
-    nll_and_grad_kernel[(24,)](z_kernel, labels, nll, hit, V, V, L.IGNORE_INDEX, BLOCK=block)
-    ok = labels <= V
-    z_torch = z[ok].clone()
-    nll_torch, hit_torch = L._nll_and_grad_in_place(z_torch, labels[ok])
-    assert torch.allclose(nll[ok], nll_torch, rtol=1e-5, atol=1e-5)
-    assert torch.equal(hit[ok], hit_torch) and hit_torch[1]
-    assert (z_kernel[ok].float() - z_torch.float()).abs().max() <= torch.finfo(dtype).eps
-    assert nll[5].isnan() and not hit[5]
-print("ok")
-"""
+    z_kernel = z.clone()
+    nll_k, hit_k = (t.cpu() for t in loss._triton_nll_and_grad(z_kernel, labels))
+    ok = labels.cpu() != V + 3
+    z_torch = z.cpu()[ok]
+    nll_t, hit_t = _nll_and_grad_in_place(z_torch, labels.cpu()[ok])
+    assert torch.allclose(nll_k[ok], nll_t, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit_k[ok], hit_t) and hit_t[1]
+    assert (z_kernel.cpu()[ok].float() - z_torch.float()).abs().max() <= torch.finfo(dtype).eps
+    assert nll_k[5].isnan() and not hit_k[5]
 
 
 def test_triton_kernel_interpreted_on_the_cpu_matches_the_torch_rows():
-    """The Triton kernel under Triton's CPU interpreter (where Triton is installed; the CPU torch
-    wheel has none): the torch rows' nll, hits and gradient; an out-of-range label reads no memory
-    and gives NaN."""
+    """``check_kernel_rows`` under Triton's CPU interpreter, where Triton is installed (the CPU
+    torch wheel has none)."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    script = (
+        f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_loss; "
+        "[test_loss.check_kernel_rows('cpu', V, dtype, rows=24) for V, dtype in ((258, torch.bfloat16), "
+        "(8193, torch.float16))]; print('ok')"
+    )
     env = os.environ | {"TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -154,18 +155,5 @@ def test_triton_kernel_interpreted_on_the_cpu_matches_the_torch_rows():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V", [50304, 258, 8193])
 def test_gpu_kernel_matches_the_torch_rows(dtype, V):
-    """The Triton kernel gives the torch path's nll, hits and in-place gradient (ragged last block,
-    ignored rows, a vocabulary smaller than one block)."""
-    from lit_xf import loss
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    z = (torch.randn(512, V, device="cuda", generator=gen) * 4).to(dtype)
-    labels = torch.randint(0, V, (512,), device="cuda", generator=gen)
-    labels[::7] = IGNORE_INDEX
-    labels[1] = z[1].float().argmax()  # one certain hit
-    z_kernel, z_torch = z.clone(), z.cpu()
-    nll_k, hit_k = loss._triton_nll_and_grad(z_kernel, labels)
-    nll_t, hit_t = _nll_and_grad_in_place(z_torch, labels.cpu())
-    assert torch.allclose(nll_k.cpu(), nll_t, rtol=1e-5, atol=1e-5)
-    assert torch.equal(hit_k.cpu(), hit_t) and hit_t[1]
-    assert (z_kernel.cpu().float() - z_torch.float()).abs().max() <= torch.finfo(dtype).eps
+    """``check_kernel_rows`` on the GPU: ragged last block, a vocabulary smaller than one block."""
+    check_kernel_rows("cuda", V, dtype, rows=512)
