@@ -249,6 +249,14 @@ class AttentionKernel:
             return ctx.kernel._attend(q_BTHK, k_BTGK, v_BTGK, ctx)
         return _attend_eagerly(q_BTHK, k_BTGK, v_BTGK, ctx)
 
+    def attend_qkv(self, qkv_BTCK: torch.Tensor, n_kv_heads: int, ctx: AttentionContext) -> torch.Tensor:
+        """Attention of q, k, v stacked along the head axis (C = H + 2G, the fused projection's
+        layout): ``[B, T, C, K] -> [B, T, H, K]``. Kernels that take the stack whole (fa4) write
+        its gradient in one buffer; the others split it into views."""
+        G = n_kv_heads
+        q_BTHK, k_BTGK, v_BTGK = qkv_BTCK.split((qkv_BTCK.shape[2] - 2 * G, G, G), dim=2)
+        return self(q_BTHK, k_BTGK, v_BTGK, ctx)
+
     def _bias(self, ctx, *, n_heads, dtype, device):
         return None
 
@@ -541,19 +549,20 @@ class Fa4Attention(AttentionKernel):
         return fa4_varlen(ctx.layout, self.grouping).to(device)
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
-        causal = ctx.layout.causal
+        # q, k, v apart (rotated by RoPE): one copy into the stack here, none in the backward
+        return self.attend_qkv(torch.cat((q_BTHK, k_BTGK, v_BTGK), dim=2), k_BTGK.shape[2], ctx)
+
+    def attend_qkv(self, qkv_BTCK, n_kv_heads, ctx):
+        causal, G = ctx.layout.causal, n_kv_heads
+        B, T, C, K = qkv_BTCK.shape
+        H = C - 2 * G
         if ctx.bias is None:
-            return fa4_forward(q_BTHK, k_BTGK, v_BTGK, None, None, q_BTHK.shape[1], causal, [])[0]
-        B, T, H, K = q_BTHK.shape
-        G = k_BTGK.shape[2]
+            return fa4_forward(qkv_BTCK, G, None, None, T, causal, [])[0]
         plan = ctx.bias
-        if plan.blocks:  # one sequence of N = B·T tokens: [1, N, H|G, K]
-            q_1NHK, k_1NGK, v_1NGK = (t.reshape(1, B * T, *t.shape[2:]) for t in (q_BTHK, k_BTGK, v_BTGK))
+        if plan.blocks:  # one sequence of N = B·T tokens: [1, N, C, K]
             args = (plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks))
-            out_1NHK, _ = fa4_forward(q_1NHK, k_1NGK, v_1NGK, *args)
-            return out_1NHK.view(B, T, H, K)
-        q_NHK, k_NGK, v_NGK = q_BTHK.reshape(B * T, H, K), k_BTGK.reshape(B * T, G, K), v_BTGK.reshape(B * T, G, K)
-        out_NHK = fa4_forward(q_NHK, k_NGK, v_NGK, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
+            return fa4_forward(qkv_BTCK.reshape(1, B * T, C, K), G, *args)[0].view(B, T, H, K)
+        out_NHK = fa4_forward(qkv_BTCK.reshape(B * T, C, K), G, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
         return out_NHK.view(B, T, H, K)
 
     def __repr__(self) -> str:
@@ -701,12 +710,14 @@ def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
 
 
 # FA4 as two custom ops: torch.compile sees one opaque op per call (no graph break, no guards on the
-# batch's layout), and autograd pairs them. q/k/v are [B, T, H|G, K] (dense, cu_seqlens None) or
-# [N, H|G, K] tokens under cu_seqlens; lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every
-# sequence (the row length T). seg_pos (int32 [N], see Fa4Varlen) marks grouped sequences: FA4
-# then masks with lit_xf.fa4_mask.segment_causal instead of its causal mask. blocks (empty, or the
-# four block lists of fa4_block_sparse) makes the forward a dense [1, N] call, block-sparse under
-# that mask; its backward takes the same tokens as [N, H|G, K] under cu_seqlens.
+# batch's layout), and autograd pairs them. qkv stacks q, k, v along the head axis, C = H + 2G heads
+# (the fused projection's output, split into views for FA4): [B, T, C, K] (dense, cu_seqlens None)
+# or [N, C, K] tokens under cu_seqlens; the backward writes dq, dk, dv into one such stack, so no
+# copy joins them. lse is fp32 [B, H, T] or [H, N]. max_seqlen bounds every sequence (the row
+# length T). seg_pos (int32 [N], see Fa4Varlen) marks grouped sequences: FA4 then masks with
+# lit_xf.fa4_mask.segment_causal instead of its causal mask. blocks (empty, or the four block lists
+# of fa4_block_sparse) makes the forward a dense [1, N] call, block-sparse under that mask; its
+# backward takes the same tokens as [N, C, K] under cu_seqlens.
 def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=()) -> dict:
     kw = dict(causal=causal)
     if blocks:
@@ -722,11 +733,15 @@ def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=()) -> di
     return kw
 
 
+def _split_qkv(qkv: torch.Tensor, n_kv_heads: int) -> list[torch.Tensor]:
+    G = n_kv_heads
+    return list(qkv.split((qkv.shape[-2] - 2 * G, G, G), dim=-2))
+
+
 @torch.library.custom_op("lit_xf::fa4_forward", mutates_args=(), device_types="cuda")
 def fa4_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
+    n_kv_heads: int,
     cu_seqlens: torch.Tensor | None,
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
@@ -739,60 +754,63 @@ def fa4_forward(
     kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks)
     attend = flash_attn_func if cu_seqlens is None or blocks else flash_attn_varlen_func
     with torch.no_grad():
-        out, lse = attend(q, k, v, return_lse=True, **kw)[:2]
+        out, lse = attend(*_split_qkv(qkv, n_kv_heads), return_lse=True, **kw)[:2]
     return out, lse
 
 
 @fa4_forward.register_fake
-def _(q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
-    # FA4 allocates both contiguous, whatever q's strides
+def _(qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
+    # FA4 allocates both contiguous
+    H = qkv.shape[-2] - 2 * n_kv_heads
     varlen = cu_seqlens is not None and not blocks
-    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
+    lse_shape = (H, qkv.shape[0]) if varlen else (qkv.shape[0], H, qkv.shape[1])
+    return qkv.new_empty((*qkv.shape[:-2], H, qkv.shape[-1])), qkv.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("lit_xf::fa4_backward", mutates_args=(), device_types="cuda")
 def fa4_backward(
     dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
+    n_kv_heads: int,
     out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of ``fa4_forward`` (FA4's own backward kernel)."""
+) -> torch.Tensor:
+    """d qkv of ``fa4_forward`` (FA4's own backward kernel), dq, dk, dv written into one stack."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
     kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, **kw)[:3]
-    return dq, dk, dv
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dq, dk, dv = _split_qkv(dqkv, n_kv_heads)
+    _flash_attn_bwd(*_split_qkv(qkv, n_kv_heads), out, dout, lse, dq=dq, dk=dk, dv=dv, **kw)
+    return dqkv
 
 
 @fa4_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, qkv, n_kv_heads, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, seg_pos, max_seqlen, causal, blocks = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, seg_pos)
-    ctx.max_seqlen, ctx.causal, ctx.n_blocks = max_seqlen, causal, len(blocks)
+    qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], cu_seqlens, seg_pos)
+    ctx.n_kv_heads, ctx.max_seqlen, ctx.causal, ctx.n_blocks = n_kv_heads, max_seqlen, causal, len(blocks)
 
 
 def _fa4_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
-    tensors = (dout, q, k, v, out, lse)
+    qkv, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
+    tensors = (dout, qkv, out, lse)
     if ctx.n_blocks:  # a block-sparse forward over [1, N]: the backward runs [N] under cu_seqlens
         tensors = tuple(t[0] for t in tensors)
-    dq, dk, dv = fa4_backward(*tensors, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
+    dout, qkv, out, lse = tensors
+    dqkv = fa4_backward(dout, qkv, ctx.n_kv_heads, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
     if ctx.n_blocks:
-        dq, dk, dv = dq[None], dk[None], dv[None]
+        dqkv = dqkv[None]
     # one gradient per input, and per tensor of the list input (autograd checks the structure)
-    return dq, dk, dv, None, None, None, None, [None] * ctx.n_blocks
+    return dqkv, None, None, None, None, None, [None] * ctx.n_blocks
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)

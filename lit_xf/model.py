@@ -85,10 +85,12 @@ class SelfAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, K).split((H, G, G), dim=2)
-        if rope is not None:
-            q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
-        out_BTHK = ctx.kernel(q, k, v, ctx)
+        qkv_BTCK = self.qkv(x_BTD).view(B, T, H + 2 * G, K)
+        if rope is None:
+            out_BTHK = ctx.kernel.attend_qkv(qkv_BTCK, G, ctx)
+        else:
+            q, k, v = qkv_BTCK.split((H, G, G), dim=2)
+            out_BTHK = ctx.kernel(rope_rotate(q, *rope), rope_rotate(k, *rope), v, ctx)
         return self.proj(out_BTHK.reshape(B, T, H * K))
 
 

@@ -107,6 +107,8 @@ class LitTinyGPT(L.LightningModule):
         self.val_nll, self.val_correct, self.val_tokens = (SumMetric(nan_strategy="disable") for _ in range(3))
         self._flops_constants: tuple[int, int] | None = None
         self._cross_entropy = token_cross_entropy
+        # a logged step's [loss, accuracy] on its way to the host, and the copy's CUDA event
+        self._train_metrics: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -169,17 +171,24 @@ class LitTinyGPT(L.LightningModule):
         else:
             loss, global_loss = self._distributed_loss(parts)
         if self._logs_this_step():
-            self._log_train_metrics(global_loss, parts.hits / real)
+            metrics = torch.stack([global_loss.detach().float(), (parts.hits / real).float()])
+            self._train_metrics = _copy_to_host(metrics)
         return loss
 
-    def _log_train_metrics(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
-        """Log ``train/loss`` and ``train/acc`` as CPU tensors, copied in one transfer: the one wait
-        for the GPU of a logged step. Lightning converts progress-bar values to numbers after every
-        step until the epoch ends; from a CUDA tensor each conversion would wait for the GPU, on
-        every step, and the host could never run ahead of it."""
-        loss_cpu, accuracy_cpu = torch.stack([loss.detach().float(), accuracy.float()]).cpu()
-        self.log("train/loss", loss_cpu, prog_bar=True)
-        self.log("train/acc", accuracy_cpu, prog_bar=True)
+    def on_after_backward(self) -> None:
+        """Log the step's ``train/loss`` and ``train/acc`` (copied to the host during the forward)
+        once its backward is queued, so the one wait for the GPU of a logged step waits for the
+        forward only, with the backward's kernels already in the queue. They are logged as CPU
+        tensors: Lightning converts progress-bar values to numbers after every step until the epoch
+        ends, and from CUDA tensors each conversion would wait for the GPU on every step."""
+        if self._train_metrics is None:
+            return
+        (values, copied), self._train_metrics = self._train_metrics, None
+        if copied is not None:
+            copied.synchronize()
+        loss, accuracy = values.clone()  # the pinned buffer goes back to the allocator
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", accuracy, prog_bar=True)
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.estimated_stepping_batches
@@ -389,6 +398,18 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def _has_scaler(trainer) -> bool:
     """Whether the precision plugin scales the loss (a GradScaler: "16-mixed")."""
     return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``values`` on the way to the host: from CUDA a copy into pinned memory that doesn't wait
+    (done once the returned event is), else the tensor itself."""
+    if not values.is_cuda:
+        return values.cpu(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def _norm(value):

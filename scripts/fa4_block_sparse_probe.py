@@ -75,19 +75,22 @@ def main(out_path: str) -> None:
             name: round((grad.view(B, T, H, K).float() - r).abs().max().item(), 4) for name, grad, r in pairs
         }
 
-    qn, kn, vn, dn = (t.reshape(B * T, H, K) for t in (q, k, v, dout))  # grouped: [N] tokens
-    q1, k1, v1, d1 = (t.reshape(1, B * T, H, K) for t in (q, k, v, dout))  # block-sparse: one sequence
-    for name, inputs in (("grouped", (qn, kn, vn, dn)), ("block_sparse", (q1, k1, v1, d1))):
+    qkv = torch.cat((q, k, v), dim=2)  # the projection's stack, [B, T, 3H, K]
+    stacks = (
+        ("grouped", qkv.reshape(B * T, 3 * H, K), dout.reshape(B * T, H, K)),  # [N] tokens
+        ("block_sparse", qkv.reshape(1, B * T, 3 * H, K), dout.reshape(1, B * T, H, K)),
+    )  # one sequence
+    for name, qkvx, dx in stacks:
         plan = fa4_varlen(layout, name).to(dev)
-        qx, kx, vx, dx = inputs
-        fwd = lambda: fa4_forward(qx, kx, vx, plan.cu_seqlens, plan.seg_pos, T, True, list(plan.blocks))  # noqa: E731,B023
+        fwd = lambda: fa4_forward(qkvx, H, plan.cu_seqlens, plan.seg_pos, T, True, list(plan.blocks))  # noqa: E731,B023
         out, lse = fwd()
-        bwd_inputs = (dx, qx, kx, vx, out, lse)
+        bwd_inputs = (dx, qkvx, out, lse)
         if plan.blocks:  # as lit_xf's autograd does: the backward over the grouped [N] tokens
             bwd_inputs = tuple(t[0] for t in bwd_inputs)
-        bwd = lambda: fa4_backward(*bwd_inputs, plan.cu_seqlens, plan.seg_pos, T, True)  # noqa: E731,B023
+        dout_, qkv_, out_, lse_ = bwd_inputs
+        bwd = lambda: fa4_backward(dout_, qkv_, H, out_, lse_, plan.cu_seqlens, plan.seg_pos, T, True)  # noqa: E731,B023
         res[name] = dict(
-            errors=errors(out.view(B, T, H, K), bwd()),
+            errors=errors(out.view(B, T, H, K), bwd().split(H, dim=-2)),
             fwd_ms=timings_ms(fwd),
             bwd_ms=timings_ms(bwd),
             fwd_bwd_ms=timings_ms(lambda: (fwd(), bwd())),  # noqa: B023

@@ -150,9 +150,10 @@ def random_qkv(gen, B, T_, H, G, K, dtype, device="cpu"):
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
 
 
-def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = True):
+def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = True, stacked: bool = False):
     """Kernel output and (if ``grad``) the gradients of Σ out·dout over real tokens; and the same for
-    the float64 reference on the same (rounded) inputs."""
+    the float64 reference on the same (rounded) inputs. ``stacked``: q, k, v go in as one
+    ``[B, T, H + 2G, K]`` stack (``attend_qkv``, the model's call), its gradient split for the check."""
     B, T_, H, _ = q.shape
     G = k.shape[2]
     layout = DocLayout(doc_lens, T_, causal)
@@ -161,13 +162,17 @@ def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = Tr
 
     kernel = attn.make_kernel(name)  # a kernel name, or an fa4 plan ("fa4:grouped")
     leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+    qkv = torch.cat((q, k, v), dim=2).detach().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         ctx = kernel.prepare(
             layout, layout.position_ids(q.device), slopes, n_heads=H, n_kv_heads=G, dtype=q.dtype, device=q.device
         )
-        out = kernel(*leaves, ctx)
+        out = ctx.kernel.attend_qkv(qkv, G, ctx) if stacked else kernel(*leaves, ctx)
         if grad:
             (out * dout.to(q.device, q.dtype)).sum().backward()
+    if stacked and grad:
+        for leaf, g in zip(leaves, qkv.grad.split((H, G, G), dim=2), strict=True):
+            leaf.grad = g
 
     ref_leaves = [x.detach().cpu().double().requires_grad_(grad) for x in (q, k, v)]
     ref_slopes = paper_slopes(H) if slopes is not None else None
@@ -752,22 +757,21 @@ def test_fa4_op_shapes_under_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        q, kv = torch.empty(64, 8, 32, dtype=torch.bfloat16), torch.empty(64, 2, 32, dtype=torch.bfloat16)
+        qkv = torch.empty(64, 8 + 2 * 2, 32, dtype=torch.bfloat16)  # H = 8, G = 2
         cu, seg_pos = torch.zeros(8, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
         for grouped in (None, seg_pos):
-            out, lse = attn.fa4_forward(q, kv, kv, cu, grouped, 32, True, [])
-            assert out.shape == q.shape and lse.shape == (8, 64) and lse.dtype == torch.float32
-            grads = attn.fa4_backward(out, q, kv, kv, out, lse, cu, grouped, 32, True)
-            assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
-        q1, kv1 = q.view(1, 64, 8, 32), kv.view(1, 64, 2, 32)  # block-sparse forward: one sequence
+            out, lse = attn.fa4_forward(qkv, 2, cu, grouped, 32, True, [])
+            assert out.shape == (64, 8, 32) and lse.shape == (8, 64) and lse.dtype == torch.float32
+            dqkv = attn.fa4_backward(out, qkv, 2, out, lse, cu, grouped, 32, True)
+            assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+        qkv1 = qkv.view(1, 64, 12, 32)  # block-sparse forward: one sequence
         blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 2
-        out, lse = attn.fa4_forward(q1, kv1, kv1, cu, seg_pos, 32, True, blocks)
-        assert out.shape == q1.shape and lse.shape == (1, 8, 64)
-        q4, kv4 = q.view(2, 32, 8, 32), kv.view(2, 32, 2, 32)
-        out, lse = attn.fa4_forward(q4, kv4, kv4, None, None, 32, True, [])
-        assert out.shape == q4.shape and lse.shape == (2, 8, 32)
-        grads = attn.fa4_backward(out, q4, kv4, kv4, out, lse, None, None, 32, True)
-        assert [g.shape for g in grads] == [q4.shape, kv4.shape, kv4.shape]
+        out, lse = attn.fa4_forward(qkv1, 2, cu, seg_pos, 32, True, blocks)
+        assert out.shape == (1, 64, 8, 32) and lse.shape == (1, 8, 64)
+        qkv4 = qkv.view(2, 32, 12, 32)
+        out, lse = attn.fa4_forward(qkv4, 2, None, None, 32, True, [])
+        assert out.shape == (2, 32, 8, 32) and lse.shape == (2, 8, 32)
+        assert attn.fa4_backward(out, qkv4, 2, out, lse, None, None, 32, True).shape == qkv4.shape
 
 
 def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
@@ -991,6 +995,10 @@ def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
     return tuple(g.transpose(1, 2).reshape(t.shape).to(t.dtype) for g, t in ((dq, q), (per_kv(dk), k), (per_kv(dv), v)))
 
 
+def split_qkv(qkv, G):
+    return qkv.split((qkv.shape[-2] - 2 * G, G, G), dim=-2)
+
+
 @pytest.fixture
 def fa4_ops_on_cpu():
     """CPU kernels for lit_xf's two FA4 ops (the stand-in above), so the plans, reshapes and
@@ -998,29 +1006,33 @@ def fa4_ops_on_cpu():
     lib = torch.library.Library("lit_xf", "IMPL")
     lib.impl(
         "fa4_forward",
-        lambda q, k, v, cu, seg_pos, _, causal, blocks: _fa4_stand_in(q, k, v, cu, seg_pos, causal, blocks),
+        lambda qkv, G, cu, seg_pos, _, causal, blocks: _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, blocks),
         "CPU",
     )
     lib.impl(
         "fa4_backward",
-        lambda dout, q, k, v, out, lse, cu, seg_pos, _, causal: _fa4_stand_in(q, k, v, cu, seg_pos, causal, (), dout),
+        lambda dout, qkv, G, out, lse, cu, seg_pos, _, causal: torch.cat(
+            _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, (), dout), dim=-2
+        ),
         "CPU",
     )
     yield
     lib._destroy()
 
 
+@pytest.mark.parametrize("call", ["stacked", "apart"])
 @pytest.mark.parametrize("kv", ["mha", "gqa"])
 @pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document", "fa4:block_sparse", "fa4", "fa4 dense"])
-def test_fa4_plans_forward_and_backward_through_the_ops(fa4_ops_on_cpu, plan, kv):
+def test_fa4_plans_forward_and_backward_through_the_ops(fa4_ops_on_cpu, plan, kv, call):
     """Each fa4 plan (and dense rows) through the custom ops and their autograd on the CPU, with
     stand-in kernels: the plan's arguments reach the forward and the backward, the list of block
-    tensors included, and the output and q/k/v gradients equal block-diagonal causal attention."""
+    tensors included, and the output and q/k/v gradients equal block-diagonal causal attention,
+    whether q, k, v come as the projection's stack (the model's call) or apart (after RoPE)."""
     doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
     if plan == "fa4 dense":
         plan, doc_lens = "fa4", [[T_]] * 3
     q, k, v = random_qkv(torch.Generator().manual_seed(5), 3, T_, 4, KV[kv](4), 16, torch.bfloat16)
-    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True)
+    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True, stacked=call == "stacked")
     assert_matches(got, want, real, 2e-2)  # bf16 outputs and gradients; a wrong mask is off by O(1)
 
 
@@ -1171,17 +1183,22 @@ class TestGpuKernelsAgainstReference:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("call", ["stacked", "apart"])
 @pytest.mark.parametrize("kv", ["mha", "gqa"])
-@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document", "fa4:block_sparse"])
-def test_gpu_fa4_plans_match_reference(request, plan, kv):
+@pytest.mark.parametrize("plan", ["fa4:grouped", "fa4:per_document", "fa4:block_sparse", "fa4 dense"])
+def test_gpu_fa4_plans_match_reference(request, plan, kv, call):
     """The fa4 plans for packed rows (short documents grouped under the CuTe mask, one sequence
-    each, or the batch as one block-sparse sequence) in bf16, forward and q/k/v gradients, against
-    float64: documents shorter and longer than a tile, length-1 documents, padding."""
+    each, or the batch as one block-sparse sequence) and dense causal rows in bf16, forward and
+    q/k/v gradients, against float64: documents shorter and longer than a tile, length-1
+    documents, padding. q, k, v go in as the projection's stack (FA4 reads strided views of it and
+    writes dq, dk, dv into one stack) or apart."""
     if problem := attn.fa4_problem():
         pytest.skip(problem)
     doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
+    if plan == "fa4 dense":
+        plan, doc_lens = "fa4", [[T_]] * 3
     q, k, v = random_qkv(case_generator(request), 3, T_, 4, KV[kv](4), GPU_K, torch.bfloat16, device="cuda")
-    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True)
+    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True, stacked=call == "stacked")
     errors = {"out": relative_error(got[0].cpu()[real.expand_as(want[0])], want[0][real.expand_as(want[0])])}
     errors |= {f"d{n}": relative_error(g, r) for n, g, r in zip("qkv", got[1:], want[1:], strict=True)}
     assert all(e < GPU_REL_TOL[torch.bfloat16] for e in errors.values()), errors
