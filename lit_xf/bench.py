@@ -793,10 +793,14 @@ class ProfileWindow:
         self.result = {"steps": [self._first, self._first + n], "wall_ms_per_step": wall_ms / n}
         if not kernels:
             return  # no device kernels (CPU)
-        busy = end = 0.0
+        kernels.sort(key=lambda k: k[1])
+        busy, end = 0.0, kernels[0][1]
         groups: dict[str, float] = {}
         names: dict[str, float] = {}
-        for name, start, dur in sorted(kernels, key=lambda k: k[1]):
+        gaps: list[float] = []  # µs between the end of all earlier work and the next start
+        for name, start, dur in kernels:
+            if start > end:
+                gaps.append(start - end)
             busy += max(0.0, start + dur - max(start, end))
             end = max(end, start + dur)
             group = next((g for g, pattern in KERNEL_GROUPS if re.search(pattern, name, re.I)), "other")
@@ -806,11 +810,28 @@ class ProfileWindow:
             "gpu_kernel_ms_per_step": sum(groups.values()) / 1e3 / n,
             "gpu_busy_ms_per_step": busy / 1e3 / n,
             "gpu_busy_frac": busy / 1e3 / wall_ms,
+            "gpu_idle_ms_per_step": idle_by_gap_size(gaps, n),
             "kernel_ms_per_step": {g: round(v / 1e3 / n, 3) for g, v in sorted(groups.items(), key=lambda x: -x[1])},
             "top_kernels_ms_per_step": [
                 (k[:100], round(v / 1e3 / n, 3)) for k, v in sorted(names.items(), key=lambda x: -x[1])[:10]
             ],
         }
+
+
+# Idle gaps between device work by size: launch gaps of kernels queued back to back (< 5 µs),
+# short waits, and the host falling behind or a synchronization (≥ 100 µs).
+GAP_SIZES_US = ((0.0, "<5us"), (5.0, "5-100us"), (100.0, ">=100us"))
+
+
+def idle_by_gap_size(gaps_us: list[float], steps: int) -> dict[str, dict[str, float]]:
+    """Per step, the GPU's idle gaps (µs, between device intervals) grouped by ``GAP_SIZES_US``:
+    ``{size: {"count": gaps per step, "ms": idle ms per step}}``."""
+    out = {label: {"count": 0.0, "ms": 0.0} for _, label in GAP_SIZES_US}
+    for gap in gaps_us:
+        label = [lab for low, lab in GAP_SIZES_US if gap >= low][-1]
+        out[label]["count"] += 1 / steps
+        out[label]["ms"] += gap / 1e3 / steps
+    return {label: {k: round(v, 3) for k, v in d.items()} for label, d in out.items()}
 
 
 def _kernel_intervals(profiler) -> list[tuple[str, float, float]]:

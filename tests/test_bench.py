@@ -233,6 +233,13 @@ def test_profile_window_kernel_time_busy_union_and_groups(monkeypatch):
     assert r["gpu_busy_ms_per_step"] == pytest.approx(200 / 1e3 / 2)
     assert r["kernel_ms_per_step"] == {"attention": 0.05, "gemm": 0.045, "norm": 0.025, "memcpy/memset": 0.005}
     assert r["gpu_busy_frac"] > 0 and r["top_kernels_ms_per_step"][0] == ("flash_fwd_kernel", 0.05)
+    # idle: 140-300 (160 µs) and 350-400 (50 µs), over 2 steps
+    assert r["gpu_idle_ms_per_step"] == {
+        "<5us": {"count": 0.0, "ms": 0.0},
+        "5-100us": {"count": 0.5, "ms": 0.025},
+        ">=100us": {"count": 0.5, "ms": 0.08},
+    }
+    assert bench.idle_by_gap_size([1.0, 4.9, 5.0], 1)["<5us"] == {"count": 2.0, "ms": 0.006}
 
 
 def test_curves_render_tensorboard_runs(tmp_path):
