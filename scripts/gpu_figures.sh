@@ -59,6 +59,10 @@ has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --step
   --name train_gpt2 --variants $GPT2_VARIANTS
 has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
   --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
+# 200 steps eager against compiled (loss curves) beside the plain loop
+has train && run train_gpt2_124m_eager_vs_compiled_200 $BENCH train --config configs/gpt2_124m.yaml --steps 200 \
+  --warmup-steps 50 --out "$OUT" --name train_gpt2_124m_eager_vs_compiled_200 \
+  --variants lit_xf,lit_xf+compile,loop+rows+compile_model
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()
