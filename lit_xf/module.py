@@ -402,7 +402,7 @@ def _has_scaler(trainer) -> bool:
 
 def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """``values`` on the way to the host: from CUDA a copy into pinned memory that doesn't wait
-    (done once the returned event is), else the tensor itself."""
+    (complete once the returned event is), else a host copy made now (no event)."""
     if not values.is_cuda:
         return values.cpu(), None
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
