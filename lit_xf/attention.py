@@ -253,9 +253,7 @@ class AttentionKernel:
         """Attention of q, k, v stacked along the head axis (C = H + 2G, the fused projection's
         layout): ``[B, T, C, K] -> [B, T, H, K]``. Kernels that take the stack whole (fa4) write
         its gradient in one buffer; the others split it into views."""
-        G = n_kv_heads
-        q_BTHK, k_BTGK, v_BTGK = qkv_BTCK.split((qkv_BTCK.shape[2] - 2 * G, G, G), dim=2)
-        return self(q_BTHK, k_BTGK, v_BTGK, ctx)
+        return self(*_split_qkv(qkv_BTCK, n_kv_heads), ctx)
 
     def _bias(self, ctx, *, n_heads, dtype, device):
         return None
@@ -598,11 +596,10 @@ class Fa4Varlen:
         numpy fills the pinned buffer: torch's CPU copy into it (``pin_memory()``) took 4-5 ms per
         step on a busy 16-core host, spread over its intra-op threads."""
         parts = [t for t in (self.cu_seqlens, self.seg_pos, *self.blocks) if t is not None]
-        pinned = torch.device(device).type == "cuda"
-        flat = torch.empty(sum(t.numel() for t in parts), dtype=torch.int32, pin_memory=pinned)
+        sizes = [t.numel() for t in parts]
+        flat = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
         np.concatenate([t.numpy().reshape(-1) for t in parts], out=flat.numpy())
-        flat = flat.to(device, non_blocking=True)
-        moved = iter(flat.split([t.numel() for t in parts]))
+        moved = iter(flat.to(device, non_blocking=True).split(sizes))
         cu = next(moved) if self.cu_seqlens is not None else None
         seg_pos = next(moved) if self.seg_pos is not None else None
         return Fa4Varlen(cu, seg_pos, tuple(next(moved).view(t.shape) for t in self.blocks))
@@ -804,10 +801,8 @@ def _fa4_setup_context(ctx, inputs, output):
 
 def _fa4_grad(ctx, dout, _dlse):
     qkv, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
-    tensors = (dout, qkv, out, lse)
     if ctx.n_blocks:  # a block-sparse forward over [1, N]: the backward runs [N] under cu_seqlens
-        tensors = tuple(t[0] for t in tensors)
-    dout, qkv, out, lse = tensors
+        dout, qkv, out, lse = (t[0] for t in (dout, qkv, out, lse))
     dqkv = fa4_backward(dout, qkv, ctx.n_kv_heads, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
     if ctx.n_blocks:
         dqkv = dqkv[None]

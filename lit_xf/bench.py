@@ -203,13 +203,9 @@ def _run_case(name, layout, args, dtype, device) -> dict:
         chosen = ctx.kernel.name
         plan = ""
         if isinstance(ctx.bias, Fa4Varlen):  # which fa4 plan ran the packed rows
-            plan = (
-                "block-sparse forward, grouped backward"
-                if ctx.bias.blocks
-                else "documents grouped"
-                if ctx.bias.seg_pos is not None
-                else "one sequence per document"
-            )
+            plan = "one sequence per document" if ctx.bias.seg_pos is None else "documents grouped"
+            if ctx.bias.blocks:
+                plan = "block-sparse forward, grouped backward"
         del step, ctx
     except torch.OutOfMemoryError:
         return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")
