@@ -830,9 +830,11 @@ AUTO_PREFERENCE = {
 }
 
 
-# Rows of one document with MHA: sdpa (cuDNN) wins up to 4096 tokens (1024: 1.03 vs fa4 1.43 ms;
-# 4096: 2.17 vs 2.23), fa4 from here on (16384: 6.70 vs 7.47 ms; H200, bf16, H=16, K=128, fwd+bwd).
-AUTO_FA4_MIN_ROW_LEN = 8192
+# Rows of one document with MHA, fa4 against sdpa (cuDNN), H200, bf16, fwd+bwd: sdpa wins short rows
+# (16 × 1024, H=16, K=128: 1.03 vs 1.43 ms), they tie at 4 × 4096 (2.17 vs 2.23), fa4 wins from 2048
+# tokens on elsewhere: 256 × 2048 (37.4 vs 40.3 ms), the 124M training step's 16 × 2048 rows
+# (H=12, K=64: attention kernels 12.2 vs 13.4 ms per step), 16384 × 1 (6.70 vs 7.47 ms).
+AUTO_FA4_MIN_ROW_LEN = 2048
 
 
 def auto_order(device_type: str, *, packed: bool, alibi: bool, gqa: bool, seq_len: int | None) -> tuple[str, ...]:

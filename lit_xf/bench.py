@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import functools
 import gc
 import itertools
 import json
@@ -77,6 +78,38 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def queued_gpu_ms(fn: Callable[[], object], calls: int = 10, sleep_ms: float = 100.0) -> tuple[float, float]:
+    """(GPU ms, host ms) per ``fn()`` on CUDA: ``calls`` calls queued behind a GPU sleep, so the GPU
+    runs them back to back whatever the host's pace (as in a training step that keeps the host
+    ahead); the host's time to issue one call comes with it. Raises if issuing outlasts the sleep."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(sleep_ms * _sleep_cycles_per_ms()))
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    end.record()
+    end.synchronize()
+    if host_ms > 0.9 * sleep_ms:
+        raise RuntimeError(f"issuing {calls} calls took {host_ms:.0f} ms, past the {sleep_ms:.0f} ms GPU sleep")
+    return start.elapsed_time(end) / calls, host_ms / calls
+
+
+@functools.cache
+def _sleep_cycles_per_ms() -> float:
+    """``torch.cuda._sleep`` cycles per ms on this GPU (timed once)."""
+    torch.cuda._sleep(10**6)  # warm
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10**8)
+    end.record()
+    end.synchronize()
+    return 10**8 / start.elapsed_time(end)
 
 
 def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
@@ -200,6 +233,7 @@ def _run_case(name, layout, args, dtype, device) -> dict:
             name, layout, args.heads, kv_heads, args.head_dim, dtype, device, alibi=args.alibi
         )
         ms, peak = measure(step, device, args.warmup, args.reps)
+        gpu_ms = queued_gpu_ms(step, args.reps)[0] if device.type == "cuda" else None
         prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
         chosen = ctx.kernel.name
         plan = ""
@@ -218,6 +252,7 @@ def _run_case(name, layout, args, dtype, device) -> dict:
     tflops = attention_flops(layout, args.heads, args.head_dim) / (ms * 1e-3) / 1e12
     return dict(
         ms=round(ms, 3),
+        gpu_ms=None if gpu_ms is None else round(gpu_ms, 3),
         tflops=round(tflops, 1),
         peak_mib=None if math.isnan(peak) else round(peak, 1),
         prepare_ms=round(prep_ms, 3),

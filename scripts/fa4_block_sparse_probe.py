@@ -8,40 +8,22 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import torch
 
 from lit_xf.attention import DocLayout, fa4_backward, fa4_forward, fa4_varlen
-from lit_xf.bench import time_call
+from lit_xf.bench import queued_gpu_ms, time_call
 
 
 def timings_ms(fn, calls: int = 20) -> dict:
-    """Per call: ``gpu`` (the calls queued behind a 100 ms GPU sleep, so the host never paces them),
+    """Per call: ``gpu`` (the calls queued behind a GPU sleep, so the host never paces them),
     ``host`` (the host's time to issue one) and ``paced`` (median of calls timed one by one, which
     the host paces when it is the slower)."""
     for _ in range(3):
         fn()
     paced = [time_call(fn, torch.device("cuda")) for _ in range(calls)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(100 * _sleep_cycles_per_ms())
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) * 1e3 / calls
-    end.record()
-    end.synchronize()
-    gpu = start.elapsed_time(end) / calls
+    gpu, host = queued_gpu_ms(fn, calls)
     return dict(gpu=round(gpu, 3), host=round(host, 3), paced=round(statistics.median(paced), 3))
-
-
-def _sleep_cycles_per_ms() -> int:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    torch.cuda._sleep(10**8)
-    torch.cuda.synchronize()
-    return int(10**8 / ((time.perf_counter() - t0) * 1e3))
 
 
 def main(out_path: str) -> None:

@@ -4,6 +4,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from lit_xf import bench
 
@@ -268,3 +269,21 @@ def test_curves_render_tensorboard_runs(tmp_path):
     assert rows[0]["memory/peak_allocated_mib"] == pytest.approx(800.5, abs=0.5)
     assert rows[1]["memory/peak_allocated_mib"] == pytest.approx(300.5, abs=0.5)
     assert (tmp_path / "pair.png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_queued_gpu_ms_times_the_gpu_not_the_host():
+    """A 2 ms GPU sleep issued from a host that dawdles 1 ms per call: the GPU time is the sleep's."""
+    import time
+
+    cycles = int(2.0 * bench._sleep_cycles_per_ms())
+
+    def call():
+        torch.cuda._sleep(cycles)
+        time.sleep(1e-3)
+
+    gpu_ms, host_ms = bench.queued_gpu_ms(call, calls=10, sleep_ms=100)
+    assert gpu_ms == pytest.approx(2.0, rel=0.1) and host_ms >= 1.0
+    with pytest.raises(RuntimeError, match="past the 20 ms GPU sleep"):
+        bench.queued_gpu_ms(call, calls=30, sleep_ms=20)
