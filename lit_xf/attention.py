@@ -830,26 +830,31 @@ AUTO_PREFERENCE = {
 }
 
 
-# Rows of one document with MHA, fa4 against sdpa (cuDNN), H200, bf16, fwd+bwd: sdpa wins short rows
-# (16 × 1024, H=16, K=128: 1.03 vs 1.43 ms), they tie at 4 × 4096 (2.17 vs 2.23), fa4 wins from 2048
-# tokens on elsewhere: 256 × 2048 (37.4 vs 40.3 ms), the 124M training step's 16 × 2048 rows
-# (H=12, K=64: attention kernels 12.2 vs 13.4 ms per step), 16384 × 1 (6.70 vs 7.47 ms).
-AUTO_FA4_MIN_ROW_LEN = 2048
+# Rows of one document with MHA: fa4 first once a batch's attention work B·T² reaches this. Measured
+# on an H200, bf16, fwd+bwd: fa4 wins in the 124M training step's 16 × 2048 rows (H=12, K=64; step
+# 67.7 vs 70.4 ms: no [B, H, T, K] copies of the q/k/v stack) and per call at 256 × 2048 (37.4 vs
+# 40.3 ms), 2 × 8192 and 1 × 16384 (3.57 vs 3.76, 6.61 vs 7.34 ms, H=16, K=128); they tie at 4 × 4096;
+# below, sdpa (cuDNN) wins per call, on the GPU alone (8 × 2048, H=16, K=128: 1.23 vs 1.37 ms) and
+# more so when the host paces FA4's ~1 ms of Python per fwd+bwd (16 × 1024: 0.67 vs 1.35 ms).
+AUTO_FA4_MIN_ROW_WORK = 2**26
 
 
-def auto_order(device_type: str, *, packed: bool, alibi: bool, gqa: bool, seq_len: int | None) -> tuple[str, ...]:
+def auto_order(
+    device_type: str, *, packed: bool, alibi: bool, gqa: bool, seq_len: int | None, batch_size: int | None = None
+) -> tuple[str, ...]:
     """Kernels ``auto`` tries, fastest first, for one case (the first that supports it wins)."""
     if device_type != "cuda":
         return ("sdpa",)
     order = AUTO_PREFERENCE[(packed, alibi, gqa)]
-    if not (packed or alibi or gqa) and seq_len is not None and seq_len >= AUTO_FA4_MIN_ROW_LEN:
+    work = (batch_size or 1) * seq_len**2 if seq_len is not None else 0
+    if not (packed or alibi or gqa) and work >= AUTO_FA4_MIN_ROW_WORK:
         order = ("fa4", *(n for n in order if n != "fa4"))
     return order
 
 
 class AutoAttention(AttentionKernel):
     """Picks per device and batch layout the fastest kernel that supports the case (``auto_order``:
-    ``AUTO_PREFERENCE`` on CUDA, fa4 first for long rows, ``sdpa`` on CPU) and logs each new choice
+    ``AUTO_PREFERENCE`` on CUDA, fa4 first for large batches of rows, ``sdpa`` on CPU) and logs each new choice
     once."""
 
     name = "auto"
@@ -863,12 +868,15 @@ class AutoAttention(AttentionKernel):
         kernel = self._kernels[name]
         return (dtype is not None and kernel.dtype_problem(dtype)) or kernel.support(**config)
 
-    def choose(self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None, dtype=None) -> str:
+    def choose(
+        self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None, batch_size=None, dtype=None
+    ) -> str:
         device = torch.device(device)
         config = dict(
             device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi, training=training, seq_len=seq_len
         )
-        order = auto_order(device.type, packed=packed, alibi=alibi, gqa=n_kv_heads != n_heads, seq_len=seq_len)
+        gqa = n_kv_heads != n_heads
+        order = auto_order(device.type, packed=packed, alibi=alibi, gqa=gqa, seq_len=seq_len, batch_size=batch_size)
         for name in order:
             if self._why_not(name, config, dtype) is None:
                 key = (device.type, packed, alibi, n_kv_heads != n_heads, training, dtype, name)
@@ -895,6 +903,7 @@ class AutoAttention(AttentionKernel):
             training=torch.is_grad_enabled(),
             packed=layout.block_diagonal,
             seq_len=layout.seq_len,
+            batch_size=layout.batch_size,
             dtype=dtype,
         )
         self.last_choice = name

@@ -720,27 +720,37 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
         assert auto.choose(**config) == order[1]
 
 
-def test_auto_prefers_fa4_for_long_mha_rows_only(monkeypatch):
-    """Rows of one document from AUTO_FA4_MIN_ROW_LEN tokens on: fa4 first (measured faster there);
-    shorter rows, GQA, ALiBi and packed rows keep AUTO_PREFERENCE; CPU is always sdpa."""
-    long, short = attn.AUTO_FA4_MIN_ROW_LEN, attn.AUTO_FA4_MIN_ROW_LEN - 1
-    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=long)[0] == "fa4"
-    assert (
-        attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=short)
-        == AUTO_PREFERENCE[(False, False, False)]
-    )
+def test_auto_prefers_fa4_for_large_batches_of_mha_rows_only(monkeypatch):
+    """Rows of one document whose attention work B·T² reaches AUTO_FA4_MIN_ROW_WORK: fa4 first
+    (measured faster there); smaller batches, GQA, ALiBi and packed rows keep AUTO_PREFERENCE; CPU is
+    always sdpa."""
+    assert attn.AUTO_FA4_MIN_ROW_WORK == 16 * 2048**2 == 8192**2
+    large = [(16, 2048), (4, 4096), (1, 8192), (256, 2048)]
+    small = [(8, 2048), (16, 1024), (1, 8191), (2, 2048), (3, 4096)]
+    for B, T in large:
+        assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B)[0] == "fa4"
+    for B, T in small:
+        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B)
+        assert order == AUTO_PREFERENCE[(False, False, False)], (B, T)
+    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=8192)[0] == "fa4"  # one row
     for packed, alibi, gqa in itertools.product([False, True], repeat=3):
-        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=long)
+        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=2048, batch_size=16)
         assert sorted(order) == sorted(AUTO_PREFERENCE[(packed, alibi, gqa)])
         if packed or alibi or gqa:
             assert order == AUTO_PREFERENCE[(packed, alibi, gqa)]
-    assert attn.auto_order("cpu", packed=False, alibi=False, gqa=False, seq_len=long) == ("sdpa",)
+    assert attn.auto_order("cpu", packed=False, alibi=False, gqa=False, seq_len=8192, batch_size=16) == ("sdpa",)
     auto = make_kernel("auto")
     for kernel in auto._kernels.values():
         monkeypatch.setattr(kernel, "support", lambda **config: None)
-    config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False)
-    assert auto.choose(**config, seq_len=long) == "fa4"
-    assert auto.choose(**config, seq_len=short) == "sdpa"
+    config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False, seq_len=2048)
+    assert auto.choose(**config, batch_size=16) == "fa4"
+    assert auto.choose(**config, batch_size=8) == "sdpa"
+    # prepare passes the layout's batch size: 16 rows of 2048 tokens go to fa4, 8 rows stay on sdpa
+    chosen = []
+    monkeypatch.setattr(auto, "choose", lambda **kw: chosen.append(kw["batch_size"]) or "sdpa")
+    for B in (16, 8):
+        auto.prepare(DocLayout.full_rows(B, 64), None, None, n_heads=8, n_kv_heads=8, dtype=torch.float32, device="cpu")
+    assert chosen == [16, 8]
 
 
 def test_fa4_bucketed_bounds_pad_with_empty_sequences():
