@@ -102,5 +102,17 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   run lm_head_loss $PY scripts/lm_head_loss_probe.py "$OUT/lm_head_loss.json"
   has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
+  # concatenated rows (the plain loop's data): auto (fa4 here), sdpa forced; causal rows per call, GPU time alone
+  has train && run train_gpt2_124m_concat_auto $BENCH train --config configs/gpt2_124m.yaml --batch-mode concat \
+    --steps 120 --warmup-steps 40 --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m_concat_auto \
+    --variants lit_xf+compile,loop+compile+fused,loop+rows+compile_model
+  has train && run train_gpt2_124m_concat_sdpa $BENCH train --config configs/gpt2_124m.yaml --batch-mode concat \
+    --attention sdpa --steps 120 --warmup-steps 40 --profile-steps 30:34 --out "$OUT" \
+    --name train_gpt2_124m_concat_sdpa --variants lit_xf+compile,loop+rows+compile_model
+  for c in 16:12:64:1024 16:16:128:1024 8:16:128:2048 16:12:64:2048 4:16:128:4096; do
+    IFS=: read -r b h k t <<<"$c"
+    run "causal_gpu_ms_${t}x${b}_h${h}k${k}" $BENCH attention --dtype bf16 --causal --kernels sdpa,fa4,auto \
+      --batch "$b" --heads "$h" --head-dim "$k" --seq-lens "$t" --out "$OUT" --name "causal_gpu_ms_${t}x${b}_h${h}k${k}"
+  done
 fi
 exit 0
