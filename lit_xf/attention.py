@@ -232,7 +232,9 @@ class AttentionKernel:
         n_kv_heads: int,
         dtype: torch.dtype,
         device,
+        head_dim: int | None = None,
     ) -> AttentionContext:
+        """The per-batch context (bias, plan) for ``layout``; ``head_dim`` informs ``auto``'s choice."""
         problem = self.dtype_problem(dtype)
         if problem is not None:
             raise ValueError(
@@ -830,31 +832,56 @@ AUTO_PREFERENCE = {
 }
 
 
-# Rows of one document with MHA: fa4 first once a batch's attention work B·T² reaches this. Measured
-# on an H200, bf16, fwd+bwd: fa4 wins in the 124M training step's 16 × 2048 rows (H=12, K=64; step
-# 67.7 vs 70.4 ms: no [B, H, T, K] copies of the q/k/v stack) and per call at 256 × 2048 (37.4 vs
-# 40.3 ms), 2 × 8192 and 1 × 16384 (3.57 vs 3.76, 6.61 vs 7.34 ms, H=16, K=128); they tie at 4 × 4096;
-# below, sdpa (cuDNN) wins per call, on the GPU alone (8 × 2048, H=16, K=128: 1.23 vs 1.37 ms) and
-# more so when the host paces FA4's ~1 ms of Python per fwd+bwd (16 × 1024: 0.67 vs 1.35 ms).
-AUTO_FA4_MIN_ROW_WORK = 2**26
+# Rows of one document with MHA, fa4 against sdpa (cuDNN), H200, bf16, fwd+bwd. fa4 wins long rows
+# (1 × 16384: 6.61 vs 7.34 ms, 2 × 8192: 3.57 vs 3.76; H=16, K=128) and the 124M training step's
+# 16 × 2048 rows (H=12, K=64: 67.7 vs 70.4 ms per step, no [B, H, T, K] copies of the q/k/v stack;
+# per call on the GPU alone a tie, 1.19 vs 1.18 ms). sdpa wins or ties elsewhere: K=128 at 2048
+# tokens (8 × 2048: 1.23 vs 1.37 ms on the GPU; 256 padded rows of 2048: ~40 vs 48 ms), 4 × 4096
+# (a tie), 16 × 1024 (0.42 vs 0.48 ms on the GPU), and small batches, where the host paces FA4's
+# ~1 ms of Python per fwd+bwd.
+AUTO_FA4_MIN_ROW_LEN = 8192
+AUTO_FA4_SMALL_HEADS = dict(head_dim=64, row_len=2048, batch_tokens=32768)
+
+
+def fa4_leads_rows(seq_len: int | None, batch_size: int | None = None, head_dim: int | None = None) -> bool:
+    """Whether ``auto`` tries fa4 before sdpa for MHA rows of one document: rows of
+    ``AUTO_FA4_MIN_ROW_LEN`` tokens or more, or, for heads of at most 64 dims, rows of 2048+ tokens
+    in batches of 32768+ tokens (``AUTO_FA4_SMALL_HEADS``)."""
+    if seq_len is None:
+        return False
+    if seq_len >= AUTO_FA4_MIN_ROW_LEN:
+        return True
+    small = AUTO_FA4_SMALL_HEADS
+    return (
+        head_dim is not None
+        and head_dim <= small["head_dim"]
+        and seq_len >= small["row_len"]
+        and (batch_size or 1) * seq_len >= small["batch_tokens"]
+    )
 
 
 def auto_order(
-    device_type: str, *, packed: bool, alibi: bool, gqa: bool, seq_len: int | None, batch_size: int | None = None
+    device_type: str,
+    *,
+    packed: bool,
+    alibi: bool,
+    gqa: bool,
+    seq_len: int | None,
+    batch_size: int | None = None,
+    head_dim: int | None = None,
 ) -> tuple[str, ...]:
     """Kernels ``auto`` tries, fastest first, for one case (the first that supports it wins)."""
     if device_type != "cuda":
         return ("sdpa",)
     order = AUTO_PREFERENCE[(packed, alibi, gqa)]
-    work = (batch_size or 1) * seq_len**2 if seq_len is not None else 0
-    if not (packed or alibi or gqa) and work >= AUTO_FA4_MIN_ROW_WORK:
+    if not (packed or alibi or gqa) and fa4_leads_rows(seq_len, batch_size, head_dim):
         order = ("fa4", *(n for n in order if n != "fa4"))
     return order
 
 
 class AutoAttention(AttentionKernel):
     """Picks per device and batch layout the fastest kernel that supports the case (``auto_order``:
-    ``AUTO_PREFERENCE`` on CUDA, fa4 first for large batches of rows, ``sdpa`` on CPU) and logs each new choice
+    ``AUTO_PREFERENCE`` on CUDA, fa4 first where ``fa4_leads_rows``, ``sdpa`` on CPU) and logs each new choice
     once."""
 
     name = "auto"
@@ -869,14 +896,27 @@ class AutoAttention(AttentionKernel):
         return (dtype is not None and kernel.dtype_problem(dtype)) or kernel.support(**config)
 
     def choose(
-        self, *, device, n_heads, n_kv_heads, alibi, training, packed, seq_len=None, batch_size=None, dtype=None
+        self,
+        *,
+        device,
+        n_heads,
+        n_kv_heads,
+        alibi,
+        training,
+        packed,
+        seq_len=None,
+        batch_size=None,
+        head_dim=None,
+        dtype=None,
     ) -> str:
         device = torch.device(device)
         config = dict(
             device=device, n_heads=n_heads, n_kv_heads=n_kv_heads, alibi=alibi, training=training, seq_len=seq_len
         )
         gqa = n_kv_heads != n_heads
-        order = auto_order(device.type, packed=packed, alibi=alibi, gqa=gqa, seq_len=seq_len, batch_size=batch_size)
+        order = auto_order(
+            device.type, packed=packed, alibi=alibi, gqa=gqa, seq_len=seq_len, batch_size=batch_size, head_dim=head_dim
+        )
         for name in order:
             if self._why_not(name, config, dtype) is None:
                 key = (device.type, packed, alibi, n_kv_heads != n_heads, training, dtype, name)
@@ -894,7 +934,7 @@ class AutoAttention(AttentionKernel):
                 return name
         return "sdpa"
 
-    def prepare(self, layout, position_ids, slopes, *, n_heads, n_kv_heads, dtype, device):
+    def prepare(self, layout, position_ids, slopes, *, n_heads, n_kv_heads, dtype, device, head_dim=None):
         name = self.choose(
             device=device,
             n_heads=n_heads,
@@ -904,6 +944,7 @@ class AutoAttention(AttentionKernel):
             packed=layout.block_diagonal,
             seq_len=layout.seq_len,
             batch_size=layout.batch_size,
+            head_dim=head_dim,
             dtype=dtype,
         )
         self.last_choice = name

@@ -144,7 +144,14 @@ def fwd_bwd_case(
 
     def prepare():
         return kernel.prepare(
-            layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype, device=device
+            layout,
+            position_ids,
+            slopes,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            dtype=dtype,
+            device=device,
+            head_dim=head_dim,
         )
 
     ctx = prepare()

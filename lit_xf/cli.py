@@ -97,7 +97,8 @@ def env_report(
     """Versions, the device, and for every mask case which attention kernels run and which one
     ``auto`` picks, with the reason each other kernel can't run."""
     from lit_xf.attention import (
-        AUTO_FA4_MIN_ROW_WORK,
+        AUTO_FA4_MIN_ROW_LEN,
+        AUTO_FA4_SMALL_HEADS,
         AUTO_PREFERENCE,
         FA4_GROUP_TOKENS,
         FA4_GROUPED_TILE_RATIO,
@@ -179,8 +180,10 @@ def env_report(
         for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
             case = f"{'packed' if packed else 'causal'}{' GQA' if gqa else ''}{' ALiBi' if alibi else ''}"
             lines.append(f"  {case:20s} {' > '.join(order)}")
+        small = AUTO_FA4_SMALL_HEADS
         lines.append(
-            f"  causal rows, B·T² >= {AUTO_FA4_MIN_ROW_WORK:,} (16 × 2048 tokens, 1 × 8192; MHA, no ALiBi): fa4 first"
+            f"  causal rows of {AUTO_FA4_MIN_ROW_LEN}+ tokens, or of {small['row_len']}+ in batches of "
+            f"{small['batch_tokens']}+ tokens with head_dim <= {small['head_dim']} (MHA, no ALiBi): fa4 first"
         )
         lines.append(
             f"  fa4 on packed causal rows: documents grouped into {FA4_GROUP_TOKENS}-token sequences when that needs "

@@ -215,6 +215,7 @@ class TinyGPT(nn.Module):
             n_kv_heads=self.n_kv_heads,
             dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
             device=device,
+            head_dim=self.blocks[0].attn.head_dim,
         )
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)

@@ -720,21 +720,22 @@ def test_auto_on_cuda_follows_preference_order(monkeypatch):
         assert auto.choose(**config) == order[1]
 
 
-def test_auto_prefers_fa4_for_large_batches_of_mha_rows_only(monkeypatch):
-    """Rows of one document whose attention work B·T² reaches AUTO_FA4_MIN_ROW_WORK: fa4 first
-    (measured faster there); smaller batches, GQA, ALiBi and packed rows keep AUTO_PREFERENCE; CPU is
-    always sdpa."""
-    assert attn.AUTO_FA4_MIN_ROW_WORK == 16 * 2048**2 == 8192**2
-    large = [(16, 2048), (4, 4096), (1, 8192), (256, 2048)]
-    small = [(8, 2048), (16, 1024), (1, 8191), (2, 2048), (3, 4096)]
-    for B, T in large:
-        assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B)[0] == "fa4"
-    for B, T in small:
-        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B)
-        assert order == AUTO_PREFERENCE[(False, False, False)], (B, T)
-    assert attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=8192)[0] == "fa4"  # one row
+def test_auto_prefers_fa4_for_long_rows_and_large_batches_of_small_heads(monkeypatch):
+    """MHA rows of one document: fa4 first from 8192 tokens per row, or with heads of <= 64 dims from
+    2048-token rows in batches of >= 32768 tokens (the cases measured faster on fa4); everything else,
+    and GQA, ALiBi and packed rows, keep AUTO_PREFERENCE; CPU is always sdpa."""
+    fa4_first = [(1, 8192, 128), (2, 8192, None), (16, 2048, 64), (32, 1024 * 2, 32), (8, 4096, 64)]
+    sdpa_first = [(1, 8191, 128), (16, 2048, 128), (256, 2048, 128), (8, 2048, 64), (32, 1024, 64), (16, 2048, None)]
+    for B, T, K in fa4_first:
+        assert attn.fa4_leads_rows(T, B, K), (B, T, K)
+        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B, head_dim=K)
+        assert order[0] == "fa4"
+    for B, T, K in sdpa_first:
+        assert not attn.fa4_leads_rows(T, B, K), (B, T, K)
+        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T, batch_size=B, head_dim=K)
+        assert order == AUTO_PREFERENCE[(False, False, False)]
     for packed, alibi, gqa in itertools.product([False, True], repeat=3):
-        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=2048, batch_size=16)
+        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=8192, batch_size=16, head_dim=64)
         assert sorted(order) == sorted(AUTO_PREFERENCE[(packed, alibi, gqa)])
         if packed or alibi or gqa:
             assert order == AUTO_PREFERENCE[(packed, alibi, gqa)]
@@ -743,14 +744,16 @@ def test_auto_prefers_fa4_for_large_batches_of_mha_rows_only(monkeypatch):
     for kernel in auto._kernels.values():
         monkeypatch.setattr(kernel, "support", lambda **config: None)
     config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False, seq_len=2048)
-    assert auto.choose(**config, batch_size=16) == "fa4"
-    assert auto.choose(**config, batch_size=8) == "sdpa"
-    # prepare passes the layout's batch size: 16 rows of 2048 tokens go to fa4, 8 rows stay on sdpa
-    chosen = []
-    monkeypatch.setattr(auto, "choose", lambda **kw: chosen.append(kw["batch_size"]) or "sdpa")
-    for B in (16, 8):
-        auto.prepare(DocLayout.full_rows(B, 64), None, None, n_heads=8, n_kv_heads=8, dtype=torch.float32, device="cpu")
-    assert chosen == [16, 8]
+    assert auto.choose(**config, batch_size=16, head_dim=64) == "fa4"
+    assert auto.choose(**config, batch_size=8, head_dim=64) == "sdpa"
+    assert auto.choose(**config, batch_size=16, head_dim=128) == "sdpa"
+    # the model hands prepare its batch size and head size
+    seen = []
+    monkeypatch.setattr(auto, "choose", lambda **kw: seen.append((kw["batch_size"], kw["head_dim"])) or "sdpa")
+    model = TinyGPT(vocab_size=32, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, attention="auto")
+    model.kernel = auto
+    model(torch.zeros(3, 16, dtype=torch.long))
+    assert seen == [(3, 16)]
 
 
 def test_fa4_bucketed_bounds_pad_with_empty_sequences():
