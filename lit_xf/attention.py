@@ -919,7 +919,7 @@ class AutoAttention(AttentionKernel):
         )
         for name in order:
             if self._why_not(name, config, dtype) is None:
-                key = (device.type, packed, alibi, n_kv_heads != n_heads, training, dtype, name)
+                key = (device.type, packed, alibi, gqa, training, dtype, name)
                 if key not in self._logged:
                     self._logged.add(key)
                     skipped = {n: self._why_not(n, config, dtype) for n in order[: order.index(name)]}

@@ -6,8 +6,8 @@ Every batch is the contract of ``docs/architecture.md``: ``input_ids``, ``labels
 
 Pipeline: corpus -> documents (``str``) -> train/val split by document (seeded) -> token ids (+ EOS
 for text) -> chunks of at most ``seq_len`` -> rows (one document per row when ``padded``; several,
-packed by best-fit decreasing, when ``packed``; the token stream cut every ``seq_len`` tokens, when
-``concat``) -> seeded per-epoch row shuffle -> collation.
+packed by best-fit decreasing, when ``packed``; for ``concat``, the documents joined into one stream
+cut into rows of ``seq_len`` tokens that overlap by one) -> seeded per-epoch row shuffle -> collation.
 
 Undecodable bytes in user files are replaced (``errors="replace"``) and a warning gives the count:
 one bad byte should not stop a training run, but it should not pass silently either.
@@ -411,7 +411,8 @@ def build_rows(docs: Sequence[list[int]], seq_len: int, batch_mode: str) -> list
         if seq_len < 2:
             raise ValueError(f"batch_mode='concat' needs seq_len >= 2 (rows overlap by one token); got {seq_len}")
         stream = list(chain.from_iterable(docs))
-        return [[stream[i : i + seq_len]] for i in range(0, max(len(stream) - 1, 1), seq_len - 1)] if stream else []
+        starts = range(0, max(len(stream) - 1, 1), seq_len - 1) if stream else range(0)
+        return [[stream[i : i + seq_len]] for i in starts]
     raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
 
 
