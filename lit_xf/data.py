@@ -35,9 +35,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lit_xf.loss import IGNORE_INDEX  # the label of tokens that predict nothing (pads, document ends)
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 BUILTIN_CORPORA = ("fortunes", "counting")
 BATCH_MODES = ("padded", "packed", "concat")
 TOKENIZERS = ("byte", "bpe")
