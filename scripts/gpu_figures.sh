@@ -114,5 +114,22 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     run "causal_gpu_ms_${t}x${b}_h${h}k${k}" $BENCH attention --dtype bf16 --causal --kernels sdpa,fa4,auto \
       --batch "$b" --heads "$h" --head-dim "$k" --seq-lens "$t" --out "$OUT" --name "causal_gpu_ms_${t}x${b}_h${h}k${k}"
   done
+  # levers measured and not adopted (docs/benchmarks.md): Inductor max-autotune; quack's fused GELU GEMMs
+  # (quack-kernels comes with flash-attn-4 and must sit in a site-packages directory); CUDA graphs on concat rows
+  T124="--config configs/gpt2_124m.yaml --steps 100 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
+  has train && TORCHINDUCTOR_MAX_AUTOTUNE=1 LIMIT=600 run train_gpt2_124m_max_autotune_on $BENCH train $T124 \
+    --steps 120 --name train_gpt2_124m_max_autotune_on --variants lit_xf+compile,loop+rows+compile_model
+  run gelu_mlp_quack $PY scripts/gelu_mlp_probe.py "$OUT/gelu_mlp_quack.json"
+  for mode in packed concat; do
+    att=(); [[ $mode == concat ]] && att=(--attention fa4)  # packed: the config's auto (fa4 here)
+    has train && run "train_gpt2_124m_quack_mlp_$mode" $PY scripts/bench_train_quack_mlp.py train $T124 \
+      --batch-mode $mode "${att[@]}" --name "train_gpt2_124m_quack_mlp_$mode" --variants lit_xf+compile
+    has train && run "train_gpt2_124m_torch_mlp_$mode" $BENCH train $T124 --batch-mode $mode "${att[@]}" \
+      --name "train_gpt2_124m_torch_mlp_$mode" --variants lit_xf+compile,loop+rows+compile_model
+  done
+  has train && run train_gpt2_124m_quack_mlp_concat_cudagraphs $PY scripts/bench_train_quack_mlp.py train $T124 \
+    --batch-mode concat --attention fa4 --name train_gpt2_124m_quack_mlp_concat_cudagraphs --variants lit_xf+cudagraphs
+  has train && run train_gpt2_124m_torch_mlp_concat_cudagraphs $BENCH train $T124 --batch-mode concat --attention fa4 \
+    --name train_gpt2_124m_torch_mlp_concat_cudagraphs --variants lit_xf+cudagraphs,loop+rows+compile_model
 fi
 exit 0
