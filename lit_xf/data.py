@@ -568,6 +568,24 @@ class ResumableSampler(DistributedSampler):
             yield index
 
 
+class ShardSampler(DistributedSampler):
+    """Rank r of W takes rows r, r + W, r + 2W, … in order, without padding, so every row is
+    evaluated exactly once over the ranks and the summed Σ nll / Σ tokens equals one process's.
+    (``DistributedSampler``, which Lightning would put in, repeats the first rows until every rank
+    has as many.) Ranks may hold one row fewer; ranks default to the initialized process group."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, this_rank = _world()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` that tells Lightning it resumes mid-epoch (Lightning checks for these two
     methods). The progress itself lives in ``TextDataModule.state_dict`` and its ``ResumableSampler``."""
@@ -861,11 +879,17 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.train_rows, sampler, ResumableLoader, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows)
+        """Validation rows in order, split over ranks without repeats (``ShardSampler``)."""
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
         """The validation split (there is no separate test split)."""
-        return self._loader(self.val_rows)
+        return self._eval_loader()
+
+    def _eval_loader(self) -> DataLoader:
+        if self.val_rows is None:
+            raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
+        return self._loader(self.val_rows, ShardSampler(RowDataset(self.val_rows)))
 
     def efficiency(self, split: Literal["train", "val"] = "train") -> float:
         """Real-token fraction of one epoch of ``split`` (see `packing_efficiency`)."""

@@ -2,7 +2,8 @@
 FSDP training with checkpoints that resume.
 
 One ``torch.multiprocessing`` spawn of 2 workers runs, in each worker, four short Trainer fits
-(DDP, DDP resumed from its step-2 checkpoint, FSDP, FSDP resumed) and records what each rank saw;
+(DDP, DDP resumed from its step-2 checkpoint, FSDP, FSDP resumed) and one DDP validation, and
+records what each rank saw;
 the tests below check those records against single-process computations. Logging from rank zero
 only is covered by ``tests/test_callbacks.py::test_two_processes_log_from_rank_zero_once_per_step``.
 """
@@ -23,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lit_xf import LitTinyGPT
-from lit_xf.data import ResumableSampler, RowDataset, TextDataModule, collate_rows, pack_documents
+from lit_xf.data import ResumableSampler, RowDataset, ShardSampler, TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import token_cross_entropy
 
 WORLD = 2
@@ -111,6 +112,29 @@ def test_ranks_cover_every_document_and_repeat_only_the_padding_rows(world, epoc
     assert sum(doc_count.values()) == len(docs) + len(padding_docs)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+@pytest.mark.parametrize("n_rows", [0, 1, 5, 6])
+def test_validation_shards_hold_every_row_once(world, n_rows):
+    """``ShardSampler``: rank r takes rows r, r + world, … in order; over the ranks every row
+    appears exactly once (no padding repeats), and shard sizes differ by at most one."""
+    dataset = RowDataset([[[i]] for i in range(n_rows)])
+    shards = [list(ShardSampler(dataset, num_replicas=world, rank=r)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n_rows))
+    assert all(s == sorted(s) for s in shards)
+    assert [len(ShardSampler(dataset, num_replicas=world, rank=r)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_datamodule_validates_through_shard_sampler_in_one_process():
+    """One process: the sampler is a ``ShardSampler`` of world 1, so the rows come in order."""
+    dm = TextDataModule(**DATA)
+    dm.setup()
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        assert isinstance(loader.sampler, ShardSampler)
+        assert (loader.sampler.num_replicas, loader.sampler.rank) == (1, 0)
+        assert list(loader.sampler) == list(range(len(dm.val_rows)))
+
+
 # ---- training in 2 processes ----
 
 
@@ -167,6 +191,20 @@ class Recorder(Callback):
         torch.save({"sampler": self.sampler, "steps": self.steps, "global_step": trainer.global_step}, self.path)
 
 
+class ValidationRecorder(Callback):
+    """This rank's validation sampler and the rows of its batches."""
+
+    def __init__(self) -> None:
+        self.record: dict = {"input_ids": []}
+
+    def on_validation_start(self, trainer, pl_module):
+        sampler = trainer.val_dataloaders.sampler
+        self.record["sampler"] = (type(sampler).__name__, sampler.num_replicas, sampler.rank)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.record["input_ids"] += list(batch["input_ids"])
+
+
 def _worker(local_rank: int, out: str, port: int) -> None:
     # What Lightning's own launcher sets for each process; with LOCAL_RANK set, the Trainer uses
     # these processes instead of starting its own.
@@ -198,6 +236,14 @@ def _worker(local_rank: int, out: str, port: int) -> None:
                 raise
             torch.save({"error": str(err)}, recorder.path)
 
+    # every validation row: the initial weights, both ranks' shards
+    dm = TextDataModule(**DATA)
+    seen = ValidationRecorder()
+    every_row = TRAINER | {"limit_val_batches": 1.0}
+    trainer = L.Trainer(strategy=strategies["ddp"](), callbacks=[seen], enable_checkpointing=False, **every_row)
+    metrics = trainer.validate(make_model(dm.vocab_size), dm, verbose=False)[0]
+    torch.save({"metrics": metrics, **seen.record}, out / f"validate_rank{local_rank}.pt")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -207,11 +253,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """Records of the four fits, ``runs[name][rank]``, names ``ddp``, ``ddp_resumed``, ``fsdp``, ``fsdp_resumed``;
+    """Records of the four fits and the validation, ``runs[name][rank]``, names ``ddp``, ``ddp_resumed``,
+    ``fsdp``, ``fsdp_resumed``, ``validate``;
     ``runs["fsdp_checkpoint"]``: the FSDP run's step-2 checkpoint."""
     out = tmp_path_factory.mktemp("distributed")
     mp.start_processes(_worker, args=(str(out), _free_port()), nprocs=WORLD, start_method="spawn")
-    names = ("ddp", "ddp_resumed", "fsdp", "fsdp_resumed")
+    names = ("ddp", "ddp_resumed", "fsdp", "fsdp_resumed", "validate")
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in range(WORLD)] for n in names}
     return {**runs, "fsdp_checkpoint": out / "fsdp" / "epoch=0-step=2.ckpt"}
 
@@ -318,3 +365,33 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(runs):
         for step in resumed["steps"]:
             assert torch.equal(resumed["steps"][step]["input_ids"], ddp_resumed["steps"][step]["input_ids"])
             assert resumed["steps"][step]["logged"] == pytest.approx(ddp_resumed["steps"][step]["logged"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_validation_sees_every_row_once_and_reports_the_one_process_loss(runs):
+    """5 validation rows on 2 ranks: rank 0 evaluates rows 0, 2, 4 and rank 1 rows 1, 3 (no row
+    repeated to even out the ranks), and val/loss is Σ nll / Σ tokens over the 5 rows, as one process
+    computes it. With the first row repeated, as ``DistributedSampler`` pads, the loss differs."""
+    dm = TextDataModule(**DATA)
+    dm.setup()
+    n_rows = len(dm.val_rows)
+    assert n_rows % WORLD  # the data is chosen so that a padding sampler would repeat a row
+    batch = collate_rows(dm.val_rows, dm.seq_len, dm.pad_id)
+    for rank, record in enumerate(runs["validate"]):
+        assert record["sampler"] == ("ShardSampler", WORLD, rank)
+        expected = batch["input_ids"][rank::WORLD]
+        assert torch.equal(torch.stack(record["input_ids"]), expected), rank
+
+    model = make_model(dm.vocab_size).eval()
+
+    def loss_over(rows: list[int]) -> float:
+        sub = collate_rows([dm.val_rows[i] for i in rows], dm.seq_len, dm.pad_id)
+        with torch.no_grad():
+            logits = model(sub["input_ids"], sub["position_ids"], sub["doc_lens"])
+        return token_cross_entropy(logits, sub["labels"]).item()
+
+    once = loss_over(list(range(n_rows)))
+    for record in runs["validate"]:
+        assert record["metrics"]["val/loss"] == pytest.approx(once, abs=1e-6)
+    padded = loss_over([*range(n_rows), *range(WORLD - n_rows % WORLD)])
+    assert abs(padded - once) > 1e-4, (padded, once)
