@@ -29,8 +29,23 @@ def test_attention_bench_writes_table_and_plot(tmp_path, capsys):
     # auto is timed call by call against the fastest single kernel of its case
     for r in (r for r in rows if r["kernel"] == "auto"):
         assert r["best_kernel"] in ("naive", "sdpa") and r["auto_vs_best"] > 0
+        assert "auto_vs_best_gpu" not in r  # GPU time alone exists on CUDA only
     assert (tmp_path / "attention.png").stat().st_size > 0 and (tmp_path / "attention.csv").exists()
     assert "| kernel |" in capsys.readouterr().out
+
+
+def test_auto_vs_best_gpu_compares_gpu_times_alone():
+    """The figures of docs/results/auto_final_16x2048.json: auto ran fa4, 1.46x SDPA call by call
+    (the host paces FA4) but 1.009x on GPU time; the best single kernel by GPU time is SDPA."""
+    rows = [
+        dict(kernel="sdpa", ms=1.31, gpu_ms=1.175),
+        dict(kernel="fa4", ms=1.986, gpu_ms=1.184),
+        dict(kernel="auto", ms=1.944, gpu_ms=1.186),
+    ]
+    assert bench.gpu_vs_best(rows) == {"best_kernel_gpu": "sdpa", "auto_vs_best_gpu": 1.009}
+    rows[0]["gpu_ms"] = None  # sdpa failed: fa4 is the best left
+    assert bench.gpu_vs_best(rows) == {"best_kernel_gpu": "fa4", "auto_vs_best_gpu": 1.002}
+    assert bench.gpu_vs_best([dict(kernel="sdpa", ms=1.0), dict(kernel="auto", ms=1.0)]) == {}  # CPU: no gpu_ms
 
 
 def test_correctness_bench_passes_on_cpu_and_reports_unsupported(tmp_path):
