@@ -34,10 +34,13 @@ compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 def token_hits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real target tokens whose arg-max logit is the label, real target tokens), counted on the
-    device without a host sync (boolean indexing would sync)."""
+    """(real target tokens whose label logit is the row's maximum, real target tokens), counted on
+    the device without a host sync (boolean indexing would sync). A label tied for the maximum
+    counts, as in ``linear_cross_entropy``'s hits, so train/acc and val/acc count alike (16-bit
+    logits tie often)."""
     real_BT = labels_BT != IGNORE_INDEX
-    return ((logits_BTV.argmax(-1) == labels_BT) & real_BT).sum(), real_BT.sum()
+    z_label_BT = logits_BTV.gather(-1, torch.where(real_BT, labels_BT, 0)[..., None])[..., 0]
+    return ((z_label_BT >= logits_BTV.amax(-1)) & real_BT).sum(), real_BT.sum()
 
 
 class LossParts(NamedTuple):

@@ -232,7 +232,8 @@ class LitTinyGPT(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        """``<prefix>/loss`` = Σ nll / tokens, ``/ppl`` = exp(loss), ``/acc`` = Σ correct / tokens."""
+        """``<prefix>/loss`` = Σ nll / tokens, ``/ppl`` = exp(loss), ``/acc`` = Σ correct / tokens
+        (correct: the label's logit is the row's maximum, ties included, as for ``train/acc``)."""
         sums = [metric.compute() for metric in (self.val_nll, self.val_correct, self.val_tokens)]
         nll, correct, tokens = torch.stack(sums).cpu()  # one wait for the GPU per validation
         loss = nll / tokens

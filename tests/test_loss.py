@@ -157,3 +157,18 @@ def test_triton_kernel_interpreted_on_the_cpu_matches_the_torch_rows():
 def test_gpu_kernel_matches_the_torch_rows(dtype, V):
     """``check_kernel_rows`` on the GPU: ragged last block, a vocabulary smaller than one block."""
     check_kernel_rows("cuda", V, dtype, rows=512)
+
+
+def test_token_hits_count_ties_like_the_fused_loss():
+    """A label tied with another token for the row's maximum (frequent in 16-bit logits) is a hit
+    for ``token_hits`` (val/acc) as for ``linear_cross_entropy`` (train/acc), wherever the tie
+    sits; arg-max equality would miss the label that comes second."""
+    z = torch.tensor([[[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 1.0, 0.0], [0.0, 1.0, 4.0, 4.0], [1.0, 0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[2, 0, 2, IGNORE_INDEX]])  # tie, second place; tie, first place; tie, first; ignored
+    hits, real = token_hits(z, labels)
+    assert (hits.item(), real.item()) == (3, 3)
+    _, hit = _nll_and_grad_in_place(z[0].clone(), labels[0])
+    assert hit.sum() == hits
+    assert (z.argmax(-1) == labels).sum() == 2  # arg-max equality misses the first row's label
+    labels[0, 0] = 0  # not the maximum: a miss for both
+    assert token_hits(z, labels)[0] == 2 == _nll_and_grad_in_place(z[0].clone(), labels[0])[1].sum()
