@@ -20,6 +20,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -963,6 +964,40 @@ def test_fa4_block_sparse_lists_per_block():
         t.shape for t in plan.blocks
     ]
     assert all(torch.equal(a, b) for a, b in zip(moved.blocks, plan.blocks, strict=True))
+
+
+def _dense_block_lists(segments: list[int], block: int = 128) -> list[torch.Tensor]:
+    """The block lists from dense [n, n] maps of the blocks (the plan's definition, quadratic)."""
+    seg = np.cumsum(attn.segment_positions(segments).numpy() == 0) - 1
+    first, last = seg.reshape(-1, block)[:, 0], seg.reshape(-1, block)[:, -1]
+    i, j = np.arange(len(first))[:, None], np.arange(len(first))[None, :]
+    visible = (j <= i) & (first[:, None] <= last[None, :])
+    full = (j < i) & (first[None, :] == last[:, None])
+    out = []
+    for selected in (visible & ~full, full):
+        count = selected.sum(-1, dtype=np.int32)
+        width = min(len(first), max(4, 1 << (int(count.max()) - 1).bit_length()))
+        index = np.zeros((len(first), width), dtype=np.int32)
+        for r, row in enumerate(selected):
+            index[r, : count[r]] = row.nonzero()[0]
+        out += [torch.from_numpy(count)[None, None], torch.from_numpy(index)[None, None]]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fa4_block_sparse_lists_match_the_dense_block_maps(seed):
+    """The plan's lists, built from ranges, equal those of the dense block maps: random segment
+    lengths (1 token to several blocks, some on block boundaries) over 1..40 blocks."""
+    rng = np.random.default_rng(seed)
+    n_tokens = 128 * int(rng.integers(1, 41))
+    segments: list[int] = []
+    while sum(segments) < n_tokens:
+        kind = rng.integers(4)
+        n = [int(rng.integers(1, 40)), int(rng.integers(40, 400)), 128, int(rng.integers(400, 3000))][kind]
+        segments.append(min(n, n_tokens - sum(segments)))
+    plan = attn.fa4_block_sparse(segments)
+    for got, want in zip(plan.blocks, _dense_block_lists(segments), strict=True):
+        assert got.dtype == want.dtype == torch.int32 and torch.equal(got, want), segments
 
 
 def test_fa4_block_sparse_lists_are_compact():
