@@ -650,7 +650,7 @@ def fa4_block_sparse(segments: list[int], bounds: list[int] | None = None, block
     ``[1, 1, n, width]``, see ``_block_lists``).
 
     Segments are contiguous, so each row's lists are ranges, found by binary search in O(n log n)
-    for n = N / block blocks (a dense [n, n] map took 0.35 s at n = 4096 on a CPU core): with
+    for n = N / block blocks (a dense [n, n] map took 0.38 s at n = 4096 on one CPU core): with
     first_i / last_i the first and last segment in block i, the visible key blocks are
     [lo_i, i], lo_i the first block whose last segment reaches first_i; the unmasked ones are
     [a_i, i) when block i lies inside one segment (first_i = last_i), a_i that segment's first
