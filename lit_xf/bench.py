@@ -197,12 +197,10 @@ def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
     alternately call by call (A B B A ...) so that drift and launch noise fall on both alike.
     On CUDA also ``auto_vs_best_gpu`` (``gpu_vs_best``): the same on GPU time alone, which a
     kernel whose host side paces its calls (FA4's Python) does not inflate."""
-    timed = [r for r in rows if r["kernel"] != "auto" and r.get("ms")]
-    auto = next((r for r in rows if r["kernel"] == "auto" and r.get("ms")), None)
-    if auto is None or not timed:
+    auto, best = _auto_and_fastest(rows, "ms")
+    if auto is None:
         return
     auto.update(gpu_vs_best(rows))
-    best = min(timed, key=lambda r: r["ms"])
     kv = args.kv_heads or args.heads
     steps = [
         fwd_bwd_case(name, layout, args.heads, kv, args.head_dim, dtype, device, alibi=args.alibi)[0]
@@ -225,12 +223,20 @@ def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
 def gpu_vs_best(rows: list[dict]) -> dict:
     """``{"best_kernel_gpu", "auto_vs_best_gpu"}``: the single kernel with the least ``gpu_ms`` and
     auto's ``gpu_ms`` over it; empty where GPU times are missing (a CPU run, a failed kernel)."""
-    auto = next((r for r in rows if r["kernel"] == "auto" and r.get("gpu_ms")), None)
-    timed = [r for r in rows if r["kernel"] != "auto" and r.get("gpu_ms")]
-    if auto is None or not timed:
+    auto, best = _auto_and_fastest(rows, "gpu_ms")
+    if auto is None:
         return {}
-    best = min(timed, key=lambda r: r["gpu_ms"])
     return {"best_kernel_gpu": best["kernel"], "auto_vs_best_gpu": round(auto["gpu_ms"] / best["gpu_ms"], 3)}
+
+
+def _auto_and_fastest(rows: list[dict], key: str) -> tuple[dict | None, dict | None]:
+    """(the auto row, the single-kernel row with the least ``key``), both with a ``key`` value;
+    (None, None) when either is missing."""
+    auto = next((r for r in rows if r["kernel"] == "auto" and r.get(key)), None)
+    timed = [r for r in rows if r["kernel"] != "auto" and r.get(key)]
+    if auto is None or not timed:
+        return None, None
+    return auto, min(timed, key=lambda r: r[key])
 
 
 def _run_case(name, layout, args, dtype, device) -> dict:

@@ -504,11 +504,12 @@ class RowDataset(Dataset):
         return self.rows[index]
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the initialized process group, or (1, 0)."""
+def _world(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(world size, rank): those given, else the initialized process group's, else (1, 0)."""
+    world, this_rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
+        world, this_rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return (world if num_replicas is None else num_replicas), (this_rank if rank is None else rank)
 
 
 class ResumableSampler(DistributedSampler):
@@ -531,9 +532,7 @@ class ResumableSampler(DistributedSampler):
         rank: int | None = None,
         drop_last_batch: bool = False,
     ) -> None:
-        world, this_rank = _world()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = this_rank if rank is None else rank
+        num_replicas, rank = _world(num_replicas, rank)
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = batch_size
         self.drop_last_batch = drop_last_batch  # the loader drops a short last batch (epoch length)
@@ -575,9 +574,7 @@ class ShardSampler(DistributedSampler):
     has as many.) Ranks may hold one row fewer; ranks default to the initialized process group."""
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        world, this_rank = _world()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = this_rank if rank is None else rank
+        num_replicas, rank = _world(num_replicas, rank)
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.num_samples = len(range(rank, len(dataset), num_replicas))
         self.total_size = len(dataset)
@@ -834,11 +831,15 @@ class TextDataModule(LightningDataModule):
             return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _loader(
-        self, rows: list[Row] | None, sampler: Any = None, cls: type[DataLoader] = DataLoader, drop_last: bool = False
-    ) -> DataLoader:
+    @staticmethod
+    def _built(rows: list[Row] | None) -> list[Row]:
         if rows is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
+        return rows
+
+    def _loader(
+        self, rows: list[Row], sampler: Any = None, cls: type[DataLoader] = DataLoader, drop_last: bool = False
+    ) -> DataLoader:
         return cls(
             RowDataset(rows),
             batch_size=self.batch_size,
@@ -862,10 +863,9 @@ class TextDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Train rows, shuffled per epoch (``seed + epoch``), resuming mid-epoch after ``load_state_dict``."""
-        if self.train_rows is None:
-            raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
+        rows = self._built(self.train_rows)
         sampler = ResumableSampler(
-            RowDataset(self.train_rows), self.batch_size, shuffle=True, seed=self.seed, drop_last_batch=self.drop_last
+            RowDataset(rows), self.batch_size, shuffle=True, seed=self.seed, drop_last_batch=self.drop_last
         )
         if self.drop_last and sampler.batches_per_epoch == 0:
             raise ValueError(
@@ -876,7 +876,7 @@ class TextDataModule(LightningDataModule):
             sampler.resume(*self._resume)
             self._resume = None
         self._train_sampler = sampler
-        return self._loader(self.train_rows, sampler, ResumableLoader, drop_last=self.drop_last)
+        return self._loader(rows, sampler, ResumableLoader, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         """Validation rows in order, split over ranks without repeats (``ShardSampler``)."""
@@ -887,9 +887,8 @@ class TextDataModule(LightningDataModule):
         return self._eval_loader()
 
     def _eval_loader(self) -> DataLoader:
-        if self.val_rows is None:
-            raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
-        return self._loader(self.val_rows, ShardSampler(RowDataset(self.val_rows)))
+        rows = self._built(self.val_rows)
+        return self._loader(rows, ShardSampler(RowDataset(rows)))
 
     def efficiency(self, split: Literal["train", "val"] = "train") -> float:
         """Real-token fraction of one epoch of ``split`` (see `packing_efficiency`)."""

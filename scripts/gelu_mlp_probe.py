@@ -20,7 +20,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from lit_xf.bench import environment, queued_gpu_ms
+from lit_xf.bench import _rel_err, environment, queued_gpu_ms
 from lit_xf.model import GeluMLP
 
 
@@ -92,10 +92,6 @@ def _reference(mlp, x, dy):
     y = F.linear(F.gelu(h, approximate="tanh"), params["fc2.weight"], params["fc2.bias"])
     y.backward(dy.double())
     return y, {"dx": x64.grad, **{k: v.grad for k, v in params.items()}}
-
-
-def _rel_err(a, ref) -> float:
-    return ((a.double() - ref).norm() / ref.norm()).item()
 
 
 if __name__ == "__main__":
