@@ -42,6 +42,7 @@ from lit_xf.attention import (
 )
 from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN
 from lit_xf.data import BATCH_MODES
+from lit_xf.model import MLP_KERNELS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 # Relative-error tolerance per dtype for the correctness matrix (outputs and gradients).
@@ -477,6 +478,8 @@ def bench_train(args) -> list[dict]:
     model_kwargs = dict(cfg.get("model") or {}) | dict(vocab_size=dm.vocab_size, max_seq_len=dm.hparams.seq_len)
     if args.attention:
         model_kwargs["attention"] = args.attention
+    if args.mlp_kernel:
+        model_kwargs["mlp_kernel"] = args.mlp_kernel
     trainer_cfg = cfg.get("trainer") or {}
     precision = args.precision or trainer_cfg.get("precision", "32-true")
     device = torch.device(args.device)
@@ -594,7 +597,7 @@ class GcPauses:
 # "lightning+memory+tb" only the ones named; compile modes apply to the loop too (TinyGPT.compile_model).
 _MONITOR_PARTS = {"tb", "memory", "timer", "throughput", "noprofile"}
 # "loop+rows": the usual hand-written GPT loop (nanoGPT's): each row is one causal sequence through
-# sdpa, documents attending across their boundaries, positions 0..T-1; same weights and data.
+# sdpa and torch's MLP, documents attending across their boundaries, positions 0..T-1; same weights and data.
 # Loops compute logits and then the loss, as written by hand; "+fused" takes lit_xf's loss instead
 # (``linear_cross_entropy``, fused with the output projection).
 _LOOP_PARTS = {"rows", "fused"}
@@ -627,7 +630,8 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     from lit_xf.module import LitTinyGPT, adamw, warmup_cosine
 
     rows, fused = "rows" in parts, "fused" in parts
-    lit = LitTinyGPT(**(model_kwargs | ({"attention": "sdpa"} if rows else {})))  # the Lightning runs' initialization
+    plain = {"attention": "sdpa", "mlp_kernel": "torch"} if rows else {}  # nanoGPT's loop: torch's kernels only
+    lit = LitTinyGPT(**(model_kwargs | plain))  # the Lightning runs' initialization
     hp, model = lit.hparams, lit.model.to(device)
     loss_fn = token_cross_entropy
     if _compile_mode(parts):  # the loss compiled too, as in nanoGPT (whose compiled model returns it)
@@ -806,7 +810,7 @@ class _StepClock(L.Callback):
 # Kernel groups of a profiled window: the first pattern that matches a kernel's name (case-insensitive).
 KERNEL_GROUPS = (
     ("attention", ATTENTION_KERNEL_PATTERN),
-    ("gemm", r"gemm|nvjet|cublas|xmma|cutlass"),
+    ("gemm", r"gemm|nvjet|cublas|xmma|cutlass|triton_tem"),  # triton_tem: Inductor's GEMM templates
     ("loss", r"softmax|cross_entropy|nll"),
     ("norm", r"norm"),
     ("optimizer", r"adam|multi_tensor"),
@@ -1110,6 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=50)
     t.add_argument("--precision", default=None, help="default: the config's trainer.precision")
     t.add_argument("--attention", default=None, help="override the config's model.attention")
+    t.add_argument("--mlp-kernel", choices=MLP_KERNELS, default=None, help="override the config's model.mlp_kernel")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--batch-mode", choices=BATCH_MODES, default=None, help="override the config's data.batch_mode")
     t.add_argument("--variants", type=lambda s: s.split(","), default=["loop", "lightning", "lit_xf"])

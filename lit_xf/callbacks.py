@@ -309,6 +309,7 @@ def log_run_info(trainer: Trainer, pl_module: LightningModule) -> dict[str, str]
         device_name = f"{device.type} ({platform.processor() or platform.machine()})"
     info = {
         "attention kernel": str(getattr(pl_module, "attention_kernel_name", "unknown")),
+        "MLP kernel": str(getattr(pl_module, "mlp_kernel_name", "unknown")),
         "device": device_name,
         "world size": str(trainer.world_size),
         "precision": str(trainer.precision),

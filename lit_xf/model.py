@@ -7,6 +7,7 @@ LayerNorm, learned absolute positions.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal, get_args
@@ -44,17 +45,66 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """fc2( gelu(x fc1) ), hidden = mult·dim (GPT-2's MLP)."""
+    """fc2( gelu_tanh(x fc1 + b1) ) + b2, hidden = mult·dim (GPT-2's MLP).
 
-    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = True):
+    ``kernel``: ``"torch"`` runs two matmuls and the GELU between them (Inductor's kernel when
+    compiled); ``"quack"`` runs quack-kernels' GEMMs with bias + GELU in the first one's epilogue
+    and dGELU in the backward's, so no [tokens, hidden] pass of its own is left for the GELU
+    (CUDA, Hopper or newer, bf16/fp16 compute); ``"auto"`` takes quack where it can run
+    (``quack_mlp_problem``), else torch. Same weights either way."""
+
+    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = True, kernel: MlpKernel = "torch"):
         super().__init__()
+        if kernel not in MLP_KERNELS:
+            raise ValueError(f"unknown mlp_kernel {kernel!r}; choose one of {', '.join(MLP_KERNELS)}")
         hidden = int(hidden_mult * dim)
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.fc2.is_residual_projection = True
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "torch":
+            dtype = _compute_dtype(x.device, x.dtype)
+            problem = quack_mlp_problem(x.device, dtype, self.fc1.in_features, self.fc1.out_features)
+            if problem is None:
+                from quack.mlp import mlp_func
+
+                return mlp_func(x, self.fc1.weight, self.fc2.weight, "gelu_tanh_approx", self.fc1.bias, self.fc2.bias)
+            if self.kernel == "quack":
+                raise RuntimeError(f"mlp_kernel='quack' can't run this call: {problem}; use 'auto' or 'torch'")
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+MlpKernel = Literal["auto", "torch", "quack"]
+MLP_KERNELS: tuple[str, ...] = get_args(MlpKernel)
+
+
+@torch.compiler.assume_constant_result  # compiled forwards take the answer as a constant
+def quack_mlp_problem(device: torch.device, dtype: torch.dtype, dim: int = 8, hidden: int = 8) -> str | None:
+    """Why quack's fused GELU MLP can't run on ``device`` with ``dtype`` compute (autocast's dtype
+    when on) and these widths, or None."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"it computes in bf16/fp16, this call in {dtype} (train with precision bf16-mixed or 16-mixed)"
+    if dim % 8 or hidden % 8:
+        return f"its GEMMs need widths that are multiples of 8, got d_model={dim}, hidden={hidden}"
+    return _quack_device_problem(torch.device(device))
+
+
+@functools.cache
+def _quack_device_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"it is CUDA-only (device: {device.type})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"it needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
+    try:
+        import quack.mlp  # noqa: F401
+    except ImportError:
+        return "quack-kernels is not installed (it comes with pip install 'lit_xf[fa4]')"
+    except Exception as e:  # broken install
+        return f"quack-kernels failed to import ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return None
 
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
@@ -122,6 +172,8 @@ class TinyGPT(nn.Module):
         positions: ``learned`` (absolute embeddings), ``rope``, ``alibi`` or ``none``. Positions
             count inside each document, so they restart at every document of a packed row.
         ffn: ``swiglu``, ``gelu`` or a factory ``dim -> nn.Module`` (called once per layer).
+        mlp_kernel: how ``gelu`` runs (``GeluMLP``): ``torch``, ``quack`` (bias + GELU fused into
+            quack-kernels' GEMMs; CUDA, Hopper+, bf16/fp16) or ``auto`` (quack where it can run).
         norm: ``layernorm`` or ``rmsnorm``.
         tie_embeddings: share the token embedding with the output projection.
     """
@@ -141,17 +193,19 @@ class TinyGPT(nn.Module):
         tie_embeddings: bool = False,
         dropout: float = 0.0,
         rope_base: float = 10000.0,
+        mlp_kernel: MlpKernel = "torch",
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm)
+        _validate_mlp_kernel(mlp_kernel, ffn)
         self.n_heads, self.n_kv_heads, self.max_seq_len = n_heads, n_kv_heads, max_seq_len
-        self.positions = positions
+        self.positions, self.mlp_kernel = positions, mlp_kernel
         self.kernel = make_kernel(attention)
-        # An explicit kernel that can't run on this machine fails now, not mid-step.
-        self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
 
         ffn_factory = FFNS[ffn] if isinstance(ffn, str) else ffn
+        if ffn == "gelu":
+            ffn_factory = functools.partial(GeluMLP, kernel=mlp_kernel)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seq_len, d_model) if positions == "learned" else None
         self.blocks = nn.ModuleList(
@@ -168,9 +222,12 @@ class TinyGPT(nn.Module):
         self.apply(lambda m: _init_weights(m, n_layers))
         self.compile_mode: str | None = None
         self._compiled_tokens: Callable | None = None
+        # An explicit kernel that can't run on this machine fails now, not mid-step.
+        self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
 
     def check_kernel(self, device: torch.device, training: bool) -> None:
-        """Raise ``ValueError`` if the configured kernel can't run this model on ``device``."""
+        """Raise ``ValueError`` if the configured attention kernel, or an explicit ``quack`` MLP
+        kernel, can't run this model on ``device``."""
         self.kernel.check(
             device=device,
             n_heads=self.n_heads,
@@ -179,6 +236,11 @@ class TinyGPT(nn.Module):
             training=training,
             seq_len=self.max_seq_len,
         )
+        if self.mlp_kernel == "quack":
+            fc1 = self.blocks[0].ffn.fc1
+            problem = quack_mlp_problem(torch.device(device), torch.bfloat16, fc1.in_features, fc1.out_features)
+            if problem:
+                raise ValueError(f"mlp_kernel='quack' can't run here: {problem}. Use mlp_kernel='auto' or 'torch'")
 
     @property
     def attention_kernel_name(self) -> str:
@@ -289,6 +351,15 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
+
+
+def _validate_mlp_kernel(mlp_kernel, ffn) -> None:
+    if mlp_kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown mlp_kernel {mlp_kernel!r}; choose one of {', '.join(MLP_KERNELS)}")
+    if mlp_kernel == "quack" and ffn != "gelu":
+        raise ValueError(
+            f"mlp_kernel='quack' fuses the GELU MLP only (ffn='gelu'), not ffn={ffn!r}; use 'auto' or 'torch'"
+        )
 
 
 def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm) -> None:

@@ -26,7 +26,7 @@ from lit_xf.loss import (
     token_cross_entropy,
     token_hits,
 )
-from lit_xf.model import COMPILE_MODES, CompileMode, NormName, TinyGPT
+from lit_xf.model import COMPILE_MODES, CompileMode, GeluMLP, MlpKernel, NormName, TinyGPT, quack_mlp_problem
 
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
 ARCHITECTURE_KEYS = (
@@ -55,6 +55,7 @@ class LitTinyGPT(L.LightningModule):
             once per forward, and the output projection runs outside, fused with the training loss
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
+        mlp_kernel: how ``ffn="gelu"`` runs: ``torch``, ``quack`` or ``auto`` (see ``GeluMLP``).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class LitTinyGPT(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
+        mlp_kernel: MlpKernel = "torch",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -100,6 +102,7 @@ class LitTinyGPT(L.LightningModule):
             norm,
             tie_embeddings,
             dropout,
+            mlp_kernel=mlp_kernel,
         )
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
@@ -114,6 +117,18 @@ class LitTinyGPT(L.LightningModule):
     @property
     def attention_kernel_name(self) -> str:
         return self.model.attention_kernel_name
+
+    @property
+    def mlp_kernel_name(self) -> str:
+        """What the GELU MLPs run on this module's device and the trainer's precision: ``quack``,
+        or ``torch`` (for ``auto``, with the reason quack can't run)."""
+        mlp = self.model.blocks[0].ffn
+        if not isinstance(mlp, GeluMLP) or mlp.kernel == "torch":
+            return "torch"
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
+        problem = quack_mlp_problem(self.device, dtype, mlp.fc1.in_features, mlp.fc1.out_features)
+        return "quack" if problem is None else f"torch (quack: {problem})"
 
     def configure_model(self) -> None:
         mode = self.hparams.compile

@@ -14,7 +14,7 @@ from lit_xf import LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import compiled_token_cross_entropy, token_cross_entropy
-from lit_xf.model import GeluMLP, SwiGLU
+from lit_xf.model import GeluMLP, SwiGLU, quack_mlp_problem
 from lit_xf.module import adamw
 
 TRAINER = dict(
@@ -108,6 +108,73 @@ def test_ffn_and_norm_swap_from_yaml():
 
     cfg = parser.parse_string(yaml.safe_dump({"model": {"vocab_size": 50, "d_model": 32, "ffn": "swiglu"}}))
     assert isinstance(parser.instantiate_classes(cfg).model.model.blocks[0].ffn, SwiGLU)
+
+
+def test_gelu_mlp_kernel_choice_off_gpu_and_its_errors():
+    """``mlp_kernel``: ``auto`` runs torch's MLP where quack can't run (here: CPU, float32), eager
+    and compiled as one graph, with the same result as ``torch``; an explicit ``quack`` that can't
+    run, or on another FFN, or an unknown name is refused with the reason."""
+    torch.manual_seed(0)
+    auto, plain = GeluMLP(16, kernel="auto"), GeluMLP(16)
+    plain.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(auto(x), plain(x))
+    torch.testing.assert_close(torch.compile(auto, fullgraph=True)(x), plain(x))  # no graph break
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(auto(x), plain(x))
+    assert "bf16/fp16" in quack_mlp_problem(torch.device("cpu"), torch.float32)
+    assert "multiples of 8" in quack_mlp_problem(torch.device("cpu"), torch.bfloat16, 12, 48)
+    assert "CUDA-only" in quack_mlp_problem(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="mlp_kernel='quack' can't run this call: it computes in bf16"):
+        GeluMLP(16, kernel="quack")(x)  # float32, no autocast
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="mlp_kernel='quack' can't run here: it is CUDA-only"):
+            LitTinyGPT(ffn="gelu", mlp_kernel="quack")
+    with pytest.raises(ValueError, match="fuses the GELU MLP only"):
+        TinyGPT(ffn="swiglu", mlp_kernel="quack")
+    with pytest.raises(ValueError, match="unknown mlp_kernel 'fast'; choose one of auto, torch, quack"):
+        LitTinyGPT(ffn="gelu", mlp_kernel="fast")
+    lit = LitTinyGPT(ffn="gelu", mlp_kernel="auto")
+    assert all(block.ffn.kernel == "auto" for block in lit.model.blocks)
+    assert lit.mlp_kernel_name == "torch (quack: it computes in bf16/fp16, this call in torch.float32 " + (
+        "(train with precision bf16-mixed or 16-mixed))"
+    )  # run/info's line; no trainer: 32-bit
+    assert LitTinyGPT(ffn="swiglu", mlp_kernel="auto").mlp_kernel_name == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_quack_gelu_mlp_matches_float64(dtype):
+    """quack's fused GELU MLP under autocast, forward and every gradient (x, both weights, both
+    biases), against the same MLP in float64: within the error of torch's own 16-bit MLP."""
+    if problem := quack_mlp_problem(torch.device("cuda"), dtype, 256, 1024):
+        pytest.skip(problem)
+    torch.manual_seed(0)
+    ref = GeluMLP(256).double()
+    for p in ref.parameters():  # nonzero biases, so their gradients and the epilogue's bias are tested
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(4, 512, 256, dtype=torch.float64)
+    dout = torch.randn(4, 512, 256, dtype=torch.float64)
+
+    def run(mlp, inputs, autocast):
+        inputs = inputs.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            out = mlp(inputs)
+        out.backward(dout.to(out.device, out.dtype))
+        return [out, inputs.grad] + [p.grad for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)]
+
+    want = run(ref, x, autocast=False)
+    errors = {}
+    for kernel in ("quack", "torch"):
+        mlp = GeluMLP(256, kernel=kernel).cuda()
+        mlp.load_state_dict(ref.state_dict())
+        got = run(mlp, x.float().cuda(), autocast=True)
+        errors[kernel] = [((g.double().cpu() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
+    names = ("out", "dx", "dW1", "db1", "dW2", "db2")
+    assert all(q < 2e-2 and q < 2 * t + 1e-3 for q, t in zip(*errors.values(), strict=True)), dict(
+        zip(names, zip(*errors.values(), strict=True), strict=True)
+    )
 
 
 def test_flops_count_document_sparsity():
