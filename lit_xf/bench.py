@@ -520,6 +520,7 @@ def bench_train(args) -> list[dict]:
             variant=variant,
             precision=precision,
             attention=res["attention"],
+            mlp_kernel=res["mlp_kernel"],
             steps=args.steps,
             ms_per_step=round(ms, 3),
             tokens_per_s=round(tokens / ms * 1e3),
@@ -685,6 +686,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         warmup_s=t0 - start,
         losses=torch.stack(losses).tolist(),
         attention=model.attention_kernel_name,
+        mlp_kernel=model.mlp_kernel_name(device, amp_dtype or next(model.parameters()).dtype),
     )
 
 
@@ -734,6 +736,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
         warmup_s=clock.t0 - clock.start,
         losses=torch.stack(clock.losses).tolist(),
         attention=model.attention_kernel_name,
+        mlp_kernel=model.mlp_kernel_name,
         hook_us=hook_time.per_step(args.steps - args.warmup_steps) if hook_time else None,
     )
 

@@ -242,6 +242,15 @@ class TinyGPT(nn.Module):
             if problem:
                 raise ValueError(f"mlp_kernel='quack' can't run here: {problem}. Use mlp_kernel='auto' or 'torch'")
 
+    def mlp_kernel_name(self, device: torch.device, dtype: torch.dtype) -> str:
+        """What the GELU MLPs run on ``device`` with ``dtype`` compute: ``quack``, or ``torch`` (for
+        ``auto``, with the reason quack can't run)."""
+        mlp = self.blocks[0].ffn
+        if not isinstance(mlp, GeluMLP) or mlp.kernel == "torch":
+            return "torch"
+        problem = quack_mlp_problem(torch.device(device), dtype, mlp.fc1.in_features, mlp.fc1.out_features)
+        return "quack" if problem is None else f"torch (quack: {problem})"
+
     @property
     def attention_kernel_name(self) -> str:
         """The kernel in use (for ``auto``, its latest choice)."""

@@ -26,7 +26,7 @@ from lit_xf.loss import (
     token_cross_entropy,
     token_hits,
 )
-from lit_xf.model import COMPILE_MODES, CompileMode, GeluMLP, MlpKernel, NormName, TinyGPT, quack_mlp_problem
+from lit_xf.model import COMPILE_MODES, CompileMode, MlpKernel, NormName, TinyGPT
 
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
 ARCHITECTURE_KEYS = (
@@ -120,15 +120,10 @@ class LitTinyGPT(L.LightningModule):
 
     @property
     def mlp_kernel_name(self) -> str:
-        """What the GELU MLPs run on this module's device and the trainer's precision: ``quack``,
-        or ``torch`` (for ``auto``, with the reason quack can't run)."""
-        mlp = self.model.blocks[0].ffn
-        if not isinstance(mlp, GeluMLP) or mlp.kernel == "torch":
-            return "torch"
+        """``TinyGPT.mlp_kernel_name`` on this module's device at the trainer's precision."""
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-        problem = quack_mlp_problem(self.device, dtype, mlp.fc1.in_features, mlp.fc1.out_features)
-        return "quack" if problem is None else f"torch (quack: {problem})"
+        return self.model.mlp_kernel_name(self.device, dtype)
 
     def configure_model(self) -> None:
         mode = self.hparams.compile
