@@ -193,6 +193,31 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path, monkeypatch
         _bench_cpu("train", f"--config {config} --repeats 0", tmp_path)
 
 
+def test_train_bench_records_the_mlp_kernel_and_keeps_the_plain_loop_on_torch(tmp_path):
+    """Each row names the MLP kernel its run took on the run's device: ``auto`` falls back to torch
+    on the CPU and says why; ``loop+rows`` (the plain loop) always runs torch's; ``--mlp-kernel``
+    overrides the config's."""
+    config = tmp_path / "gelu.yaml"
+    config.write_text(
+        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa, ffn: gelu, mlp_kernel: auto}\n"
+        "data: {corpus: counting, batch_mode: packed, seq_len: 16, batch_size: 2, counting_vocab: 16,\n"
+        "       counting_length: 5, counting_documents: 400}\n"
+        "trainer: {precision: bf16-mixed}\n"
+    )
+    assert (
+        _bench_cpu(
+            "train", f"--config {config} --steps 3 --warmup-steps 1 --variants loop,loop+rows,lightning", tmp_path
+        )
+        == 0
+    )
+    kernels = {r["variant"]: r["mlp_kernel"] for r in _rows(tmp_path, "train")}
+    fallback = "torch (quack: it is CUDA-only (device: cpu))"
+    assert kernels == {"loop": fallback, "loop+rows": "torch", "lightning": fallback}
+    flags = f"--config {config} --steps 3 --warmup-steps 1 --variants loop --mlp-kernel torch"
+    assert _bench_cpu("train", flags, tmp_path) == 0
+    assert [r["mlp_kernel"] for r in _rows(tmp_path, "train")] == ["torch"]
+
+
 def test_rows_loop_counts_the_flops_of_whole_rows():
     """``loop+rows`` attends across whole rows: its FLOPs count T(T+1)/2 pairs per row, not the
     documents' pairs that the batch's stats carry."""
