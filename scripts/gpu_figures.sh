@@ -122,14 +122,29 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   run gelu_mlp_quack $PY scripts/gelu_mlp_probe.py "$OUT/gelu_mlp_quack.json"
   for mode in packed concat; do
     att=(); [[ $mode == concat ]] && att=(--attention fa4)  # packed: the config's auto (fa4 here)
-    has train && run "train_gpt2_124m_quack_mlp_$mode" $PY scripts/bench_train_quack_mlp.py train $T124 \
+    has train && run "train_gpt2_124m_quack_mlp_$mode" $BENCH train $T124 --mlp-kernel quack \
       --batch-mode $mode "${att[@]}" --name "train_gpt2_124m_quack_mlp_$mode" --variants lit_xf+compile
     has train && run "train_gpt2_124m_torch_mlp_$mode" $BENCH train $T124 --batch-mode $mode "${att[@]}" \
       --name "train_gpt2_124m_torch_mlp_$mode" --variants lit_xf+compile,loop+rows+compile_model
   done
-  has train && run train_gpt2_124m_quack_mlp_concat_cudagraphs $PY scripts/bench_train_quack_mlp.py train $T124 \
+  has train && run train_gpt2_124m_quack_mlp_concat_cudagraphs $BENCH train $T124 --mlp-kernel quack \
     --batch-mode concat --attention fa4 --name train_gpt2_124m_quack_mlp_concat_cudagraphs --variants lit_xf+cudagraphs
   has train && run train_gpt2_124m_torch_mlp_concat_cudagraphs $BENCH train $T124 --batch-mode concat --attention fa4 \
     --name train_gpt2_124m_torch_mlp_concat_cudagraphs --variants lit_xf+cudagraphs,loop+rows+compile_model
+  # mlp_kernel (docs/benchmarks.md, "quack's GELU MLP as an option"): separate processes on one machine;
+  # GPU clocks and power sampled alongside
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,noheader -lms 250 >"$OUT/h200_clocks_power.csv" 2>&1 &
+  SMI=$!
+  T124="--config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
+  has train && run train_gpt2_124m_mlp_auto $BENCH train $T124 --mlp-kernel auto \
+    --name train_gpt2_124m_mlp_auto --variants lit_xf+compile,loop+rows+compile_model
+  has train && run train_gpt2_124m_mlp_torch $BENCH train $T124 --mlp-kernel torch \
+    --name train_gpt2_124m_mlp_torch --variants lit_xf+compile
+  has train && TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 LIMIT=600 run train_gpt2_124m_max_autotune_gemm $BENCH train $T124 \
+    --name train_gpt2_124m_max_autotune_gemm --variants lit_xf+compile
+  has train && run train_gpt2_124m_quack_mlp_packed_cudagraphs $BENCH train $T124 --mlp-kernel quack \
+    --name train_gpt2_124m_quack_mlp_packed_cudagraphs --variants lit_xf+cudagraphs,lit_xf+compile
+  kill $SMI
 fi
 exit 0
