@@ -119,6 +119,7 @@ def env_report(
         f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})",
         f"lightning   {_version('lightning')}",
         f"xformers    {_version('xformers')} ({problem or 'its attention runs here'})",
+        f"quack       {_version('quack-kernels')} ({_quack_line(dev)})",
         f"cuda        {_cuda_line()}",
         f"device      {_device_line(dev)}",
         "",
@@ -190,6 +191,13 @@ def env_report(
             f"<= {FA4_GROUPED_TILE_RATIO}x the tiles of one sequence each (short documents)"
         )
     return "\n".join(lines)
+
+
+def _quack_line(dev: torch.device) -> str:
+    from lit_xf.model import quack_mlp_problem
+
+    problem = quack_mlp_problem(dev, torch.bfloat16)
+    return f"mlp_kernel auto runs torch's GELU MLP: {problem}" if problem else "its GELU MLP runs here in bf16/fp16"
 
 
 def _cuda_line() -> str:

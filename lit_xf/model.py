@@ -8,6 +8,7 @@ LayerNorm, learned absolute positions.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Literal, get_args
@@ -26,6 +27,8 @@ from lit_xf.attention import (
     alibi_slopes,
     make_kernel,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SwiGLU(nn.Module):
@@ -329,6 +332,13 @@ class TinyGPT(nn.Module):
         if self.compile_mode is not None:
             raise RuntimeError(f"the model is already compiled (mode {self.compile_mode!r})")
         self.compile_mode = mode
+        if mode == "cudagraphs" and any(getattr(b.ffn, "kernel", "torch") != "torch" for b in self.blocks):
+            log.warning(
+                "compile='cudagraphs' with mlp_kernel=%r: quack's MLP under CUDA graphs ran 7x slower than "
+                "compiled blocks on the 124M config's packed rows (docs/benchmarks.md); consider compile='blocks' "
+                "or mlp_kernel='torch'",
+                self.mlp_kernel,
+            )
         if mode == "blocks":
             for block in self.blocks:
                 block.compile()

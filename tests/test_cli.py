@@ -42,7 +42,7 @@ def test_env_on_cpu_names_sdpa_and_says_why_not_xformers(tmp_path):
     proc = run_cli("env", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for name in ("python", "torch", "lightning", "xformers", "cuda", "device"):
+    for name in ("python", "torch", "lightning", "xformers", "quack", "cuda", "device"):
         assert any(line.startswith(name) for line in out.splitlines()), out
     rows = [line.split() for line in out.splitlines() if line.startswith(("causal ", "packed "))]
     assert len(rows) == 8  # (causal, packed) x (MHA, GQA) x (no ALiBi, ALiBi)
@@ -51,6 +51,7 @@ def test_env_on_cpu_names_sdpa_and_says_why_not_xformers(tmp_path):
     assert {row[auto + (1 if row[1] == "GQA" else 0)] for row in rows} == {"sdpa"}
     assert "xformers: xformers' attention kernels are CUDA-only" in out
     assert "flex: FlexAttention has no backward on CPU" in out
+    assert "mlp_kernel auto runs torch's GELU MLP: it is CUDA-only (device: cpu)" in out
 
 
 def test_env_report_in_process_lists_every_case():
