@@ -21,7 +21,7 @@ Scalar tags (one value per optimizer step, see :data:`TAGS`)::
     throughput/tflops               achieved TFLOP/s from ``flops_per_batch``, windowed
     throughput/mfu                  achieved FLOP/s / dense peak FLOP/s (when a peak is known)
 
-Text tags (TensorBoard only): ``run/info`` (kernel choice, library versions, device; once, after
+Text tags (TensorBoard only): ``run/info`` (kernel choices, library versions, device; once, after
 the first training batch so a lazily resolved ``auto`` kernel shows its real choice) and
 ``time/top_kernels`` (the top kernels of each profiled step). :func:`add_custom_scalars_layout`
 writes ready-made charts of the scalars to TensorBoard's "Custom Scalars" tab.
@@ -297,7 +297,7 @@ def _library_version(name: str) -> str:
 
 
 def log_run_info(trainer: Trainer, pl_module: LightningModule) -> dict[str, str]:
-    """Write the run's kernel choice, library versions and device as ``run/info`` text; returns the facts.
+    """Write the run's kernel choices, library versions and device as ``run/info`` text; returns the facts.
 
     Text goes to every ``TensorBoardLogger`` of ``trainer`` (call on rank zero). xformers is not
     imported for this: its version comes from the loaded module or the installed metadata.
