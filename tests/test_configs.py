@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_xf.cli import LitXfCLI, main
 
@@ -89,6 +90,10 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     run_dir = tmp_path / logged["save_dir"] / logged["name"] / "version_0"
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
 
 
 def test_padded_and_packed_differ_only_in_batching():
