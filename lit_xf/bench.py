@@ -40,7 +40,7 @@ from lit_xf.attention import (
     alibi_slopes,
     make_kernel,
 )
-from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN
+from lit_xf.callbacks import ATTENTION_KERNEL_PATTERN, precision_dtype
 from lit_xf.data import BATCH_MODES
 from lit_xf.model import MLP_KERNELS
 
@@ -621,9 +621,6 @@ def _parse_variant(variant: str) -> tuple[str, set[str]]:
     return base, parts
 
 
-_AMP_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-
-
 def _compile_mode(parts: set[str]) -> str | bool:
     return next((mode for part, mode in _COMPILE_PARTS.items() if part in parts), False)
 
@@ -646,7 +643,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio)
     )
-    amp_dtype = _AMP_DTYPES.get(precision)
+    amp_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
     batches = _cycle(dm.train_dataloader())
     real = flops = 0
@@ -689,7 +686,7 @@ def _hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devi
         warmup_s=t0 - start,
         losses=torch.stack(losses).tolist(),
         attention=model.attention_kernel_name,
-        mlp_kernel=model.mlp_kernel_name(device, amp_dtype or next(model.parameters()).dtype),
+        mlp_kernel=model.mlp_kernel_name(device, amp_dtype or next(model.parameters()).dtype),  # its compute dtype
     )
 
 
@@ -740,7 +737,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
         losses=torch.stack(clock.losses).tolist(),
         attention=model.attention_kernel_name,
         # on the run's device: the module is back on the CPU after fit
-        mlp_kernel=model.model.mlp_kernel_name(device, _AMP_DTYPES.get(precision, torch.float32)),
+        mlp_kernel=model.model.mlp_kernel_name(device, precision_dtype(precision)),
         hook_us=hook_time.per_step(args.steps - args.warmup_steps) if hook_time else None,
     )
 

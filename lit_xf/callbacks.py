@@ -203,7 +203,7 @@ def dense_peak_flops(device_name: str, dtype: torch.dtype, tf32: bool = False) -
     return _HOPPER_DENSE[form].get(key) if key else None
 
 
-def _compute_dtype(precision: str | int) -> torch.dtype:
+def precision_dtype(precision: str | int) -> torch.dtype:
     """The matmul dtype of a Lightning precision string (``"bf16-mixed"``, ``"16-true"``, ...)."""
     p = str(precision)
     if p.startswith("bf16"):
@@ -224,7 +224,7 @@ def resolve_peak_flops(device: torch.device, precision: str | int, override: flo
         return float(override)
     if device.type == "cpu":
         return None
-    dtype = _compute_dtype(precision)
+    dtype = precision_dtype(precision)
     if device.type == "cuda":
         tf32 = torch.get_float32_matmul_precision() != "highest"
         found = dense_peak_flops(torch.cuda.get_device_name(device), dtype, tf32=tf32)

@@ -66,10 +66,13 @@ class GeluMLP(nn.Module):
         self.fc2.is_residual_projection = True
         self.kernel = kernel
 
+    def quack_problem(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """``quack_mlp_problem`` for this MLP's widths."""
+        return quack_mlp_problem(torch.device(device), dtype, self.fc1.in_features, self.fc1.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel != "torch":
-            dtype = _compute_dtype(x.device, x.dtype)
-            problem = quack_mlp_problem(x.device, dtype, self.fc1.in_features, self.fc1.out_features)
+            problem = self.quack_problem(x.device, _compute_dtype(x.device, x.dtype))
             if problem is None:
                 from quack.mlp import mlp_func
 
@@ -240,8 +243,7 @@ class TinyGPT(nn.Module):
             seq_len=self.max_seq_len,
         )
         if self.mlp_kernel == "quack":
-            fc1 = self.blocks[0].ffn.fc1
-            problem = quack_mlp_problem(torch.device(device), torch.bfloat16, fc1.in_features, fc1.out_features)
+            problem = self.blocks[0].ffn.quack_problem(device, torch.bfloat16)
             if problem:
                 raise ValueError(f"mlp_kernel='quack' can't run here: {problem}. Use mlp_kernel='auto' or 'torch'")
 
@@ -251,7 +253,7 @@ class TinyGPT(nn.Module):
         mlp = self.blocks[0].ffn
         if not isinstance(mlp, GeluMLP) or mlp.kernel == "torch":
             return "torch"
-        problem = quack_mlp_problem(torch.device(device), dtype, mlp.fc1.in_features, mlp.fc1.out_features)
+        problem = mlp.quack_problem(device, dtype)
         return "quack" if problem is None else f"torch (quack: {problem})"
 
     @property

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention import KernelName, PositionScheme
+from lit_xf.callbacks import precision_dtype
 from lit_xf.loss import (
     LossParts,
     compiled_token_cross_entropy,
@@ -121,9 +122,8 @@ class LitTinyGPT(L.LightningModule):
     @property
     def mlp_kernel_name(self) -> str:
         """``TinyGPT.mlp_kernel_name`` on this module's device at the trainer's precision."""
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-        return self.model.mlp_kernel_name(self.device, dtype)
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        return self.model.mlp_kernel_name(self.device, precision_dtype(precision))
 
     def configure_model(self) -> None:
         mode = self.hparams.compile
