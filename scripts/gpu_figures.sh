@@ -42,6 +42,8 @@ if has packing; then
 fi
 # GPT-2 shapes: timed after the first epoch's short last batch (it compiles once more); the plain
 # loops (+rows) attend across documents like a hand-written nanoGPT loop.
+# The 124M figures before docs' "32 rows per step" ran the config with 16 rows per step.
+C124="--config configs/gpt2_124m.yaml --batch-size 16"
 GPT2_VARIANTS=lit_xf,lit_xf+compile,loop+compile,loop+compile+fused,loop+rows+compile_model,loop+rows+compile
 has train && run train_counting $BENCH train --config configs/counting.yaml --out "$OUT" --name train_counting \
   --repeats 5 --variants loop,loop+cudagraphs,lightning,lit_xf,lightning+cudagraphs,lit_xf+cudagraphs
@@ -57,10 +59,10 @@ lightning+cudagraphs+timer+noprofile+tb,lightning+cudagraphs+throughput+tb,lit_x
 has train && run cuda_events_cost $PY scripts/cuda_events_cost.py "$OUT/cuda_events_between_launches.json"
 has train && run train_gpt2 $BENCH train --config configs/gpt2_small.yaml --steps 270 --warmup-steps 75 --out "$OUT" \
   --name train_gpt2 --variants $GPT2_VARIANTS
-has train && run train_gpt2_124m $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
+has train && run train_gpt2_124m $BENCH train $C124 --steps 120 --warmup-steps 40 \
   --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m --variants $GPT2_VARIANTS
 # 200 steps eager against compiled (loss curves) beside the plain loop
-has train && run train_gpt2_124m_eager_vs_compiled_200 $BENCH train --config configs/gpt2_124m.yaml --steps 200 \
+has train && run train_gpt2_124m_eager_vs_compiled_200 $BENCH train $C124 --steps 200 \
   --warmup-steps 50 --out "$OUT" --name train_gpt2_124m_eager_vs_compiled_200 \
   --variants lit_xf,lit_xf+compile,loop+rows+compile_model
 if has runs; then
@@ -89,24 +91,24 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   done
   run pack_fa4_plans $BENCH packing --modes packed --heads 16 --head-dim 128 \
     --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
-  has train && run train_gpt2_124m_cudagraphs $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+  has train && run train_gpt2_124m_cudagraphs $BENCH train $C124 --steps 120 \
     --warmup-steps 40 --out "$OUT" --name train_gpt2_124m_cudagraphs --variants lit_xf+cudagraphs,loop+cudagraphs
   # the same job with the plan forced (auto takes block-sparse here), and the grouped plan to compare
-  has train && run train_gpt2_124m_block_sparse $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+  has train && run train_gpt2_124m_block_sparse $BENCH train $C124 --steps 120 \
     --warmup-steps 40 --repeats 2 --attention fa4:block_sparse --profile-steps 30:34 --out "$OUT" \
     --name train_gpt2_124m_block_sparse --variants lit_xf+compile,loop+compile+fused,loop+rows+compile_model
-  has train && run train_gpt2_124m_grouped $BENCH train --config configs/gpt2_124m.yaml --steps 120 \
+  has train && run train_gpt2_124m_grouped $BENCH train $C124 --steps 120 \
     --warmup-steps 40 --repeats 2 --attention fa4:grouped --out "$OUT" \
     --name train_gpt2_124m_grouped --variants lit_xf+compile,loop+rows+compile_model
   run fa4_block_sparse_plans $PY scripts/fa4_block_sparse_probe.py "$OUT/fa4_block_sparse_plans.json"
   run lm_head_loss $PY scripts/lm_head_loss_probe.py "$OUT/lm_head_loss.json"
-  has train && run train_gpt2_124m_flex $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
+  has train && run train_gpt2_124m_flex $BENCH train $C124 --steps 120 --warmup-steps 40 \
     --attention flex --out "$OUT" --name train_gpt2_124m_flex --variants lit_xf+compile,lit_xf+compile_model,loop+compile
   # concatenated rows (the plain loop's data): auto (fa4 here), sdpa forced; causal rows per call, GPU time alone
-  has train && run train_gpt2_124m_concat_auto $BENCH train --config configs/gpt2_124m.yaml --batch-mode concat \
+  has train && run train_gpt2_124m_concat_auto $BENCH train $C124 --batch-mode concat \
     --steps 120 --warmup-steps 40 --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m_concat_auto \
     --variants lit_xf+compile,loop+compile+fused,loop+rows+compile_model
-  has train && run train_gpt2_124m_concat_sdpa $BENCH train --config configs/gpt2_124m.yaml --batch-mode concat \
+  has train && run train_gpt2_124m_concat_sdpa $BENCH train $C124 --batch-mode concat \
     --attention sdpa --steps 120 --warmup-steps 40 --profile-steps 30:34 --out "$OUT" \
     --name train_gpt2_124m_concat_sdpa --variants lit_xf+compile,loop+rows+compile_model
   for c in 16:12:64:1024 16:16:128:1024 8:16:128:2048 16:12:64:2048 4:16:128:4096; do
@@ -116,7 +118,7 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   done
   # levers measured and not adopted (docs/benchmarks.md): Inductor max-autotune; quack's fused GELU GEMMs
   # (quack-kernels comes with flash-attn-4 and must sit in a site-packages directory); CUDA graphs on concat rows
-  T124="--config configs/gpt2_124m.yaml --steps 100 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
+  T124="$C124 --steps 100 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
   has train && TORCHINDUCTOR_MAX_AUTOTUNE=1 LIMIT=600 run train_gpt2_124m_max_autotune_on $BENCH train $T124 \
     --steps 120 --name train_gpt2_124m_max_autotune_on --variants lit_xf+compile,loop+rows+compile_model
   run gelu_mlp_quack $PY scripts/gelu_mlp_probe.py "$OUT/gelu_mlp_quack.json"
@@ -136,7 +138,7 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
     --format=csv,noheader -lms 250 >"$OUT/h200_clocks_power.csv" 2>&1 &
   SMI=$!
-  T124="--config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
+  T124="$C124 --steps 120 --warmup-steps 40 --profile-steps 30:34 --out $OUT"
   has train && run train_gpt2_124m_mlp_auto $BENCH train $T124 --mlp-kernel auto \
     --name train_gpt2_124m_mlp_auto --variants lit_xf+compile,loop+rows+compile_model
   has train && run train_gpt2_124m_mlp_torch $BENCH train $T124 --mlp-kernel torch \
@@ -146,5 +148,10 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   has train && run train_gpt2_124m_quack_mlp_packed_cudagraphs $BENCH train $T124 --mlp-kernel quack \
     --name train_gpt2_124m_quack_mlp_packed_cudagraphs --variants lit_xf+cudagraphs,lit_xf+compile
   kill $SMI
+  # the config as shipped, 32 rows per step (docs/benchmarks.md, "32 rows per step"), and a user's run of it
+  has train && run train_gpt2_124m_b32 $BENCH train --config configs/gpt2_124m.yaml --steps 120 --warmup-steps 40 \
+    --repeats 2 --profile-steps 30:34 --out "$OUT" --name train_gpt2_124m_b32 --variants lit_xf+compile,loop+rows+compile_model
+  has runs && run fit_gpt2_124m $CLI fit --config configs/gpt2_124m.yaml --trainer.enable_progress_bar false \
+    --trainer.logger.init_args.save_dir "$OUT/runs"
 fi
 exit 0
