@@ -4,7 +4,8 @@ Every kernel computes, for query token i of head h (K = head dim, G kv heads sha
 heads each, so query head h reads kv head ⌊h·G/H⌋):
 
     out_i = Σ_j softmax_j( q_i·k_j / √K + b_h(i, j) ) v_j,   j ranging over keys i may see:
-    j ≤ i and j in i's document (causal within documents; rows without packing: plain causal)
+    j ≤ i and j in i's document (causal within documents; rows without packing: plain causal),
+    and with a sliding window of W tokens also i − j < W (the W most recent keys, i's own included)
     b_h(i, j) = −m_h · |pos_i − pos_j| with ALiBi (slope m_h), 0 otherwise.
 
 Kernels: ``naive`` (materializes the B×H×T×T scores; the reference), ``sdpa`` (PyTorch
@@ -59,13 +60,16 @@ class DocLayout:
     ``sum(doc_lens[b])`` are padding. Tokens attend within their document, causally unless
     ``causal=False``. A causal row with one document needs only a plain causal mask (padding follows
     every real token, so no real token sees it); otherwise each row is block-diagonal, padding
-    being one more block."""
+    being one more block. ``window`` (causal only): each query sees at most the ``window`` most
+    recent keys of its block, itself included (sliding-window attention); None: all of them."""
 
     doc_lens: tuple[tuple[int, ...], ...]
     seq_len: int
     causal: bool
+    window: int | None
 
-    def __init__(self, doc_lens, seq_len: int, causal: bool = True):
+    def __init__(self, doc_lens, seq_len: int, causal: bool = True, window: int | None = None):
+        check_window(window, causal)
         rows = tuple(tuple(map(int, row)) for row in doc_lens)
         for b, row in enumerate(rows):
             if not row or min(row) < 1 or sum(row) > seq_len:
@@ -76,11 +80,17 @@ class DocLayout:
         object.__setattr__(self, "doc_lens", rows)
         object.__setattr__(self, "seq_len", int(seq_len))
         object.__setattr__(self, "causal", bool(causal))
+        object.__setattr__(self, "window", window)
 
     @classmethod
-    def full_rows(cls, batch_size: int, seq_len: int, causal: bool = True) -> DocLayout:
+    def full_rows(cls, batch_size: int, seq_len: int, causal: bool = True, window: int | None = None) -> DocLayout:
         """One document filling each row."""
-        return cls([[seq_len]] * batch_size, seq_len, causal)
+        return cls([[seq_len]] * batch_size, seq_len, causal, window)
+
+    @functools.cached_property
+    def windowed(self) -> bool:
+        """The window hides some key from some query: a segment is longer than it."""
+        return self.window is not None and any(n > self.window for row in self.segment_lens() for n in row)
 
     @property
     def batch_size(self) -> int:
@@ -127,18 +137,39 @@ class DocLayout:
         if not self.causal:
             return same_block
         t = torch.arange(self.seq_len, device=device)
-        return (t[:, None] >= t[None, :])[None] & same_block
+        back_BTT = t[:, None] - t[None, :]  # i − j
+        visible = back_BTT >= 0
+        if self.window is not None:
+            visible &= back_BTT < self.window
+        return visible[None] & same_block
 
     def xformers_bias(self, device=None):
         """The matching xformers bias: ``LowerTriangularMask`` (or None when not causal) without
         blocks, else a ``BlockDiagonal[Causal]Mask`` over all rows flattened to ``[1, B·T]``
-        (xformers' block-diagonal biases need batch size 1)."""
-        fmha = import_xformers_ops().fmha
+        (xformers' block-diagonal biases need batch size 1); their local-attention forms with a
+        window."""
+        bias = import_xformers_ops().fmha.attn_bias
         if not self.block_diagonal:
-            return fmha.attn_bias.LowerTriangularMask() if self.causal else None
+            if not self.causal:
+                return None
+            if self.window is None:
+                return bias.LowerTriangularMask()
+            return bias.LowerTriangularFromBottomRightLocalAttentionMask(self.window)  # T×T: bottom right = top left
         flat = [n for row in self.segment_lens() for n in row]
-        cls = fmha.attn_bias.BlockDiagonalCausalMask if self.causal else fmha.attn_bias.BlockDiagonalMask
-        return cls.from_seqlens(flat, device=device)
+        if not self.causal:
+            return bias.BlockDiagonalMask.from_seqlens(flat, device=device)
+        mask = bias.BlockDiagonalCausalMask.from_seqlens(flat, device=device)
+        return mask if self.window is None else mask.make_local_attention(self.window)
+
+
+def check_window(window, causal: bool = True) -> None:
+    """Raise ``ValueError`` unless ``window`` is None or a positive int (with causal attention)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"attention_window must be a positive number of tokens or None, got {window!r}")
+    if not causal:
+        raise ValueError("attention_window is a causal sliding window; it needs causal attention")
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -315,18 +346,19 @@ class NaiveAttention(AttentionKernel):
 
 class SdpaAttention(AttentionKernel):
     """``F.scaled_dot_product_attention``: ``is_causal`` for rows of one document (cuDNN / flash on
-    GPU), a dense boolean block-diagonal mask for packed rows, a dense float bias for ALiBi.
+    GPU), a dense boolean mask for packed rows and sliding windows, a dense float bias for ALiBi.
     GQA through ``enable_gqa`` (no K/V copies)."""
 
     name = "sdpa"
     _warned_dense = False
 
     def _bias(self, ctx, *, n_heads, dtype, device):
-        if ctx.slopes is not None or ctx.layout.block_diagonal:
+        dense = ctx.layout.block_diagonal or ctx.layout.windowed
+        if ctx.slopes is not None or dense:
             self.warn_dense(device)
         if ctx.slopes is not None:
             return _dense_bias(ctx, n_heads, dtype, device)
-        if ctx.layout.block_diagonal:
+        if dense:
             return ctx.layout.dense_mask(device)[:, None]
         return None
 
@@ -336,8 +368,8 @@ class SdpaAttention(AttentionKernel):
         if torch.device(device).type == "cuda" and not cls._warned_dense:
             cls._warned_dense = True
             log.warning(
-                "attention='sdpa' with packed rows or ALiBi builds a dense [B, (H,) T, T] mask and runs "
-                "SDPA's slow path (H200: 1.37 s vs 7.9 ms for xformers on 99k packed tokens); "
+                "attention='sdpa' with packed rows, a sliding window or ALiBi builds a dense [B, (H,) T, T] "
+                "mask and runs SDPA's slow path (H200: 1.37 s vs 7.9 ms for xformers on 99k packed tokens); "
                 "attention='auto' picks xformers or flex for these batches"
             )
 
@@ -410,8 +442,8 @@ def dense_bias_bytes(batch: int, n_heads: int, seq_len: int, itemsize: int = 2) 
 
 
 class FlexAttention(AttentionKernel):
-    """FlexAttention: the document mask as a ``BlockMask`` (built once per forward from segment ids
-    by one compiled function, so new batches don't recompile), ALiBi as a ``score_mod``, native
+    """FlexAttention: the document mask (and sliding window) as a ``BlockMask`` (built once per
+    forward from segment ids by one compiled function, so new batches don't recompile), ALiBi as a ``score_mod``, native
     GQA. O(T) memory. Compiled on CUDA; on CPU it runs eagerly and has no backward."""
 
     name = "flex"
@@ -463,24 +495,33 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _document_block_mask(seg_BT: torch.Tensor, causal: bool):
+def _document_block_mask(seg_BT: torch.Tensor, causal: bool, window: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_doc(b, h, q_idx, kv_idx):
         return seg_BT[b, q_idx] == seg_BT[b, kv_idx]
 
     def same_doc_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (seg_BT[b, q_idx] == seg_BT[b, kv_idx])
+        return _causal_window(q_idx, kv_idx, window) & (seg_BT[b, q_idx] == seg_BT[b, kv_idx])
 
     B, T = seg_BT.shape
     return create_block_mask(same_doc_causal if causal else same_doc, B, None, T, T, device=seg_BT.device)
 
 
+def _causal_window(q_idx, kv_idx, window: int | None):
+    """Key visible to query: 0 ≤ q − kv (< window)."""
+    visible = q_idx >= kv_idx
+    return visible if window is None else visible & (q_idx - kv_idx < window)
+
+
 @functools.cache
-def _causal_block_mask(seq_len: int, device: torch.device):
+def _causal_block_mask(seq_len: int, device: torch.device, window: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seq_len, seq_len, device=device)
+    def causal(b, h, q_idx, kv_idx):
+        return _causal_window(q_idx, kv_idx, window)
+
+    return create_block_mask(causal, None, None, seq_len, seq_len, device=device)
 
 
 @functools.cache
@@ -491,12 +532,12 @@ def _compiled_document_block_mask():
 
 
 def _flex_block_mask(layout: DocLayout, device: torch.device):
-    """``None`` (full attention), a cached causal mask, or a per-batch document mask."""
+    """``None`` (full attention), a cached causal (sliding-window) mask, or a per-batch document mask."""
     if not layout.block_diagonal:
-        return _causal_block_mask(layout.seq_len, device) if layout.causal else None
+        return _causal_block_mask(layout.seq_len, device, layout.window) if layout.causal else None
     seg = layout.segment_ids(device)
     build = _compiled_document_block_mask() if device.type == "cuda" else _document_block_mask
-    return build(seg, layout.causal)
+    return build(seg, layout.causal, layout.window)
 
 
 class Fa4Attention(AttentionKernel):
@@ -517,7 +558,9 @@ class Fa4Attention(AttentionKernel):
     backward gets no causal tile skipping, so long documents run one sequence each instead.
     ``grouping="auto"`` takes "block_sparse" where grouping needs fewer tiles
     (``fa4_grouping_pays``), else "per_document"; "grouped", "per_document" and "block_sparse"
-    force a plan.
+    force a plan. A sliding window that hides keys runs FA4's local attention (``window_size``):
+    dense rows as they are, block-diagonal rows one sequence per segment (the grouped plans' CuTe
+    mask has no window, so "grouped" and "block_sparse" refuse such batches).
 
     Called through the custom ops ``lit_xf::fa4_forward``/``fa4_backward``, so ``torch.compile``
     keeps a call inside its graph. Nothing in a call changes with the batch's documents but tensor
@@ -554,16 +597,17 @@ class Fa4Attention(AttentionKernel):
 
     def attend_qkv(self, qkv_BTCK, n_kv_heads, ctx):
         causal, G = ctx.layout.causal, n_kv_heads
+        window = ctx.layout.window if ctx.layout.windowed else 0  # 0: no window
         B, T, C, K = qkv_BTCK.shape
         H = C - 2 * G
         if ctx.bias is None:
-            return fa4_forward(qkv_BTCK, G, None, None, T, causal, [])[0]
+            return fa4_forward(qkv_BTCK, G, None, None, T, causal, [], window)[0]
         plan = ctx.bias
         if plan.blocks:  # one sequence of N = B·T tokens: [1, N, C, K]
-            args = (plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks))
+            args = (plan.cu_seqlens, plan.seg_pos, T, causal, list(plan.blocks), window)
             return fa4_forward(qkv_BTCK.reshape(1, B * T, C, K), G, *args)[0].view(B, T, H, K)
-        out_NHK = fa4_forward(qkv_BTCK.reshape(B * T, C, K), G, plan.cu_seqlens, plan.seg_pos, T, causal, [])[0]
-        return out_NHK.view(B, T, H, K)
+        args = (plan.cu_seqlens, plan.seg_pos, T, causal, [], window)
+        return fa4_forward(qkv_BTCK.reshape(B * T, C, K), G, *args)[0].view(B, T, H, K)
 
     def __repr__(self) -> str:
         return f"Fa4Attention(grouping={self.grouping!r})"
@@ -611,9 +655,14 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
     """FA4's plan for a block-diagonal layout, built on the host. Causal rows: "block_sparse", or
     "auto" where ``fa4_grouping_pays``, gives the block-sparse forward with the grouped backward
     (B·T a multiple of ``FA4_BLOCK``; else grouped); "grouped" the grouped sequences both ways.
-    Else (and "per_document"): one varlen sequence per segment."""
+    Else (and "per_document", and a window that hides keys): one varlen sequence per segment."""
     segments = [n for row in layout.segment_lens() for n in row]
-    if layout.causal and grouping != "per_document":
+    if layout.windowed and grouping in ("grouped", "block_sparse"):
+        raise ValueError(
+            f"fa4:{grouping} has no sliding window (its CuTe mask sees whole segments); "
+            "use attention='fa4' or 'fa4:per_document' with attention_window"
+        )
+    if layout.causal and grouping != "per_document" and not layout.windowed:
         bounds = group_bounds(segments)
         if grouping in ("grouped", "block_sparse") or fa4_grouping_pays(segments, bounds):
             whole_blocks = (layout.batch_size * layout.seq_len) % FA4_BLOCK == 0
@@ -732,8 +781,12 @@ def bucketed_bounds(bounds: list[int]) -> torch.Tensor:
 # lit_xf.fa4_mask.segment_causal instead of its causal mask. blocks (empty, or the four block lists
 # of fa4_block_sparse) makes the forward a dense [1, N] call, block-sparse under that mask; its
 # backward takes the same tokens as [N, C, K] under cu_seqlens.
-def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=()) -> dict:
+def _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks=(), window=0, backward=False) -> dict:
     kw = dict(causal=causal)
+    if window and backward:  # FA4's local attention: keys i − (window − 1) .. i
+        kw.update(window_size_left=window - 1, window_size_right=0)
+    elif window:
+        kw["window_size"] = (window - 1, 0)
     if blocks:
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
@@ -761,11 +814,13 @@ def fa4_forward(
     max_seqlen: int,
     causal: bool,
     blocks: list[torch.Tensor],
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ/√K, causal per segment) v and its row-wise log-sum-exp."""
+    """softmax(q kᵀ/√K, causal per segment, the ``window`` most recent keys if > 0) v and its
+    row-wise log-sum-exp."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
-    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks)
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, blocks, window)
     attend = flash_attn_func if cu_seqlens is None or blocks else flash_attn_varlen_func
     with torch.no_grad():
         out, lse = attend(*_split_qkv(qkv, n_kv_heads), return_lse=True, **kw)[:2]
@@ -773,7 +828,7 @@ def fa4_forward(
 
 
 @fa4_forward.register_fake
-def _(qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks):
+def _(qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks, window):
     # FA4 allocates both contiguous
     H = qkv.shape[-2] - 2 * n_kv_heads
     varlen = cu_seqlens is not None and not blocks
@@ -792,11 +847,12 @@ def fa4_backward(
     seg_pos: torch.Tensor | None,
     max_seqlen: int,
     causal: bool,
+    window: int,
 ) -> torch.Tensor:
     """d qkv of ``fa4_forward`` (FA4's own backward kernel), dq, dk, dv written into one stack."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal)
+    kw = _fa4_varlen_kwargs(cu_seqlens, seg_pos, max_seqlen, causal, window=window, backward=True)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     dq, dk, dv = _split_qkv(dqkv, n_kv_heads)
     _flash_attn_bwd(*_split_qkv(qkv, n_kv_heads), out, dout, lse, dq=dq, dk=dk, dv=dv, **kw)
@@ -804,25 +860,28 @@ def fa4_backward(
 
 
 @fa4_backward.register_fake
-def _(dout, qkv, n_kv_heads, out, lse, cu_seqlens, seg_pos, max_seqlen, causal):
+def _(dout, qkv, n_kv_heads, out, lse, cu_seqlens, seg_pos, max_seqlen, causal, window):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks = inputs
+    qkv, n_kv_heads, cu_seqlens, seg_pos, max_seqlen, causal, blocks, window = inputs
     ctx.save_for_backward(qkv, output[0], output[1], cu_seqlens, seg_pos)
     ctx.n_kv_heads, ctx.max_seqlen, ctx.causal, ctx.n_blocks = n_kv_heads, max_seqlen, causal, len(blocks)
+    ctx.window = window
 
 
 def _fa4_grad(ctx, dout, _dlse):
     qkv, out, lse, cu_seqlens, seg_pos = ctx.saved_tensors
     if ctx.n_blocks:  # a block-sparse forward over [1, N]: the backward runs [N] under cu_seqlens
         dout, qkv, out, lse = (t[0] for t in (dout, qkv, out, lse))
-    dqkv = fa4_backward(dout, qkv, ctx.n_kv_heads, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal)
+    dqkv = fa4_backward(
+        dout, qkv, ctx.n_kv_heads, out, lse, cu_seqlens, seg_pos, ctx.max_seqlen, ctx.causal, ctx.window
+    )
     if ctx.n_blocks:
         dqkv = dqkv[None]
     # one gradient per input, and per tensor of the list input (autograd checks the structure)
-    return dqkv, None, None, None, None, None, [None] * ctx.n_blocks
+    return dqkv, None, None, None, None, None, [None] * ctx.n_blocks, None
 
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
@@ -882,11 +941,16 @@ def auto_order(
     seq_len: int | None,
     batch_size: int | None = None,
     head_dim: int | None = None,
+    windowed: bool = False,
 ) -> tuple[str, ...]:
-    """Kernels ``auto`` tries, fastest first, for one case (the first that supports it wins)."""
+    """Kernels ``auto`` tries, fastest first, for one case (the first that supports it wins). A
+    sliding window that hides keys puts the kernels with a native window first (fa4, xformers, flex;
+    an order not measured) and sdpa, which would need a dense mask, last."""
     if device_type != "cuda":
         return ("sdpa",)
     order = AUTO_PREFERENCE[(packed, alibi, gqa)]
+    if windowed and not alibi:
+        return ("fa4", "xformers", "flex", "sdpa")
     if not (packed or alibi or gqa) and fa4_leads_rows(seq_len, batch_size, head_dim):
         order = ("fa4", *(n for n in order if n != "fa4"))
     return order
@@ -921,6 +985,7 @@ class AutoAttention(AttentionKernel):
         batch_size=None,
         head_dim=None,
         dtype=None,
+        windowed=False,
     ) -> str:
         device = torch.device(device)
         config = dict(
@@ -928,19 +993,27 @@ class AutoAttention(AttentionKernel):
         )
         gqa = n_kv_heads != n_heads
         order = auto_order(
-            device.type, packed=packed, alibi=alibi, gqa=gqa, seq_len=seq_len, batch_size=batch_size, head_dim=head_dim
+            device.type,
+            packed=packed,
+            alibi=alibi,
+            gqa=gqa,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            head_dim=head_dim,
+            windowed=windowed,
         )
         for name in order:
             if self._why_not(name, config, dtype) is None:
-                key = (device.type, packed, alibi, gqa, training, dtype, name)
+                key = (device.type, packed, alibi, gqa, training, dtype, windowed, name)
                 if key not in self._logged:
                     self._logged.add(key)
                     skipped = {n: self._why_not(n, config, dtype) for n in order[: order.index(name)]}
                     why = "; ".join(f"{n}: {r}" for n, r in skipped.items())
                     log.info(
-                        "attention=auto chose %r for %s rows, %s%s",
+                        "attention=auto chose %r for %s rows%s, %s%s",
                         name,
                         "packed" if packed else "causal",
+                        " with a sliding window" if windowed else "",
                         _describe(config),
                         f" ({why})" if why else "",
                     )
@@ -959,6 +1032,7 @@ class AutoAttention(AttentionKernel):
             batch_size=layout.batch_size,
             head_dim=head_dim,
             dtype=dtype,
+            windowed=layout.windowed,
         )
         self.last_choice = name
         return self._kernels[name].prepare(

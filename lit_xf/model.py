@@ -25,6 +25,7 @@ from lit_xf.attention import (
     KernelName,
     PositionScheme,
     alibi_slopes,
+    check_window,
     make_kernel,
 )
 
@@ -180,6 +181,9 @@ class TinyGPT(nn.Module):
         ffn: ``swiglu``, ``gelu`` or a factory ``dim -> nn.Module`` (called once per layer).
         mlp_kernel: how ``gelu`` runs (``GeluMLP``): ``torch``, ``quack`` (bias + GELU fused into
             quack-kernels' GEMMs; CUDA, Hopper+, bf16/fp16) or ``auto`` (quack where it can run).
+        attention_window: sliding-window attention: each token attends to at most this many most
+            recent tokens of its document, itself included (None: all of them). Every kernel runs
+            it; fa4 with FA4's local attention, one varlen sequence per document.
         norm: ``layernorm`` or ``rmsnorm``.
         tie_embeddings: share the token embedding with the output projection.
     """
@@ -200,12 +204,15 @@ class TinyGPT(nn.Module):
         dropout: float = 0.0,
         rope_base: float = 10000.0,
         mlp_kernel: MlpKernel = "torch",
+        attention_window: int | None = None,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm)
         _validate_mlp_kernel(mlp_kernel, ffn)
+        _validate_window(attention_window, attention)
         self.n_heads, self.n_kv_heads, self.max_seq_len = n_heads, n_kv_heads, max_seq_len
+        self.attention_window = attention_window
         self.positions, self.mlp_kernel = positions, mlp_kernel
         self.kernel = make_kernel(attention)
 
@@ -279,7 +286,11 @@ class TinyGPT(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
         device = input_ids.device
-        layout = DocLayout(doc_lens, T) if doc_lens is not None else DocLayout.full_rows(B, T)
+        window = self.attention_window
+        if doc_lens is None:
+            layout = DocLayout.full_rows(B, T, window=window)
+        else:
+            layout = DocLayout(doc_lens, T, window=window)
         if position_ids is None:
             position_ids = layout.position_ids(device)
         # The bias is built here, outside any compiled region, once per forward for every layer.
@@ -372,6 +383,15 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
+
+
+def _validate_window(window, attention) -> None:
+    check_window(window)
+    if window is not None and attention in ("fa4:grouped", "fa4:block_sparse"):
+        raise ValueError(
+            f"attention={attention!r} has no sliding window (its mask sees whole documents); "
+            "use attention='fa4', 'fa4:per_document' or 'auto' with attention_window"
+        )
 
 
 def _validate_mlp_kernel(mlp_kernel, ffn) -> None:

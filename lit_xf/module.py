@@ -29,6 +29,15 @@ from lit_xf.loss import (
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, MlpKernel, NormName, TinyGPT
 
+
+def attended_pairs(n: int, window: int | None = None) -> int:
+    """Causal (query, key) pairs of one n-token document: n(n+1)/2, or with a window of W tokens
+    Σ_i min(i + 1, W) = W(W+1)/2 + (n − W)·W for n > W."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
 ARCHITECTURE_KEYS = (
     "vocab_size",
@@ -57,6 +66,8 @@ class LitTinyGPT(L.LightningModule):
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
         mlp_kernel: how ``ffn="gelu"`` runs: ``torch``, ``quack`` or ``auto`` (see ``GeluMLP``).
+        attention_window: sliding-window attention over this many most recent tokens of each
+            document (``TinyGPT``); None attends to the whole causal past.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class LitTinyGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
         mlp_kernel: MlpKernel = "torch",
+        attention_window: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -104,6 +116,7 @@ class LitTinyGPT(L.LightningModule):
             tie_embeddings,
             dropout,
             mlp_kernel=mlp_kernel,
+            attention_window=attention_window,
         )
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
@@ -315,18 +328,20 @@ class LitTinyGPT(L.LightningModule):
     def flops_per_batch(self, batch: dict) -> int:
         """Training FLOPs (forward + backward ≈ 3 × forward) of the useful work in a batch:
         2·P_matmul per real token, plus per layer 4·H·K per attended (query, key) pair, where pairs
-        = Σ over documents L(L+1)/2 — causal and block-diagonal sparsity, not T² per row."""
+        = Σ over documents L(L+1)/2 — causal and block-diagonal sparsity, not T² per row (with a
+        sliding window of W tokens, ``attended_pairs``: Σ_i min(i + 1, W) per document)."""
         if self._flops_constants is None:  # (matmul weights, FLOPs per attended pair) of this model
             m = self.model
             matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
             self._flops_constants = (matmul, 4 * len(m.blocks) * m.n_heads * m.blocks[0].attn.head_dim)
         matmul, per_pair = self._flops_constants
         stats = batch.get("stats") or {}
-        if "causal_pairs" in stats:  # counted by the collate, off the training thread
+        window = self.model.attention_window
+        if "causal_pairs" in stats and window is None:  # counted by the collate, off the training thread
             real_tokens, pairs = stats["real_tokens"], stats["causal_pairs"]
         else:
             real_tokens = sum(n for row in batch["doc_lens"] for n in row)
-            pairs = sum(n * (n + 1) for row in batch["doc_lens"] for n in row) // 2
+            pairs = sum(attended_pairs(n, window) for row in batch["doc_lens"] for n in row)
         return 3 * (2 * matmul * real_tokens + per_pair * pairs)
 
     # -- sampling ----------------------------------------------------------------------------

@@ -64,13 +64,13 @@ def main(out_path: str) -> None:
     )  # one sequence
     for name, qkvx, dx in stacks:
         plan = fa4_varlen(layout, name).to(dev)
-        fwd = lambda: fa4_forward(qkvx, H, plan.cu_seqlens, plan.seg_pos, T, True, list(plan.blocks))  # noqa: E731,B023
+        fwd = lambda: fa4_forward(qkvx, H, plan.cu_seqlens, plan.seg_pos, T, True, list(plan.blocks), 0)  # noqa: E731,B023
         out, lse = fwd()
         bwd_inputs = (dx, qkvx, out, lse)
         if plan.blocks:  # as lit_xf's autograd does: the backward over the grouped [N] tokens
             bwd_inputs = tuple(t[0] for t in bwd_inputs)
         dout_, qkv_, out_, lse_ = bwd_inputs
-        bwd = lambda: fa4_backward(dout_, qkv_, H, out_, lse_, plan.cu_seqlens, plan.seg_pos, T, True)  # noqa: E731,B023
+        bwd = lambda: fa4_backward(dout_, qkv_, H, out_, lse_, plan.cu_seqlens, plan.seg_pos, T, True, 0)  # noqa: E731,B023
         res[name] = dict(
             errors=errors(out.view(B, T, H, K), bwd().split(H, dim=-2)),
             fwd_ms=timings_ms(fwd),

@@ -82,8 +82,11 @@ def paper_slopes(n: int) -> list[float]:
     return first + extra
 
 
-def reference_attention(q_BTHK, k_BTGK, v_BTGK, doc_lens, slopes=None, causal: bool = True) -> torch.Tensor:
-    """float64 attention, one document at a time (see the module docstring). Zero at padding."""
+def reference_attention(
+    q_BTHK, k_BTGK, v_BTGK, doc_lens, slopes=None, causal: bool = True, window: int | None = None
+) -> torch.Tensor:
+    """float64 attention, one document at a time (see the module docstring), keys i − j < ``window``
+    only when given. Zero at padding."""
     q, k, v = (x.double() for x in (q_BTHK, k_BTGK, v_BTGK))
     B, T_, H, K = q.shape
     G = k.shape[2]
@@ -100,6 +103,8 @@ def reference_attention(q_BTHK, k_BTGK, v_BTGK, doc_lens, slopes=None, causal: b
             scores_HLL = torch.einsum("ihk,jhk->hij", q_LHK, k_LHK) / math.sqrt(K) - m_H[:, None, None] * dist_LL
             if causal:
                 scores_HLL = scores_HLL.masked_fill(idx[None, :] > idx[:, None], float("-inf"))
+            if window is not None:
+                scores_HLL = scores_HLL.masked_fill(dist_LL >= window, float("-inf"))
             pieces.append(torch.einsum("hij,jhk->ihk", scores_HLL.softmax(-1), v_LHK))
             start += L
         pieces.append(q.new_zeros(T_ - start, H, K))
@@ -151,13 +156,13 @@ def random_qkv(gen, B, T_, H, G, K, dtype, device="cpu"):
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
 
 
-def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = True, stacked: bool = False):
+def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = True, stacked: bool = False, window=None):
     """Kernel output and (if ``grad``) the gradients of Σ out·dout over real tokens; and the same for
     the float64 reference on the same (rounded) inputs. ``stacked``: q, k, v go in as one
     ``[B, T, H + 2G, K]`` stack (``attend_qkv``, the model's call), its gradient split for the check."""
     B, T_, H, _ = q.shape
     G = k.shape[2]
-    layout = DocLayout(doc_lens, T_, causal)
+    layout = DocLayout(doc_lens, T_, causal, window)
     real = real_mask(doc_lens, T_, q.device)[:, :, None, None]
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * real.cpu()
 
@@ -178,7 +183,7 @@ def run_kernel(name, doc_lens, q, k, v, slopes, *, grad: bool, causal: bool = Tr
     ref_leaves = [x.detach().cpu().double().requires_grad_(grad) for x in (q, k, v)]
     ref_slopes = paper_slopes(H) if slopes is not None else None
     with torch.set_grad_enabled(grad):
-        ref = reference_attention(*ref_leaves, doc_lens, ref_slopes, causal)
+        ref = reference_attention(*ref_leaves, doc_lens, ref_slopes, causal, window)
         if grad:
             (ref * dout).sum().backward()
     got = [out.detach()] + ([x.grad for x in leaves] if grad else [])
@@ -774,18 +779,18 @@ def test_fa4_op_shapes_under_fake_tensors():
         qkv = torch.empty(64, 8 + 2 * 2, 32, dtype=torch.bfloat16)  # H = 8, G = 2
         cu, seg_pos = torch.zeros(8, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
         for grouped in (None, seg_pos):
-            out, lse = attn.fa4_forward(qkv, 2, cu, grouped, 32, True, [])
+            out, lse = attn.fa4_forward(qkv, 2, cu, grouped, 32, True, [], 0)
             assert out.shape == (64, 8, 32) and lse.shape == (8, 64) and lse.dtype == torch.float32
-            dqkv = attn.fa4_backward(out, qkv, 2, out, lse, cu, grouped, 32, True)
+            dqkv = attn.fa4_backward(out, qkv, 2, out, lse, cu, grouped, 32, True, 0)
             assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
         qkv1 = qkv.view(1, 64, 12, 32)  # block-sparse forward: one sequence
         blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 2
-        out, lse = attn.fa4_forward(qkv1, 2, cu, seg_pos, 32, True, blocks)
+        out, lse = attn.fa4_forward(qkv1, 2, cu, seg_pos, 32, True, blocks, 0)
         assert out.shape == (1, 64, 8, 32) and lse.shape == (1, 8, 64)
         qkv4 = qkv.view(2, 32, 12, 32)
-        out, lse = attn.fa4_forward(qkv4, 2, None, None, 32, True, [])
+        out, lse = attn.fa4_forward(qkv4, 2, None, None, 32, True, [], 0)
         assert out.shape == (2, 32, 8, 32) and lse.shape == (2, 8, 32)
-        assert attn.fa4_backward(out, qkv4, 2, out, lse, None, None, 32, True).shape == qkv4.shape
+        assert attn.fa4_backward(out, qkv4, 2, out, lse, None, None, 32, True, 0).shape == qkv4.shape
 
 
 def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
@@ -1013,9 +1018,10 @@ def test_fa4_block_sparse_lists_are_compact():
     assert torch.equal(block_sparse_allowed(long_doc), torch.ones(64 * 128, 64 * 128, dtype=torch.bool).tril())
 
 
-def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
+def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, window=0, dout=None):
     """What FA4 computes for the ops' arguments, in float64 on the CPU, under ``fa4_allowed`` of the
-    plan they describe (dense rows without one): (out, lse), or with ``dout`` (dq, dk, dv) by
+    plan they describe (dense rows without one; keys i − j < ``window`` only, if > 0 — FA4's local
+    window_size=(window − 1, 0)): (out, lse), or with ``dout`` (dq, dk, dv) by
     P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K / √K, dK = dSᵀ Q / √K."""
     dense = cu_seqlens is None and not blocks
     q_BTHK, k_BTGK, v_BTGK = (t.double() if dense else t.double().reshape(1, -1, *t.shape[-2:]) for t in (q, k, v))
@@ -1024,6 +1030,9 @@ def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, dout=None):
         allowed = torch.ones(T, T, dtype=torch.bool).tril() if causal else torch.ones(T, T, dtype=torch.bool)
     else:
         allowed = fa4_allowed(attn.Fa4Varlen(cu_seqlens, seg_pos, tuple(blocks)), causal)
+    if window:  # sequences are contiguous, so i − j inside one is the flat index difference
+        i = torch.arange(T)
+        allowed = allowed & (i[:, None] - i[None, :] < window)
     G = k_BTGK.shape[2]
     q_BHTK, k_BHTK, v_BHTK = (t.repeat_interleave(H // t.shape[2], 2).transpose(1, 2) for t in (q_BTHK, k_BTGK, v_BTGK))
     scores = (q_BHTK @ k_BHTK.transpose(-1, -2) / math.sqrt(K)).masked_fill(~allowed, -math.inf)
@@ -1054,13 +1063,15 @@ def fa4_ops_on_cpu():
     lib = torch.library.Library("lit_xf", "IMPL")
     lib.impl(
         "fa4_forward",
-        lambda qkv, G, cu, seg_pos, _, causal, blocks: _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, blocks),
+        lambda qkv, G, cu, seg_pos, _, causal, blocks, window: _fa4_stand_in(
+            *split_qkv(qkv, G), cu, seg_pos, causal, blocks, window
+        ),
         "CPU",
     )
     lib.impl(
         "fa4_backward",
-        lambda dout, qkv, G, out, lse, cu, seg_pos, _, causal: torch.cat(
-            _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, (), dout), dim=-2
+        lambda dout, qkv, G, out, lse, cu, seg_pos, _, causal, window: torch.cat(
+            _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, (), window, dout), dim=-2
         ),
         "CPU",
     )
@@ -1292,3 +1303,175 @@ def test_gpu_compiled_blocks_reuse_graphs_across_packed_batches(kernel_name):
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         assert relative_error(got.float(), want.double().cpu()) < 2e-2, i
     assert graphs[2:] == [graphs[1]] * 4, f"graphs compiled after each batch: {graphs}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window attention
+# --------------------------------------------------------------------------------------------
+WINDOW_LAYOUTS = ["causal", "padded", "packed", "mixed"]
+WINDOWS = [1, 5, 16]  # 1: each token sees only itself; 16: shorter than some documents, longer than others
+
+
+def windowed_allowed(doc_lens, seq_len, window) -> torch.Tensor:
+    """``[B·T, B·T]``: ``block_causal_allowed`` and i − j < window."""
+    i = torch.arange(len(doc_lens) * seq_len)
+    return block_causal_allowed(doc_lens, seq_len) & (i[:, None] - i[None, :] < window)
+
+
+@pytest.mark.parametrize("window", [*WINDOWS, None])
+@pytest.mark.parametrize("layout_name", WINDOW_LAYOUTS)
+def test_window_dense_mask_on_real_tokens(layout_name, window):
+    doc_lens, _ = layout_spec(layout_name)
+    layout = DocLayout(doc_lens, T, window=window)
+    dense, real = layout.dense_mask(), real_mask(doc_lens, T)
+    allowed = windowed_allowed(doc_lens, T, window or T + 1)
+    for b in range(len(doc_lens)):
+        rows = slice(b * T, (b + 1) * T)
+        assert torch.equal(dense[b][real[b]], allowed[rows, rows][real[b]])
+        assert dense[b].diagonal().all()
+    longest = max(n for row in layout.segment_lens() for n in row)
+    assert layout.windowed == (window is not None and window < longest)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True, "8"])
+def test_window_must_be_a_positive_int(window):
+    with pytest.raises(ValueError, match="attention_window must be a positive number"):
+        DocLayout([[T]], T, window=window)
+    with pytest.raises(ValueError, match="attention_window must be a positive number"):
+        TinyGPT(attention_window=window)
+
+
+def test_window_needs_causal_attention_and_a_plan_that_has_one():
+    with pytest.raises(ValueError, match="needs causal attention"):
+        DocLayout([[T]], T, causal=False, window=4)
+    for plan in ("fa4:grouped", "fa4:block_sparse"):
+        with pytest.raises(ValueError, match=f"attention='{plan}' has no sliding window.*'fa4:per_document'"):
+            TinyGPT(attention=plan, attention_window=8)
+        with pytest.raises(ValueError, match="has no sliding window"):
+            attn.fa4_varlen(DocLayout([[30, 98], [128]], 128, window=8), plan.split(":")[1])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout_name", WINDOW_LAYOUTS)
+@pytest.mark.parametrize("kv,heads_positions", [("mha", (4, "none")), ("gqa", (4, "alibi"))])
+@pytest.mark.parametrize("kernel_name", ["naive", "sdpa"])
+def test_window_kernels_match_reference(request, kernel_name, kv, heads_positions, layout_name, window):
+    """Forward and q/k/v gradients in float64 against per-document attention over the window."""
+    H, positions = heads_positions
+    doc_lens, _ = layout_spec(layout_name)
+    q, k, v = random_qkv(case_generator(request), len(doc_lens), T, H, KV[kv](H), 8, torch.float64)
+    slopes = alibi_slopes(H) if positions == "alibi" else None
+    got, want, real = run_kernel(kernel_name, doc_lens, q, k, v, slopes, grad=True, window=window)
+    assert_matches(got, want, real, CPU_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout_name", WINDOW_LAYOUTS)
+def test_window_flex_forward_matches_reference(request, layout_name, window):
+    doc_lens, _ = layout_spec(layout_name)
+    q, k, v = random_qkv(case_generator(request), len(doc_lens), T, 4, 2, 8, torch.float64)
+    got, want, real = run_kernel("flex", doc_lens, q, k, v, alibi_slopes(4), grad=False, window=window)
+    assert_matches(got, want, real, CPU_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("window", [None, *WINDOWS])
+@pytest.mark.parametrize("layout_name", WINDOW_LAYOUTS)
+def test_window_xformers_bias_is_local_and_matches_the_dense_mask(layout_name, window):
+    """The local forms of xformers' masks (materialized here, no kernel run) allow exactly the
+    windowed block-diagonal causal pairs over the flattened rows, or per row for rows without blocks."""
+    pytest.importorskip("xformers.ops.fmha")
+    doc_lens, _ = layout_spec(layout_name)
+    layout = DocLayout(doc_lens, T, window=window)
+    bias, B = layout.xformers_bias(), len(doc_lens)
+    if layout.block_diagonal:
+        allowed = torch.isfinite(bias.materialize((B * T, B * T)))
+        assert torch.equal(allowed, windowed_allowed(doc_lens, T, window or T + 1))
+    else:
+        allowed = torch.isfinite(bias.materialize((T, T)))
+        for b in range(B):
+            assert torch.equal(allowed, layout.dense_mask()[b])
+
+
+@pytest.mark.parametrize("window", [7, 64])
+@pytest.mark.parametrize("plan", ["fa4", "fa4:per_document", "fa4 dense"])
+def test_window_fa4_through_the_ops(fa4_ops_on_cpu, plan, window):
+    """fa4 with a window: the plan is one sequence per document, the window reaches the forward and
+    the backward op, and output and gradients equal windowed attention (stand-in kernels on the CPU:
+    this checks lit_xf's wiring, not FA4's window itself)."""
+    doc_lens, T_ = [[3, 40, 1, 150, 20, 7], [100, 100, 30], [1, 1, 250]], 256
+    if plan == "fa4 dense":
+        plan, doc_lens = "fa4", [[T_]] * 3
+    layout = DocLayout(doc_lens, T_, window=window)
+    if layout.block_diagonal:
+        fa4_plan = attn.fa4_varlen(layout, plan.partition(":")[2] or "auto")
+        assert fa4_plan.seg_pos is None and not fa4_plan.blocks  # one sequence per segment
+    q, k, v = random_qkv(torch.Generator().manual_seed(7), 3, T_, 4, 2, 16, torch.bfloat16)
+    got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True, stacked=True, window=window)
+    assert_matches(got, want, real, 2e-2)
+
+
+def test_window_fa4_call_arguments():
+    """FA4's local attention for a window of W: keys i − (W − 1) .. i, spelled per interface."""
+    fwd = attn._fa4_varlen_kwargs(None, None, 8, True, window=5)
+    assert fwd == {"causal": True, "window_size": (4, 0)}
+    bwd = attn._fa4_varlen_kwargs(None, None, 8, True, window=5, backward=True)
+    assert bwd == {"causal": True, "window_size_left": 4, "window_size_right": 0}
+    assert attn._fa4_varlen_kwargs(None, None, 8, True, window=0) == {"causal": True}
+
+
+def test_window_that_hides_nothing_keeps_the_fast_paths():
+    """A window as long as every document changes no mask: sdpa keeps ``is_causal``, fa4 its
+    grouped plans and no window argument."""
+    short = DocLayout([[30] * 4 + [8], [32] * 4], 128, window=64)
+    assert not short.windowed and attn.fa4_varlen(short, "auto").blocks
+    full = DocLayout.full_rows(2, T, window=T)
+    ctx = attn.make_kernel("sdpa").prepare(
+        full, full.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu"
+    )
+    assert ctx.bias is None
+
+
+def test_auto_puts_native_windows_first_on_cuda():
+    for packed, gqa in itertools.product([False, True], repeat=2):
+        order = attn.auto_order("cuda", packed=packed, alibi=False, gqa=gqa, seq_len=T, windowed=True)
+        assert order == ("fa4", "xformers", "flex", "sdpa")
+        alibi = attn.auto_order("cuda", packed=packed, alibi=True, gqa=gqa, seq_len=T, windowed=True)
+        assert alibi[0] == "flex" and alibi[-1] == "sdpa"
+    assert attn.auto_order("cpu", packed=True, alibi=False, gqa=False, seq_len=T, windowed=True) == ("sdpa",)
+
+
+def test_tinygpt_window_equals_windowed_naive_and_is_a_no_op_when_long():
+    """The model's window reaches the kernel: sdpa with a window equals naive with it, differs from
+    no window, and a window as long as the rows changes nothing."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=32, d_model=32, n_layers=2, n_heads=4, max_seq_len=T, positions="rope")
+    ids, rows = torch.randint(0, 32, (2, T)), [[5, 30, 13], [T]]
+    weights, outs = TinyGPT(**kw).double().state_dict(), {}
+    for name, window in [("naive", 6), ("sdpa", 6), ("sdpa", None), ("sdpa", T)]:
+        model = TinyGPT(**kw, attention=name, attention_window=window).double()
+        model.load_state_dict(weights)
+        outs[name, window] = model(ids, doc_lens=rows)
+    torch.testing.assert_close(outs["sdpa", 6], outs["naive", 6])
+    assert not torch.allclose(outs["sdpa", 6], outs["sdpa", None])
+    torch.testing.assert_close(outs["sdpa", T], outs["sdpa", None])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [1, 16, 100])
+@pytest.mark.parametrize("layout_name", ["causal", "padded", "packed"])
+@pytest.mark.parametrize("kernel_name", ["fa4", "xformers", "flex", "sdpa"])
+def test_gpu_window_kernels_match_reference(request, kernel_name, layout_name, window):
+    """Each kernel with a sliding window on CUDA in bf16, forward and q/k/v gradients (GQA 4q/2kv)
+    against float64 windowed attention; fa4 runs FA4's local attention, xformers its local masks."""
+    if kernel_name == "xformers" and (problem := attn.xformers_problem()):
+        pytest.skip(problem)
+    if kernel_name == "fa4" and (problem := attn.fa4_problem()):
+        pytest.skip(problem)
+    doc_lens, _ = layout_spec(layout_name)
+    q, k, v = random_qkv(case_generator(request), len(doc_lens), T, 4, 2, GPU_K, torch.bfloat16, device="cuda")
+    got, want, real = run_kernel(kernel_name, doc_lens, q, k, v, None, grad=True, stacked=True, window=window)
+    mask = real.expand_as(want[0])
+    errors = {"out": relative_error(got[0].cpu()[mask], want[0][mask])}
+    errors |= {f"d{n}": relative_error(g, r) for n, g, r in zip("qkv", got[1:], want[1:], strict=True)}
+    assert all(e < GPU_REL_TOL[torch.bfloat16] for e in errors.values()), errors

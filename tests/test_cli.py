@@ -156,6 +156,12 @@ BAD_INPUTS = {
         ["lit-xf: error:", "n_heads=5 must divide d_model=192"],
         1,
     ),
+    "window_not_positive": (
+        ["fit", "--model.attention_window", "0"],
+        {},
+        ["lit-xf: error:", "attention_window must be a positive number of tokens or None, got 0"],
+        1,
+    ),
     "kv_heads_not_dividing_heads": (
         ["fit", "--model.n_kv_heads", "3"],
         {},

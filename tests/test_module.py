@@ -15,7 +15,7 @@ from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import compiled_token_cross_entropy, token_cross_entropy
 from lit_xf.model import GeluMLP, SwiGLU, quack_mlp_problem
-from lit_xf.module import adamw
+from lit_xf.module import adamw, attended_pairs
 
 TRAINER = dict(
     accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -53,6 +53,7 @@ def _batch(vocab=50, B=2, T=16, doc_lens=((5, 11), (16,))):
         dict(),
         dict(ffn="gelu", norm="rmsnorm", positions="rope", n_kv_heads=2, tie_embeddings=True),
         dict(positions="alibi", n_kv_heads=1, n_heads=4),
+        dict(positions="rope", attention_window=4),  # trained and reloaded with its sliding window
     ],
 )
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch):
@@ -196,6 +197,23 @@ def test_flops_count_document_sparsity():
 
     padded = _batch(doc_lens=((5,), (16,)))  # padding is not useful work
     assert model.flops_per_batch(padded) == 3 * (2 * matmul * 21 + per_pair * (15 + 136))
+
+
+def test_attended_pairs_counts_each_querys_visible_keys():
+    for n in range(1, 30):
+        for window in (None, 1, 3, 10):
+            want = sum(min(i + 1, window or n) for i in range(n))
+            assert attended_pairs(n, window) == want, (n, window)
+
+
+def test_flops_count_the_sliding_window():
+    """With a window the attention term counts min(i + 1, W) keys per query, not the collate's
+    causal pairs."""
+    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attention_window=4)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    packed = _batch(doc_lens=((5, 11), (16,)))
+    pairs = (10 + 4) + (10 + 7 * 4) + (10 + 12 * 4)  # W(W+1)/2 + (n − W)·W per document
+    assert model.flops_per_batch(packed) == 3 * (2 * matmul * 32 + 4 * 2 * 4 * 8 * pairs)
 
 
 @pytest.mark.parametrize("attention", ["naive", "sdpa", "flex"])
