@@ -114,9 +114,16 @@ def _sleep_cycles_per_ms() -> float:
 
 
 def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
-    """Forward+backward FLOPs as FlashAttention counts them: 3.5 × 4·H·K·(attended pairs)."""
-    pairs = sum((n * n / 2 if layout.causal else n * n) for row in layout.doc_lens for n in row)
-    return 3.5 * 4 * n_heads * head_dim * pairs
+    """Forward+backward FLOPs as FlashAttention counts them: 3.5 × 4·H·K·(attended pairs), pairs
+    per n-token document n² (non-causal), n²/2 (causal), n·W − W²/2 (a window of W < n tokens)."""
+    W = layout.window
+
+    def pairs(n: int) -> float:
+        if not layout.causal:
+            return n * n
+        return n * n / 2 if W is None or n <= W else n * W - W * W / 2
+
+    return 3.5 * 4 * n_heads * head_dim * sum(pairs(n) for row in layout.doc_lens for n in row)
 
 
 def fwd_bwd_case(
@@ -173,7 +180,7 @@ def bench_attention(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     rows = []
     for seq_len in args.seq_lens:
-        layout = DocLayout.full_rows(args.batch, seq_len, causal=args.causal)
+        layout = DocLayout.full_rows(args.batch, seq_len, causal=args.causal, window=args.window)
         for name in args.kernels:
             row = dict(
                 kernel=name,
@@ -185,6 +192,7 @@ def bench_attention(args) -> list[dict]:
                 dtype=args.dtype,
                 causal=args.causal,
                 alibi=args.alibi,
+                window=args.window,
             )
             row.update(_run_case(name, layout, args, dtype, device))
             rows.append(row)
@@ -291,11 +299,11 @@ def _run_case(name, layout, args, dtype, device) -> dict:
 # --------------------------------------------------------------------------------------------
 # correctness
 # --------------------------------------------------------------------------------------------
-def _layouts(batch: int, seq_len: int) -> dict[str, DocLayout]:
+def _layouts(batch: int, seq_len: int, window: int | None = None) -> dict[str, DocLayout]:
     return {
-        "causal": DocLayout.full_rows(batch, seq_len),
-        "padded": DocLayout([[seq_len - 7 * (b + 1)] for b in range(batch)], seq_len),
-        "packed": DocLayout([[1, seq_len // 3, seq_len // 2 - 5, 3] for _ in range(batch)], seq_len),
+        "causal": DocLayout.full_rows(batch, seq_len, window=window),
+        "padded": DocLayout([[seq_len - 7 * (b + 1)] for b in range(batch)], seq_len, window=window),
+        "packed": DocLayout([[1, seq_len // 3, seq_len // 2 - 5, 3] for _ in range(batch)], seq_len, window=window),
     }
 
 
@@ -335,7 +343,7 @@ def bench_correctness(args) -> list[dict]:
     device = torch.device(args.device)
     H, K = args.heads, args.head_dim
     rows = []
-    for layout_name, layout in _layouts(args.batch, args.seq_len).items():
+    for layout_name, layout in _layouts(args.batch, args.seq_len, args.window).items():
         real = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.bool, device=device)
         for b, row in enumerate(layout.doc_lens):
             real[b, : sum(row)] = True
@@ -346,6 +354,8 @@ def bench_correctness(args) -> list[dict]:
                 for dtype_name in args.dtypes:
                     for name in args.kernels:
                         row = dict(kernel=name, dtype=dtype_name, mask=layout_name, heads=f"{H}q/{kv}kv", alibi=alibi)
+                        if args.window:
+                            row["window"] = args.window
                         row.update(_check(name, layout, inputs, ref, DTYPES[dtype_name], alibi, real))
                         rows.append(row)
                         _progress(row)
@@ -395,8 +405,8 @@ def bench_packing(args) -> list[dict]:
     lens = lognormal_doc_lens(args.docs, args.mean_len, args.max_len, args.seed)
     longest = max(lens)
     layouts = {
-        "padded": DocLayout([[n] for n in lens], longest),
-        "packed": DocLayout([lens], sum(lens)),
+        "padded": DocLayout([[n] for n in lens], longest, window=args.window),
+        "packed": DocLayout([lens], sum(lens), window=args.window),
     }
     real = sum(lens)
     rows = []
@@ -412,6 +422,7 @@ def bench_packing(args) -> list[dict]:
                 heads=args.heads,
                 kv_heads=args.kv_heads,
                 alibi=args.alibi,
+                window=args.window,
             )
             res = _run_case(name, layout, args, dtype, device)
             if res.get("ms"):
@@ -431,7 +442,10 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
     times = []
     for _ in range(batches + 1):
         order = [lens[i] for i in torch.randperm(len(lens), generator=g)]
-        layout = DocLayout([[n] for n in order], max(lens)) if mode == "padded" else DocLayout([order], sum(lens))
+        if mode == "padded":
+            layout = DocLayout([[n] for n in order], max(lens), window=args.window)
+        else:
+            layout = DocLayout([order], sum(lens), window=args.window)
         pos = layout.position_ids(device)
         slopes = alibi_slopes(args.heads).to(device) if args.alibi else None
         _sync(device)
@@ -1095,6 +1109,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-heads", type=int, default=None)
         sp.add_argument("--head-dim", type=int, default=64)
         sp.add_argument("--alibi", action="store_true")
+        sp.add_argument(
+            "--window", type=_positive_int, default=None, help="sliding-window attention over this many tokens (causal)"
+        )
         sp.add_argument("--warmup", type=int, default=5)
         sp.add_argument("--reps", type=int, default=30)
         sp.add_argument("--dtype", choices=DTYPES, default=dtype)
@@ -1157,7 +1174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "window", None) and args.command == "attention" and not args.causal:
+        parser.error("--window is a causal sliding window: add --causal")
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# {meta}", flush=True)
     run = {

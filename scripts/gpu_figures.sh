@@ -89,6 +89,13 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
       --kernels fa4:grouped,fa4:per_document,fa4,flex,xformers --docs "${dm%:*}" --mean-len "${dm#*:}" --reps 20 \
       --out "$OUT" --name "pack_short_docs_${dm#*:}"
   done
+  # sliding window (docs/attention.md): every kernel against float64 naive, then time per kernel
+  run correctness_window $BENCH correctness --dtypes fp16,bf16 --kernels sdpa,xformers,flex,fa4 --window 16 \
+    --out "$OUT" --name correctness_window
+  run causal_window $BENCH attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 1 --seq-lens 16384 \
+    --window 1024 --kernels sdpa,xformers,flex,fa4,auto --reps 20 --out "$OUT" --name causal_window
+  run pack_window $BENCH packing --heads 16 --head-dim 128 --kernels xformers,flex,fa4,auto --window 256 \
+    --out "$OUT" --name pack_window
   run pack_fa4_plans $BENCH packing --modes packed --heads 16 --head-dim 128 \
     --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
   has train && run train_gpt2_124m_cudagraphs $BENCH train $C124 --steps 120 \

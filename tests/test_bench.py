@@ -73,6 +73,25 @@ def test_correctness_bench_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
     assert {r["status"] for r in _rows(tmp_path, "correctness")} == {"FAIL"}
 
 
+def test_benches_run_a_sliding_window(tmp_path, capsys):
+    """--window: every kernel against float64 naive with the window (correctness), and windowed
+    FLOPs (attention): a 8-token window over 64-token causal rows counts 64·8 − 8²/2 pairs a row."""
+    flags = "--dtypes fp64 --kernels sdpa --seq-len 24 --heads 2 --head-dim 8 --window 5"
+    rc = _bench_cpu("correctness", flags, tmp_path)
+    rows = _rows(tmp_path, "correctness")
+    assert rc == 0 and {r["status"] for r in rows} == {"pass"} and {r["window"] for r in rows} == {5}
+    flags = "--seq-lens 64 --kernels sdpa --heads 2 --head-dim 8 --reps 2 --warmup 1 --causal"
+    assert _bench_cpu("attention", flags + " --window 8", tmp_path / "w") == 0
+    assert _bench_cpu("attention", flags, tmp_path / "full") == 0
+    (w,), (full,) = _rows(tmp_path / "w", "attention"), _rows(tmp_path / "full", "attention")
+    assert w["window"] == 8 and full["window"] is None
+    layout = bench.DocLayout.full_rows(2, 64, window=8)
+    assert bench.attention_flops(layout, 2, 8) == 3.5 * 4 * 2 * 8 * 2 * (64 * 8 - 8 * 8 / 2)
+    with pytest.raises(SystemExit) as exit_:
+        _bench_cpu("attention", "--seq-lens 64 --window 8", tmp_path)
+    assert exit_.value.code == 2 and "--window is a causal sliding window" in capsys.readouterr().err
+
+
 def test_packing_bench_counts_real_tokens(tmp_path):
     flags = "--docs 12 --mean-len 20 --max-len 64 --kernels sdpa --heads 2 --head-dim 8 --reps 2"
     rc = _bench_cpu("packing", flags, tmp_path)
