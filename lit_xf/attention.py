@@ -89,8 +89,9 @@ class DocLayout:
 
     @functools.cached_property
     def windowed(self) -> bool:
-        """The window hides some key from some query: a segment is longer than it."""
-        return self.window is not None and any(n > self.window for row in self.segment_lens() for n in row)
+        """The window hides some key from some real query: a document is longer than it (what
+        padding queries see is never used)."""
+        return self.window is not None and any(n > self.window for row in self.doc_lens for n in row)
 
     @property
     def batch_size(self) -> int:
@@ -442,9 +443,10 @@ def dense_bias_bytes(batch: int, n_heads: int, seq_len: int, itemsize: int = 2) 
 
 
 class FlexAttention(AttentionKernel):
-    """FlexAttention: the document mask (and sliding window) as a ``BlockMask`` (built once per
-    forward from segment ids by one compiled function, so new batches don't recompile), ALiBi as a ``score_mod``, native
-    GQA. O(T) memory. Compiled on CUDA; on CPU it runs eagerly and has no backward."""
+    """FlexAttention: the document mask and sliding window as a ``BlockMask`` (built once per
+    forward from segment ids by one compiled function, so new batches don't recompile), ALiBi as a
+    ``score_mod``, native GQA. O(T) memory. Compiled on CUDA; on CPU it runs eagerly and has no
+    backward."""
 
     name = "flex"
 

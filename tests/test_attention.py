@@ -1329,8 +1329,8 @@ def test_window_dense_mask_on_real_tokens(layout_name, window):
         rows = slice(b * T, (b + 1) * T)
         assert torch.equal(dense[b][real[b]], allowed[rows, rows][real[b]])
         assert dense[b].diagonal().all()
-    longest = max(n for row in layout.segment_lens() for n in row)
-    assert layout.windowed == (window is not None and window < longest)
+    longest_doc = max(n for row in doc_lens for n in row)
+    assert layout.windowed == (window is not None and window < longest_doc)
 
 
 @pytest.mark.parametrize("window", [0, -3, 2.5, True, "8"])
