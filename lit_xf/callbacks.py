@@ -321,6 +321,10 @@ def log_run_info(trainer: Trainer, pl_module: LightningModule) -> dict[str, str]
         "cuDNN": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
         "python": platform.python_version(),
     }
+    model = getattr(pl_module, "model", None)
+    if hasattr(model, "attention_window"):  # TinyGPT's sliding window
+        window = model.attention_window
+        info["attention window"] = "none" if window is None else f"{window} tokens"
     for cb in trainer.callbacks:
         if isinstance(cb, ThroughputMonitor) and cb._peak_flops is not None:
             info["peak FLOP/s (MFU denominator)"] = f"{cb._peak_flops:.4g}"

@@ -94,6 +94,7 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     events.Reload()
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
+    assert "| attention window | none |" in info
 
 
 def test_padded_and_packed_differ_only_in_batching():
