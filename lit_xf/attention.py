@@ -138,11 +138,7 @@ class DocLayout:
         if not self.causal:
             return same_block
         t = torch.arange(self.seq_len, device=device)
-        back_BTT = t[:, None] - t[None, :]  # i − j
-        visible = back_BTT >= 0
-        if self.window is not None:
-            visible &= back_BTT < self.window
-        return visible[None] & same_block
+        return _causal_window(t[:, None], t[None, :], self.window)[None] & same_block
 
     def xformers_bias(self, device=None):
         """The matching xformers bias: ``LowerTriangularMask`` (or None when not causal) without
@@ -511,7 +507,7 @@ def _document_block_mask(seg_BT: torch.Tensor, causal: bool, window: int | None 
 
 
 def _causal_window(q_idx, kv_idx, window: int | None):
-    """Key visible to query: 0 ≤ q − kv (< window)."""
+    """Key visible to query: 0 ≤ q − kv (< window). The one rule for dense masks and flex's mask_mod."""
     visible = q_idx >= kv_idx
     return visible if window is None else visible & (q_idx - kv_idx < window)
 
@@ -615,6 +611,8 @@ class Fa4Attention(AttentionKernel):
         return f"Fa4Attention(grouping={self.grouping!r})"
 
 
+# Plans whose CuTe mask sees whole segments: no sliding window.
+FA4_WINDOWLESS_PLANS = ("grouped", "block_sparse")
 # Hopper's FA4 backward tile for head dim ≤ 64 is 128×128 (forward: 192 query rows × 128 keys):
 # a grouped sequence of up to 128 tokens takes one tile each way.
 FA4_GROUP_TOKENS = 128
@@ -659,7 +657,7 @@ def fa4_varlen(layout: DocLayout, grouping: str = "auto") -> Fa4Varlen:
     (B·T a multiple of ``FA4_BLOCK``; else grouped); "grouped" the grouped sequences both ways.
     Else (and "per_document", and a window that hides keys): one varlen sequence per segment."""
     segments = [n for row in layout.segment_lens() for n in row]
-    if layout.windowed and grouping in ("grouped", "block_sparse"):
+    if layout.windowed and grouping in FA4_WINDOWLESS_PLANS:
         raise ValueError(
             f"fa4:{grouping} has no sliding window (its CuTe mask sees whole segments); "
             "use attention='fa4' or 'fa4:per_document' with attention_window"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lit_xf.attention import (
     ATTENTION_CHOICES,
+    FA4_WINDOWLESS_PLANS,
     POSITION_SCHEMES,
     AttentionContext,
     DocLayout,
@@ -387,7 +388,7 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
 
 def _validate_window(window, attention) -> None:
     check_window(window)
-    if window is not None and attention in ("fa4:grouped", "fa4:block_sparse"):
+    if window is not None and attention.startswith("fa4:") and attention[4:] in FA4_WINDOWLESS_PLANS:
         raise ValueError(
             f"attention={attention!r} has no sliding window (its mask sees whole documents); "
             "use attention='fa4', 'fa4:per_document' or 'auto' with attention_window"
