@@ -92,6 +92,17 @@ def test_benches_run_a_sliding_window(tmp_path, capsys):
     assert exit_.value.code == 2 and "--window is a causal sliding window" in capsys.readouterr().err
 
 
+def test_correctness_bench_sizes_a_one_token_windows_zero_dq_dk_against_dv(tmp_path):
+    """With --window 1 the exact dq and dk are 0 (softmax ≡ 1): fp32 rounding noise in them passes,
+    measured against ‖dv‖ rather than divided by a zero norm."""
+    rc = _bench_cpu(
+        "correctness", "--dtypes fp32 --kernels sdpa --seq-len 16 --heads 2 --head-dim 8 --window 1", tmp_path
+    )
+    rows = _rows(tmp_path, "correctness")
+    assert rc == 0 and {r["status"] for r in rows} == {"pass"}
+    assert max(float(r["err_dq"]) for r in rows) < 1e-5
+
+
 def test_packing_bench_counts_real_tokens(tmp_path):
     flags = "--docs 12 --mean-len 20 --max-len 64 --kernels sdpa --heads 2 --head-dim 8 --reps 2"
     rc = _bench_cpu("packing", flags, tmp_path)
