@@ -96,6 +96,17 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
     --window 1024 --kernels sdpa,xformers,flex,fa4,auto --reps 20 --out "$OUT" --name causal_window
   run pack_window $BENCH packing --heads 16 --head-dim 128 --kernels xformers,flex,fa4,auto --window 256 \
     --out "$OUT" --name pack_window
+  run causal_window_2048 $BENCH attention --heads 12 --head-dim 64 --dtype bf16 --causal --batch 16 --seq-lens 2048 \
+    --window 256 --kernels sdpa,xformers,flex,fa4,auto --reps 20 --out "$OUT" --name causal_window_2048
+  run pack_window_1024 $BENCH packing --modes packed --heads 16 --head-dim 128 --kernels xformers,flex,fa4,auto \
+    --window 1024 --reps 20 --out "$OUT" --name pack_window_1024
+  if has runs; then  # the 124M config with a 64-token window: fa4 (auto) and xformers
+    for k in auto xformers; do
+      run "fit_gpt2_124m_w64_$k" $CLI fit --config configs/gpt2_124m.yaml --trainer.max_steps 80 \
+        --model.attention_window 64 --model.attention "$k" --trainer.enable_progress_bar false \
+        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "gpt2_124m_w64_$k"
+    done
+  fi
   run pack_fa4_plans $BENCH packing --modes packed --heads 16 --head-dim 128 \
     --kernels fa4,fa4:per_document,fa4:grouped,xformers --out "$OUT" --name pack_fa4_plans
   has train && run train_gpt2_124m_cudagraphs $BENCH train $C124 --steps 120 \
