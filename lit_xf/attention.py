@@ -949,9 +949,9 @@ def auto_order(
     dense mask, last."""
     if device_type != "cuda":
         return ("sdpa",)
-    order = AUTO_PREFERENCE[(packed, alibi, gqa)]
     if windowed and not alibi:
         return ("fa4", "xformers", "flex", "sdpa")
+    order = AUTO_PREFERENCE[(packed, alibi, gqa)]
     if not (packed or alibi or gqa) and fa4_leads_rows(seq_len, batch_size, head_dim):
         order = ("fa4", *(n for n in order if n != "fa4"))
     return order

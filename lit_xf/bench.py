@@ -403,15 +403,18 @@ def lognormal_doc_lens(n_docs: int, mean: float, max_len: int, seed: int = 0) ->
     return [int(n) for n in lens]
 
 
+def _packing_layout(mode: str, lens: list[int], window: int | None) -> DocLayout:
+    """``padded``: one document per row, padded to the longest; ``packed``: all in one row."""
+    if mode == "padded":
+        return DocLayout([[n] for n in lens], max(lens), window=window)
+    return DocLayout([lens], sum(lens), window=window)
+
+
 def bench_packing(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     lens = lognormal_doc_lens(args.docs, args.mean_len, args.max_len, args.seed)
-    longest = max(lens)
-    layouts = {
-        "padded": DocLayout([[n] for n in lens], longest, window=args.window),
-        "packed": DocLayout([lens], sum(lens), window=args.window),
-    }
+    layouts = {mode: _packing_layout(mode, lens, args.window) for mode in ("padded", "packed")}
     real = sum(lens)
     rows = []
     for mode in args.modes:
@@ -446,10 +449,7 @@ def _new_batch_prepare_ms(name, lens, mode, args, dtype, device, batches: int = 
     times = []
     for _ in range(batches + 1):
         order = [lens[i] for i in torch.randperm(len(lens), generator=g)]
-        if mode == "padded":
-            layout = DocLayout([[n] for n in order], max(lens), window=args.window)
-        else:
-            layout = DocLayout([order], sum(lens), window=args.window)
+        layout = _packing_layout(mode, order, args.window)
         pos = layout.position_ids(device)
         slopes = alibi_slopes(args.heads).to(device) if args.alibi else None
         _sync(device)
