@@ -366,6 +366,6 @@ def test_help_lists_every_command_in_plain_text(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--help"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 0 and "``" not in out
+    assert exit_.value.code == 0 and "`" not in out
     listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
     assert listed == ["attention", "correctness", "packing", "train", "curves"]

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         return argparse.RawDescriptionHelpFormatter(prog, max_help_position=27)
 
     commands = "commands:\n" + "\n".join(f"  {name:<13}{line}" for name, (line, _) in COMMANDS.items())
-    commands += "\n\n`lit-xf bench COMMAND --help` shows a command's options."
+    commands += "\n\nRun 'lit-xf bench COMMAND --help' for a command's options."
     p = argparse.ArgumentParser(
         prog="lit-xf bench",
         usage="%(prog)s [-h] COMMAND [options]",
