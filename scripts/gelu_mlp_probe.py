@@ -20,7 +20,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from lit_xf.bench import _rel_err, environment, queued_gpu_ms
+from lit_xf.bench import environment, queued_gpu_ms, rel_err
 from lit_xf.model import GeluMLP
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0  # compilation / autotuning included
             got = {"y": y, "dx": x.grad, **{k: mlp.get_parameter(k).grad for k in grads64 if k != "dx"}}
-            errs = {k: float(f"{_rel_err(got[k], ref):.2e}") for k, ref in {"y": y64, **grads64}.items()}
+            errs = {k: float(f"{rel_err(got[k], ref):.2e}") for k, ref in {"y": y64, **grads64}.items()}
             for _ in range(3):
                 step(fn)
             runs = [queued_gpu_ms(functools.partial(step, fn), calls=10) for _ in range(2)]

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lit_xf import bench
+from lit_xf.attention import DocLayout
+from lit_xf.bench import correctness, profile, train
 
 
 def _rows(out, name):
@@ -60,14 +62,14 @@ def test_correctness_bench_passes_on_cpu_and_reports_unsupported(tmp_path):
 
 def test_correctness_bench_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
     """The matrix can fail: a kernel that drops the softmax scale is reported and the exit code is 1."""
-    real = bench.run_kernel
+    real = correctness.run_kernel
 
     def scaled_wrong(name, layout, inputs, dtype, alibi):
         if name == "sdpa":
             inputs = [inputs[0] * 2, *inputs[1:]]
         return real(name, layout, inputs, dtype, alibi)
 
-    monkeypatch.setattr(bench, "run_kernel", scaled_wrong)
+    monkeypatch.setattr(correctness, "run_kernel", scaled_wrong)
     rc = _bench_cpu("correctness", "--dtypes fp64 --kernels sdpa --seq-len 16 --heads 2 --head-dim 8", tmp_path)
     assert rc == 1
     assert {r["status"] for r in _rows(tmp_path, "correctness")} == {"FAIL"}
@@ -85,7 +87,7 @@ def test_benches_run_a_sliding_window(tmp_path, capsys):
     assert _bench_cpu("attention", flags, tmp_path / "full") == 0
     (w,), (full,) = _rows(tmp_path / "w", "attention"), _rows(tmp_path / "full", "attention")
     assert w["window"] == 8 and full["window"] is None
-    layout = bench.DocLayout.full_rows(2, 64, window=8)
+    layout = DocLayout.full_rows(2, 64, window=8)
     assert bench.attention_flops(layout, 2, 8) == 3.5 * 4 * 2 * 8 * 2 * (64 * 8 - 8 * 8 / 2)
     with pytest.raises(SystemExit) as exit_:
         _bench_cpu("attention", "--seq-lens 64 --window 8", tmp_path)
@@ -194,13 +196,13 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path, monkeypatch
         "trainer: {precision: 32-true}\n"
     )
     flags = f"--config {config} --steps 5 --warmup-steps 1 --variants loop,loop+rows --repeats 3"
-    order, hand_loop = [], bench._hand_loop
+    order, hand_loop = [], train.hand_loop
 
     def recorded(base, parts, *args):
         order.append("+".join([base, *sorted(parts)]))
         return hand_loop(base, parts, *args)
 
-    monkeypatch.setattr(bench, "_hand_loop", recorded)
+    monkeypatch.setattr(train, "hand_loop", recorded)
     rc = _bench_cpu("train", flags, tmp_path)
     assert rc == 0
     rows = {r["variant"]: r for r in _rows(tmp_path, "train")}
@@ -257,7 +259,7 @@ def test_rows_loop_counts_the_flops_of_whole_rows():
     model = LitTinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa")
     batch = collate_rows([[[1] * 5, [2] * 6], [[3] * 16]], seq_len=16, pad_id=0)
     whole = model.flops_per_batch({"input_ids": batch["input_ids"], "doc_lens": [[16], [16]]})
-    assert model.flops_per_batch(bench._as_full_rows(batch)) == whole > model.flops_per_batch(batch)
+    assert model.flops_per_batch(bench.as_full_rows(batch)) == whole > model.flops_per_batch(batch)
 
 
 def test_train_bench_profiles_a_window_inside_the_warmup(tmp_path):
@@ -293,8 +295,8 @@ def test_profile_window_kernel_time_busy_union_and_groups(monkeypatch):
         ("triton_red_fused_layer_norm", 300.0, 50.0),  # idle 140-300
         ("Memcpy HtoD (Pinned -> Device)", 400.0, 10.0),
     ]
-    monkeypatch.setattr(bench, "_kernel_intervals", lambda profiler: kernels)
-    window = bench.ProfileWindow((0, 2), bench.torch.device("cpu"))
+    monkeypatch.setattr(profile, "kernel_intervals", lambda profiler: kernels)
+    window = bench.ProfileWindow((0, 2), torch.device("cpu"))
     window.at_step(0)
     window.at_step(1)
     window.at_step(2)
@@ -347,7 +349,7 @@ def test_queued_gpu_ms_times_the_gpu_not_the_host():
     """A 2 ms GPU sleep issued from a host that dawdles 1 ms per call: the GPU time is the sleep's."""
     import time
 
-    cycles = int(2.0 * bench._sleep_cycles_per_ms())
+    cycles = int(2.0 * bench.sleep_cycles_per_ms())
 
     def call():
         torch.cuda._sleep(cycles)
@@ -357,3 +359,13 @@ def test_queued_gpu_ms_times_the_gpu_not_the_host():
     assert gpu_ms == pytest.approx(2.0, rel=0.1) and host_ms >= 1.0
     with pytest.raises(RuntimeError, match="past the 20 ms GPU sleep"):
         bench.queued_gpu_ms(call, calls=30, sleep_ms=20)
+
+
+def test_help_lists_every_command_in_plain_text(capsys):
+    """``lit-xf bench --help`` names all five commands, one line each, without RST markup."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "`" not in out
+    listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == ["attention", "correctness", "packing", "train", "curves"]
