@@ -52,6 +52,7 @@ from lit_xf.attention import (
     alibi_slopes,
     dense_bias_bytes,
     make_kernel,
+    probes,
 )
 from lit_xf.attention.reference import paper_slopes, reference_attention
 from lit_xf.model import TinyGPT, rope_rotate
@@ -442,7 +443,7 @@ def test_xformers_alibi_budget_refused_in_support(monkeypatch):
     assert "CUDA" in XformersAttention().support(
         device="cpu", n_heads=8, n_kv_heads=8, alibi=True, training=True, seq_len=128
     )
-    monkeypatch.setattr(xformers_kernel, "xformers_problem", lambda: None)
+    monkeypatch.setattr(probes, "xformers_problem", lambda: None)
     xf = XformersAttention()
     config = dict(device="cuda", n_heads=16, n_kv_heads=16, alibi=True, training=True)
     assert xf.support(**config, seq_len=4096) is None  # 16·4096·4096·2 B = 512 MiB

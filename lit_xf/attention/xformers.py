@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from lit_xf.attention import probes  # called through the module: one place to stand in for the probes
 from lit_xf.attention.base import AttentionContext, AttentionKernel, AttentionPlan, repeat_kv
 from lit_xf.attention.dense import dense_bias, dense_bias_bytes
-from lit_xf.attention.probes import import_xformers_ops, xformers_problem
 
 # xformers has no ALiBi: it gets a dense [B, H, T, T] bias. Refuse biases above this many bytes.
 XFORMERS_DENSE_BIAS_BUDGET_BYTES = 2 * 2**30
@@ -37,7 +37,7 @@ class XformersAttention(AttentionKernel[XformersPlan]):
     def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
         if torch.device(device).type != "cuda":
             return "xformers' attention kernels are CUDA-only"
-        problem = xformers_problem()
+        problem = probes.xformers_problem()
         if problem:
             return problem
         if alibi and seq_len is not None:
@@ -67,7 +67,7 @@ class XformersAttention(AttentionKernel[XformersPlan]):
         return not ctx.layout.block_diagonal
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext[XformersPlan]):
-        memory_efficient_attention = import_xformers_ops().memory_efficient_attention
+        memory_efficient_attention = probes.import_xformers_ops().memory_efficient_attention
         B, T, H, K = q_BTHK.shape
         k, v = repeat_kv(k_BTGK, H), repeat_kv(v_BTGK, H)
         plan = ctx.plan

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_xf.attention import probes  # called through the module: one place to stand in for the probes
 from lit_xf.attention.base import AttentionContext, AttentionKernel, AttentionPlan
 from lit_xf.attention.fa4.ops import fa4_forward
 from lit_xf.attention.fa4.plans import Fa4Varlen, fa4_varlen
-from lit_xf.attention.probes import fa4_problem
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Fa4Attention(AttentionKernel[Fa4Plan]):
     def support(self, *, device, n_heads, n_kv_heads, alibi, training, seq_len=None):
         if torch.device(device).type != "cuda":
             return "FlashAttention-4 is CUDA-only"
-        problem = fa4_problem()
+        problem = probes.fa4_problem()
         if problem:
             return problem
         if alibi:
