@@ -7,14 +7,13 @@ document at a time; for query i and key j of one document and query head h,
 m_h = 0 without ALiBi; non-causal layouts drop j ≤ i and keep attention inside the document) and the
 masks of ``attention_cases``. Padding positions are left out (their outputs are zero in the
 reference and never compared; losses only cover real tokens). The layout's own rules are in
-``test_layout.py``, FlashAttention-4's plans and ops in ``test_fa4.py``.
+``test_layout.py``, FlashAttention-4's plans and ops in ``test_fa4.py``, ``auto``'s choice in
+``test_auto.py``, RoPE and ALiBi in ``test_positions.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import itertools
-import logging
 import math
 import subprocess
 import sys
@@ -44,8 +43,6 @@ from attention_cases import (
 import lit_xf.attention.xformers as xformers_kernel
 from lit_xf import attention as attn
 from lit_xf.attention import (
-    AUTO_PREFERENCE,
-    KERNEL_NAMES,
     XFORMERS_DENSE_BIAS_BUDGET_BYTES,
     DocLayout,
     XformersAttention,
@@ -55,9 +52,8 @@ from lit_xf.attention import (
     probes,
 )
 from lit_xf.attention.reference import paper_slopes, reference_attention
-from lit_xf.model import TinyGPT, rope_rotate
+from lit_xf.model import TinyGPT
 
-CONCRETE_KERNELS = {"naive", "sdpa", "xformers", "flex", "fa4"}
 HEADS_POSITIONS = [(4, "none"), (4, "alibi"), (6, "alibi")]  # 6: a non-power-of-two head count
 
 
@@ -140,121 +136,6 @@ def test_flex_forward_matches_reference(request, layout_name, kv, heads_position
     assert_matches(got, want, real, CPU_TOL[dtype])
 
 
-def test_custom_position_ids_drive_alibi():
-    """ALiBi distances come from ``position_ids``: shifting every position by a constant changes
-    nothing, while positions that don't restart per document are not what the reference computes
-    (so the kernel really reads them)."""
-    gen = torch.Generator().manual_seed(5)
-    doc_lens = [[10, 14]]
-    layout = DocLayout(doc_lens, 24)
-    q, k, v = random_qkv(gen, 1, 24, 4, 4, 8, torch.float64)
-    kernel = make_kernel("naive")
-
-    def attend(pos):
-        ctx = kernel.prepare(layout, pos, alibi_slopes(4), n_heads=4, n_kv_heads=4, dtype=q.dtype, device="cpu")
-        return kernel(q, k, v, ctx)
-
-    base = attend(layout.position_ids())
-    torch.testing.assert_close(attend(layout.position_ids() + 7), base, atol=1e-12, rtol=0)
-    ref = reference_attention(q, k, v, doc_lens, paper_slopes(4))
-    torch.testing.assert_close(base, ref, atol=1e-10, rtol=1e-10)
-    # A scaled position ramp changes ALiBi distances, hence the output.
-    assert not torch.allclose(attend(2 * layout.position_ids()), base, atol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------
-# RoPE
-# --------------------------------------------------------------------------------------------
-def complex_rope(x_BTHK: torch.Tensor, pos_BT: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotate the pairs (x_i, x_{i+K/2}) as complex numbers z_i = x_i + i·x_{i+K/2} by pos·θ_i,
-    θ_i = base^(−2i/K)."""
-    K = x_BTHK.shape[-1]
-    theta = base ** (-torch.arange(K // 2, dtype=torch.float64) * 2 / K)
-    z = torch.complex(x_BTHK[..., : K // 2].double(), x_BTHK[..., K // 2 :].double())
-    z = z * torch.polar(torch.ones_like(theta), pos_BT[..., None, None].double() * theta)
-    return torch.cat((z.real, z.imag), dim=-1)
-
-
-def rope_tables(pos_BT: torch.Tensor, K: int, base: float = 10000.0):
-    """cos/sin ``[B, T, 1, K]`` in ``rope_rotate``'s layout (the K/2 angles repeated twice)."""
-    theta = base ** (-torch.arange(0, K, 2, dtype=torch.float64) / K)
-    ang = pos_BT[..., None].double() * theta
-    ang = torch.cat((ang, ang), dim=-1)[:, :, None, :]
-    return ang.cos(), ang.sin()
-
-
-def test_rope_rotate_matches_complex_multiplication():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 11, 3, 16, generator=gen, dtype=torch.float64)
-    pos = torch.randint(0, 500, (2, 11), generator=gen)
-    got = rope_rotate(x, *rope_tables(pos, 16))
-    torch.testing.assert_close(got, complex_rope(x, pos), atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
-
-
-def test_rope_scores_depend_only_on_position_difference():
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 1, 1, 32, generator=gen, dtype=torch.float64)
-    k = torch.randn(1, 1, 1, 32, generator=gen, dtype=torch.float64)
-
-    def score(m: int, n: int) -> float:
-        qm = rope_rotate(q, *rope_tables(torch.tensor([[m]]), 32))
-        kn = rope_rotate(k, *rope_tables(torch.tensor([[n]]), 32))
-        return float((qm * kn).sum())
-
-    for m, n in [(5, 2), (0, 0), (3, 9), (40, 1)]:
-        for shift in (1, 17, 1000):
-            assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-9)
-    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-6)
-
-
-def test_packed_tinygpt_restarts_rope_positions_per_document(monkeypatch):
-    """The cos/sin tables a packed forward hands to ``rope_rotate`` use positions inside each
-    document (padding continues counting)."""
-    doc_lens, T_, K = [[3, 1, 9, 4], [16]], 20, 8
-    model = TinyGPT(
-        vocab_size=32, d_model=32, n_layers=1, n_heads=4, max_seq_len=T_, attention="sdpa", positions="rope"
-    ).double()
-    seen = []
-
-    def spy(x, cos, sin):
-        seen.append((cos, sin))
-        return rope_rotate(x, cos, sin)
-
-    monkeypatch.setattr("lit_xf.model.rope_rotate", spy)
-    model(torch.randint(0, 32, (2, T_)), doc_lens=doc_lens)
-    assert len(seen) == 2  # q and k
-    cos, sin = rope_tables(positions_in_doc(doc_lens, T_), K)
-    for c, s in seen:
-        torch.testing.assert_close(c.double(), cos, atol=1e-6, rtol=0)
-        torch.testing.assert_close(s.double(), sin, atol=1e-6, rtol=0)
-
-
-# --------------------------------------------------------------------------------------------
-# ALiBi slopes
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 8, 32])
-def test_alibi_slopes_powers_of_two(n):
-    expected = torch.tensor([2.0 ** (-8.0 * h / n) for h in range(1, n + 1)], dtype=torch.float64)
-    torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-7, atol=0)
-
-
-@pytest.mark.parametrize(
-    "n,exponents",
-    [
-        # 2^(−e) for e in: the slopes of the closest smaller power of two, then every other slope of
-        # twice that power.
-        (5, [2, 4, 6, 8, 1]),
-        (6, [2, 4, 6, 8, 1, 3]),
-        (12, [1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5]),
-    ],
-)
-def test_alibi_slopes_non_powers_of_two(n, exponents):
-    expected = torch.tensor([2.0**-e for e in exponents], dtype=torch.float64)
-    torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-7, atol=0)
-    torch.testing.assert_close(torch.tensor(paper_slopes(n), dtype=torch.float64), expected)
-
-
 # --------------------------------------------------------------------------------------------
 # xformers' dense ALiBi bias
 # --------------------------------------------------------------------------------------------
@@ -325,26 +206,6 @@ def test_packed_forward_equals_documents_alone(kernel_name, layout_name, positio
                 alone = model(ids[b : b + 1, start : start + L])
                 torch.testing.assert_close(packed[b, start : start + L], alone[0], atol=1e-10, rtol=1e-10)
                 start += L
-
-
-@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
-def test_positions_that_do_not_restart(positions):
-    """Feeding a later document absolute row positions changes it with learned embeddings; RoPE and
-    ALiBi only see position differences inside a document, so for them the offset cancels."""
-    torch.manual_seed(0)
-    model = TinyGPT(
-        vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, attention="sdpa", positions=positions
-    ).double()
-    ids = torch.randint(0, 64, (1, 16))
-    doc_lens = [[6, 10]]
-    with torch.no_grad():
-        restart = model(ids, doc_lens=doc_lens)
-        absolute = model(ids, position_ids=torch.arange(16)[None], doc_lens=doc_lens)
-    torch.testing.assert_close(restart[:, :6], absolute[:, :6])
-    if positions == "learned":
-        assert not torch.allclose(restart[:, 6:], absolute[:, 6:], atol=1e-6)
-    else:
-        torch.testing.assert_close(restart[:, 6:], absolute[:, 6:], atol=1e-10, rtol=1e-10)
 
 
 def test_packed_forward_float32_sdpa_with_grad():
@@ -476,96 +337,6 @@ def test_xformers_alibi_budget_refused_per_batch(monkeypatch, dtype):
     bias = prepare().plan.bias
     assert bias.dtype == dtype and bias.shape == (B, H, T_, T_)
     assert bias.untyped_storage().nbytes() == need
-
-
-# --------------------------------------------------------------------------------------------
-# auto
-# --------------------------------------------------------------------------------------------
-def test_auto_on_cpu_picks_sdpa_and_logs_once(caplog):
-    caplog.set_level(logging.INFO, logger="lit_xf.attention")
-    auto = make_kernel("auto")
-    layout = DocLayout([[10]], 10)
-    for _ in range(3):
-        ctx = auto.prepare(
-            layout, layout.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu"
-        )
-        assert ctx.kernel.name == "sdpa" and auto.last_choice == "sdpa"
-    msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
-    assert len(msgs) == 1
-    assert "'sdpa'" in msgs[0] and "cpu" in msgs[0]
-    packed = DocLayout([[4, 6]], 10)
-    for _ in range(2):
-        auto.prepare(packed, packed.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu")
-    msgs = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
-    assert len(msgs) == 2 and "packed" in msgs[1]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU auto picks per AUTO_PREFERENCE")
-def test_auto_model_on_cpu_reports_sdpa():
-    model = TinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="auto")
-    model(torch.randint(0, 16, (1, 8)))
-    assert model.attention_kernel_name == "sdpa"
-
-
-def test_auto_preference_covers_every_case_with_concrete_kernels():
-    assert set(AUTO_PREFERENCE) == set(itertools.product([False, True], repeat=3))
-    auto = make_kernel("auto")
-    for case, order in AUTO_PREFERENCE.items():
-        assert order, case
-        assert len(set(order)) == len(order), case
-        assert set(order) <= CONCRETE_KERNELS and set(order) <= set(KERNEL_NAMES), case
-        assert set(order) <= set(auto._kernels), f"{case}: auto can't build {set(order) - set(auto._kernels)}"
-
-
-def test_auto_on_cuda_follows_preference_order(monkeypatch):
-    """With every kernel pretending to support everything, CUDA picks each case's first choice; with
-    the first refusing, the second."""
-    auto = make_kernel("auto")
-    refuse: set[str] = set()
-    for name, kernel in auto._kernels.items():
-        monkeypatch.setattr(kernel, "support", lambda n=name, **config: "nope" if n in refuse else None)
-    for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
-        config = dict(device="cuda", n_heads=8, n_kv_heads=2 if gqa else 8, alibi=alibi, training=True, packed=packed)
-        refuse.clear()
-        assert auto.choose(**config) == order[0]
-        refuse.add(order[0])
-        assert auto.choose(**config) == order[1]
-
-
-def test_auto_prefers_fa4_for_long_rows_and_large_batches_of_small_heads(monkeypatch):
-    """MHA rows of one document: fa4 first from 8192 tokens per row, or with heads of <= 64 dims from
-    2048-token rows in batches of >= 32768 tokens (the cases measured faster on fa4); everything else,
-    and GQA, ALiBi and packed rows, keep AUTO_PREFERENCE; CPU is always sdpa."""
-    fa4_first = [(1, 8192, 128), (2, 8192, None), (16, 2048, 64), (32, 1024 * 2, 32), (8, 4096, 64)]
-    sdpa_first = [(1, 8191, 128), (16, 2048, 128), (256, 2048, 128), (8, 2048, 64), (32, 1024, 64), (16, 2048, None)]
-    for B, T_, K in fa4_first:
-        assert attn.fa4_leads_rows(T_, B, K), (B, T_, K)
-        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T_, batch_size=B, head_dim=K)
-        assert order[0] == "fa4"
-    for B, T_, K in sdpa_first:
-        assert not attn.fa4_leads_rows(T_, B, K), (B, T_, K)
-        order = attn.auto_order("cuda", packed=False, alibi=False, gqa=False, seq_len=T_, batch_size=B, head_dim=K)
-        assert order == AUTO_PREFERENCE[(False, False, False)]
-    for packed, alibi, gqa in itertools.product([False, True], repeat=3):
-        order = attn.auto_order("cuda", packed=packed, alibi=alibi, gqa=gqa, seq_len=8192, batch_size=16, head_dim=64)
-        assert sorted(order) == sorted(AUTO_PREFERENCE[(packed, alibi, gqa)])
-        if packed or alibi or gqa:
-            assert order == AUTO_PREFERENCE[(packed, alibi, gqa)]
-    assert attn.auto_order("cpu", packed=False, alibi=False, gqa=False, seq_len=8192, batch_size=16) == ("sdpa",)
-    auto = make_kernel("auto")
-    for kernel in auto._kernels.values():
-        monkeypatch.setattr(kernel, "support", lambda **config: None)
-    config = dict(device="cuda", n_heads=8, n_kv_heads=8, alibi=False, training=True, packed=False, seq_len=2048)
-    assert auto.choose(**config, batch_size=16, head_dim=64) == "fa4"
-    assert auto.choose(**config, batch_size=8, head_dim=64) == "sdpa"
-    assert auto.choose(**config, batch_size=16, head_dim=128) == "sdpa"
-    # the model hands prepare its batch size and head size
-    seen = []
-    monkeypatch.setattr(auto, "choose", lambda **kw: seen.append((kw["batch_size"], kw["head_dim"])) or "sdpa")
-    model = TinyGPT(vocab_size=32, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, attention="auto")
-    model.kernel = auto
-    model(torch.zeros(3, 16, dtype=torch.long))
-    assert seen == [(3, 16)]
 
 
 def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
@@ -777,15 +548,6 @@ def test_window_that_hides_nothing_keeps_the_fast_paths():
         full, full.position_ids(), None, n_heads=4, n_kv_heads=4, dtype=torch.float32, device="cpu"
     )
     assert ctx.plan.mask_BHTT is None
-
-
-def test_auto_puts_native_windows_first_on_cuda():
-    for packed, gqa in itertools.product([False, True], repeat=2):
-        order = attn.auto_order("cuda", packed=packed, alibi=False, gqa=gqa, seq_len=T, windowed=True)
-        assert order == ("fa4", "xformers", "flex", "sdpa")
-        alibi = attn.auto_order("cuda", packed=packed, alibi=True, gqa=gqa, seq_len=T, windowed=True)
-        assert alibi[0] == "flex" and alibi[-1] == "sdpa"
-    assert attn.auto_order("cpu", packed=True, alibi=False, gqa=False, seq_len=T, windowed=True) == ("sdpa",)
 
 
 def test_tinygpt_window_equals_windowed_naive_and_is_a_no_op_when_long():
