@@ -7,7 +7,9 @@ head h reading kv head g = h // (H / G),
     out_i = Σ_j softmax_j( q_i·k_j / √K − m_h·(i − j) ) v_j   over j ≤ i (all j if not causal),
     and i − j < W with a sliding window of W tokens,
 
-m_h the ALiBi slopes (0 without). Padding outputs are zero.
+m_h the ALiBi slopes (0 without). Padding outputs are zero. The ALiBi term uses the signed i − j:
+it equals the kernels' −m_h·|pos_i − pos_j| on causal pairs only, so compare non-causal layouts
+without ALiBi.
 """
 
 from __future__ import annotations
