@@ -106,8 +106,8 @@ def env_report(
         AutoAttention,
         kernel_report,
         make_kernel,
-        xformers_problem,
     )
+    from lit_xf.attention.probes import xformers_problem
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lit_xf.attention.layout import attended_pairs
 from lit_xf.loss import IGNORE_INDEX  # the label of tokens that predict nothing (pads, document ends)
 
 log = logging.getLogger(__name__)
@@ -468,7 +469,7 @@ def collate_rows(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
             "real_tokens": real,
             "pad_tokens": B * T - real,
             "documents": len(lens_D),
-            "causal_pairs": int((lens_D * (lens_D + 1) // 2).sum()),
+            "causal_pairs": int(attended_pairs(lens_D).sum()),
         },
     }
 

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention import KernelName, PositionScheme
+from lit_xf.attention.layout import attended_pairs
 from lit_xf.callbacks import precision_dtype
 from lit_xf.loss import (
     LossParts,
@@ -28,15 +29,6 @@ from lit_xf.loss import (
     token_hits,
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, MlpKernel, NormName, TinyGPT
-
-
-def attended_pairs(n: int, window: int | None = None) -> int:
-    """Causal (query, key) pairs of one n-token document: n(n+1)/2, or with a window of W tokens
-    Σ_i min(i + 1, W) = W(W+1)/2 + (n − W)·W for n > W."""
-    if window is None or n <= window:
-        return n * (n + 1) // 2
-    return window * (window + 1) // 2 + (n - window) * window
-
 
 # Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
 ARCHITECTURE_KEYS = (

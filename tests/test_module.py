@@ -355,21 +355,21 @@ def test_compiled_model_matches_eager_on_full_padded_and_packed_rows(mode):
 
 
 class _ListBiasSdpa(SdpaAttention):
-    """sdpa whose bias also carries the batch's segment lengths as Python lists (as xformers'
+    """sdpa whose plan also carries the batch's segment lengths as Python lists (as xformers'
     block-diagonal masks do), marked untraceable."""
 
     name = "list_bias_sdpa"
 
-    def _bias(self, ctx, *, n_heads, dtype, device):
-        return super()._bias(ctx, n_heads=n_heads, dtype=dtype, device=device), ctx.layout.segment_lens()
+    def _plan(self, ctx, *, n_heads, dtype, device):
+        return super()._plan(ctx, n_heads=n_heads, dtype=dtype, device=device), ctx.layout.segment_lens()
 
     def _traceable(self, ctx):
         return not ctx.layout.block_diagonal
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx):
-        mask, lens = ctx.bias
+        plan, lens = ctx.plan
         assert sum(map(sum, lens)) == q_BTHK.shape[0] * q_BTHK.shape[1]
-        return SdpaAttention._attend(self, q_BTHK, k_BTGK, v_BTGK, dataclasses.replace(ctx, bias=mask))
+        return SdpaAttention._attend(self, q_BTHK, k_BTGK, v_BTGK, dataclasses.replace(ctx, plan=plan))
 
 
 @pytest.mark.slow
