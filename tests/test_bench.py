@@ -77,7 +77,8 @@ def test_correctness_bench_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
 
 def test_benches_run_a_sliding_window(tmp_path, capsys):
     """--window: every kernel against float64 naive with the window (correctness), and windowed
-    FLOPs (attention): a 8-token window over 64-token causal rows counts 64·8 − 8²/2 pairs a row."""
+    FLOPs (attention): a 8-token window over 64-token causal rows counts 1 + 2 + … + 8 + 56·8 pairs
+    a row (query i sees min(i + 1, 8) keys)."""
     flags = "--dtypes fp64 --kernels sdpa --seq-len 24 --heads 2 --head-dim 8 --window 5"
     rc = _bench_cpu("correctness", flags, tmp_path)
     rows = _rows(tmp_path, "correctness")
@@ -88,7 +89,7 @@ def test_benches_run_a_sliding_window(tmp_path, capsys):
     (w,), (full,) = _rows(tmp_path / "w", "attention"), _rows(tmp_path / "full", "attention")
     assert w["window"] == 8 and full["window"] is None
     layout = DocLayout.full_rows(2, 64, window=8)
-    assert bench.attention_flops(layout, 2, 8) == 3.5 * 4 * 2 * 8 * 2 * (64 * 8 - 8 * 8 / 2)
+    assert bench.attention_flops(layout, 2, 8) == 3.5 * 4 * 2 * 8 * 2 * (8 * 9 // 2 + 56 * 8)
     with pytest.raises(SystemExit) as exit_:
         _bench_cpu("attention", "--seq-lens 64 --window 8", tmp_path)
     assert exit_.value.code == 2 and "--window is a causal sliding window" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
 
     import torch
 
-    import lit_xf.attention as attention
+    import lit_xf.attention.probes as probes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -77,7 +77,7 @@ def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
         lambda d: types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30),
     )
     broken = "xformers can't run its CUDA kernels: xFormers wasn't build with CUDA support"
-    monkeypatch.setattr(attention, "xformers_problem", lambda: broken)
+    monkeypatch.setattr(probes, "xformers_problem", lambda: broken)
     report = cli.env_report("cuda", seq_len=1024)
     assert "NVIDIA H200, compute capability 9.0" in report
     assert f"xformers: {broken}" in report

@@ -14,12 +14,11 @@ and ``cli`` (the parser and ``main``).
 
 from lit_xf.bench.attention import (
     DTYPES,
-    attended_pairs,
     attention_flops,
     bench_attention,
-    fa4_plan_note,
     fwd_bwd_case,
     gpu_vs_best,
+    plan_note,
     run_case,
 )
 from lit_xf.bench.cli import build_parser, main
@@ -42,7 +41,6 @@ __all__ = [
     "ProfileWindow",
     "StepClock",
     "as_full_rows",
-    "attended_pairs",
     "attention_flops",
     "bench_attention",
     "bench_correctness",
@@ -51,7 +49,7 @@ __all__ = [
     "bench_train",
     "build_parser",
     "environment",
-    "fa4_plan_note",
+    "plan_note",
     "fwd_bwd_case",
     "gpu_vs_best",
     "hand_loop",

@@ -12,29 +12,17 @@ import statistics
 
 import torch
 
-from lit_xf.attention import DocLayout, Fa4Varlen, alibi_slopes, make_kernel
+from lit_xf.attention import DocLayout, alibi_slopes, make_kernel
 from lit_xf.bench.output import progress
 from lit_xf.bench.timing import measure, queued_gpu_ms, time_call
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-def attended_pairs(layout: DocLayout) -> float:
-    """(query, key) pairs that attend, summed over every document of the layout: per n-token
-    document n² (non-causal), n²/2 (causal), n·W − W²/2 (a causal window of W < n tokens)."""
-    W = layout.window
-
-    def pairs(n: int) -> float:
-        if not layout.causal:
-            return n * n
-        return n * n / 2 if W is None or n <= W else n * W - W * W / 2
-
-    return sum(pairs(n) for row in layout.doc_lens for n in row)
-
-
 def attention_flops(layout: DocLayout, n_heads: int, head_dim: int) -> float:
-    """Forward+backward FLOPs as FlashAttention counts them: 3.5 × 4·H·K·(attended pairs)."""
-    return 3.5 * 4 * n_heads * head_dim * attended_pairs(layout)
+    """Forward+backward FLOPs as FlashAttention counts them: 3.5 × 4·H·K·(attended pairs), the pairs
+    counted by the layout's one rule (``DocLayout.attended_pairs``: n(n+1)/2 per causal document)."""
+    return 3.5 * 4 * n_heads * head_dim * layout.attended_pairs()
 
 
 def fwd_bwd_case(
@@ -84,14 +72,9 @@ def fwd_bwd_case(
     return step, prepare, (q, k, v, do), ctx
 
 
-def fa4_plan_note(ctx) -> str:
-    """Which FlashAttention-4 plan ran the packed rows of a prepared context; "" for other kernels."""
-    plan = ctx.bias
-    if not isinstance(plan, Fa4Varlen):
-        return ""
-    if plan.blocks:
-        return "block-sparse forward, grouped backward"
-    return "one sequence per document" if plan.seg_pos is None else "documents grouped"
+def plan_note(ctx) -> str:
+    """What the prepared context's plan ran (fa4: which packing plan); "" where a kernel has one way."""
+    return ctx.plan.describe()
 
 
 def bench_attention(args) -> list[dict]:
@@ -148,7 +131,7 @@ def run_case(name: str, layout: DocLayout, args, dtype, device) -> dict:
         gpu_ms = queued_gpu_ms(step, args.reps)[0] if device.type == "cuda" else None
         prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
         chosen = ctx.kernel.name
-        plan = fa4_plan_note(ctx)
+        plan = plan_note(ctx)
         del step, ctx
     except torch.OutOfMemoryError:
         return dict(ms=None, tflops=None, peak_mib=None, note="out of memory")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lit_xf.attention import DocLayout, alibi_slopes, make_kernel
+from lit_xf.attention.reference import reference_attention
 from lit_xf.bench.attention import DTYPES
 from lit_xf.bench.output import progress
 
@@ -68,25 +69,6 @@ def reference(layout: DocLayout, inputs: list[torch.Tensor], alibi: bool):
     out = reference_attention(q, k, v, layout.doc_lens, slopes, causal=layout.causal, window=layout.window)
     out.backward(inputs[3].double())
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def reference_attention(q_BTHK, k_BTGK, v_BTGK, doc_lens, slopes=None, causal: bool = True, window=None):
-    """float64 attention of the documents ``doc_lens`` (the signature of the tests' reference):
-    the naive kernel run in float64."""
-    q, k, v = (x.double() for x in (q_BTHK, k_BTGK, v_BTGK))
-    layout = DocLayout(doc_lens, q.shape[1], causal, window)
-    kernel = make_kernel("naive")
-    m_H = None if slopes is None else torch.tensor(slopes, dtype=torch.float64, device=q.device)
-    ctx = kernel.prepare(
-        layout,
-        layout.position_ids(q.device),
-        m_H,
-        n_heads=q.shape[2],
-        n_kv_heads=k.shape[2],
-        dtype=torch.float64,
-        device=q.device,
-    )
-    return kernel(q, k, v, ctx)
 
 
 def bench_correctness(args) -> list[dict]:
