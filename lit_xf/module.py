@@ -10,7 +10,7 @@ cosine decay to ``min_lr_ratio``·lr, stepped per optimizer step; LightningCLI's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -18,8 +18,8 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
-from lit_xf.attention import KernelName, PositionScheme
 from lit_xf.callbacks import precision_dtype
+from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
 from lit_xf.loss import (
     LossParts,
     compiled_token_cross_entropy,
@@ -27,7 +27,7 @@ from lit_xf.loss import (
     token_cross_entropy,
     token_hits,
 )
-from lit_xf.model import COMPILE_MODES, CompileMode, MlpKernel, NormName, TinyGPT
+from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
 
 
 def attended_pairs(n: int, window: int | None = None) -> int:
@@ -38,24 +38,13 @@ def attended_pairs(n: int, window: int | None = None) -> int:
     return window * (window + 1) // 2 + (n - window) * window
 
 
-# Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
-ARCHITECTURE_KEYS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "positions",
-    "ffn",
-    "norm",
-    "tie_embeddings",
-)
-
-
 class LitTinyGPT(L.LightningModule):
-    """TinyGPT (see ``lit_xf.model.TinyGPT`` for the architecture arguments) plus training.
+    """TinyGPT with the architecture ``arch`` (a ``GPTConfig``, see ``lit_xf.config``) plus training.
+    In YAML the architecture is one block, ``model: {arch: {d_model: 256, ...}, lr: ...}``; on the
+    command line ``--model.arch.d_model 256``.
 
     Args:
+        arch: the architecture, a ``GPTConfig`` (or its fields as a dict, as checkpoints store them).
         lr, weight_decay, betas: AdamW settings (fused on CUDA).
         warmup_steps: linear warm-up from 0; then cosine decay to ``min_lr_ratio``·lr at the last step.
         compile: ``torch.compile`` the model (``TinyGPT.compile_model``): ``true`` or ``"blocks"``
@@ -65,35 +54,26 @@ class LitTinyGPT(L.LightningModule):
             once per forward, and the output projection runs outside, fused with the training loss
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
-        mlp_kernel: how ``ffn="gelu"`` runs: ``torch``, ``quack`` or ``auto`` (see ``GeluMLP``).
-        attention_window: sliding-window attention over this many most recent tokens of each
-            document (``TinyGPT``); None attends to the whole causal past.
     """
 
     def __init__(
         self,
-        vocab_size: int = 258,
-        d_model: int = 128,
-        n_layers: int = 3,
-        n_heads: int = 8,
-        n_kv_heads: int | None = None,
-        max_seq_len: int = 512,
-        attention: KernelName = "auto",
-        positions: PositionScheme = "learned",
-        ffn: str | Callable[[int], nn.Module] = "swiglu",
-        norm: NormName = "layernorm",
-        tie_embeddings: bool = False,
-        dropout: float = 0.0,
+        arch: GPTConfig = GPTConfig(),  # noqa: B008 (frozen, so one shared default is safe)
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
-        mlp_kernel: MlpKernel = "torch",
-        attention_window: int | None = None,
     ):
         super().__init__()
+        config = GPTConfig.from_dict(arch) if isinstance(arch, Mapping) else arch
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"arch must be a GPTConfig or a dict of its fields, got {type(arch).__name__}")
+        # save_hyperparameters reads the arguments from this frame: hparams["arch"] holds the plain
+        # fields, so checkpoints load without pickled classes. (Under LightningCLI, Lightning stores
+        # the parsed config instead: there it is a dict already.)
+        arch = arch if isinstance(arch, Mapping) else config.to_dict()
         self.save_hyperparameters()
         if lr <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(
@@ -102,22 +82,7 @@ class LitTinyGPT(L.LightningModule):
             )
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
-        self.model = TinyGPT(
-            vocab_size,
-            d_model,
-            n_layers,
-            n_heads,
-            n_kv_heads,
-            max_seq_len,
-            attention,
-            positions,
-            ffn,
-            norm,
-            tie_embeddings,
-            dropout,
-            mlp_kernel=mlp_kernel,
-            attention_window=attention_window,
-        )
+        self.model = TinyGPT(config)
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
         # (a NaN loss shows as NaN); MeanMetric drops its weights without it (torchmetrics#3434).
@@ -296,13 +261,30 @@ class LitTinyGPT(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, with the differences named, a checkpoint whose weights don't fit this model."""
+        """Refuse, with the differences named, a checkpoint whose weights don't fit this model.
+
+        Checkpoints saved before ``GPTConfig`` hold the architecture as flat hyperparameters
+        (``d_model``, ``n_layers``, ... beside ``lr``): they load when the model was built with the
+        same architecture, else the error gives the ``arch=GPTConfig(...)`` to load them with."""
         saved_hp = checkpoint.get("hyper_parameters", {})
+        mine = _resolved(self.hparams.get("arch") or self.model.config.to_dict())  # as this module stores it
+        flat = flat_arch(saved_hp)
+        if flat is not None:
+            saved_arch, keys = flat, FIELD_NAMES  # every field: a window or a kernel changes the results too
+        else:
+            saved_arch, keys = saved_hp.get("arch") or {}, WEIGHT_FIELDS
+        saved_arch = _resolved(saved_arch)
         hp_diff = [
-            f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}"
-            for k in ARCHITECTURE_KEYS
-            if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])
+            f"{k}: checkpoint {saved_arch[k]!r} vs model {mine[k]!r}"
+            for k in keys
+            if k in saved_arch and _norm(saved_arch[k]) != _norm(mine[k])
         ]
+        if flat is not None and hp_diff:
+            raise ValueError(
+                f"checkpoint keeps its architecture as flat hyperparameters, from before GPTConfig, and it differs "
+                f"from this model's ({'; '.join(hp_diff)}); load it with LitTinyGPT.load_from_checkpoint(path, "
+                f"arch={_config_call(flat)})"
+            )
         # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
         saved = checkpoint.get("state_dict")
         mine = self.state_dict() if saved is not None else {}
@@ -367,7 +349,7 @@ class LitTinyGPT(L.LightningModule):
         self.eval()
         for _ in range(max_new_tokens):
             # eager: a compiled whole-model graph would recompile for every new length
-            logits = self(ids[:, -self.hparams.max_seq_len :], eager=True)[:, -1].float()
+            logits = self(ids[:, -self.model.max_seq_len :], eager=True)[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -440,3 +422,27 @@ def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
 
 def _norm(value):
     return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+
+
+def flat_arch(hparams: Mapping) -> dict | None:
+    """The architecture fields of hyperparameters saved before ``GPTConfig`` (flat, beside ``lr``),
+    or None for hyperparameters with an ``arch`` entry (or none of the fields)."""
+    if "arch" in hparams:
+        return None
+    found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
+    return found or None
+
+
+def _resolved(fields: Mapping) -> dict:
+    """``fields`` with ``n_kv_heads`` null resolved to ``n_heads`` (the same model)."""
+    fields = dict(fields)
+    if fields.get("n_kv_heads") is None and "n_heads" in fields:
+        fields["n_kv_heads"] = fields["n_heads"]
+    return fields
+
+
+def _config_call(fields: Mapping) -> str:
+    """``GPTConfig(...)`` source for ``fields``, listing only the values that differ from the defaults."""
+    default = GPTConfig().to_dict()
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in default and v != default[k])
+    return f"GPTConfig({args})"
