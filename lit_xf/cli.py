@@ -24,6 +24,7 @@ import importlib
 import logging
 import os
 import platform
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.module import LitTinyGPT
 
@@ -45,6 +47,13 @@ class _Parser(LightningArgumentParser):
         # argparse prints the whole usage before an error; with a few hundred options that buries the
         # error line. jsonargparse's error already adds "run --help for the accepted options".
         return None
+
+    def error(self, message: str, ex: Exception | None = None):
+        # Configs written before GPTConfig set the architecture flat under model: say where it went.
+        moved = sorted(set(re.findall(r"\bmodel\.(\w+)", message)) & set(FIELD_NAMES))
+        if moved:
+            message += f" (the architecture's fields are under model.arch: model.arch.{moved[0]})"
+        return super().error(message, ex)
 
 
 class LitXfCLI(LightningCLI):

@@ -264,27 +264,21 @@ class LitTinyGPT(L.LightningModule):
         """Refuse, with the differences named, a checkpoint whose weights don't fit this model.
 
         Checkpoints saved before ``GPTConfig`` hold the architecture as flat hyperparameters
-        (``d_model``, ``n_layers``, ... beside ``lr``): they load when the model was built with the
-        same architecture, else the error gives the ``arch=GPTConfig(...)`` to load them with."""
+        (``d_model``, ``n_layers``, ... beside ``lr``). Loaded without ``arch=``, this model has the
+        default architecture: unless every field agrees, the error gives the ``arch=GPTConfig(...)``
+        to load them with."""
         saved_hp = checkpoint.get("hyper_parameters", {})
-        mine = _resolved(self.hparams.get("arch") or self.model.config.to_dict())  # as this module stores it
+        # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
+        mine = _resolved(self.hparams.get("arch") or self.model.config)
         flat = flat_arch(saved_hp)
-        if flat is not None:
-            saved_arch, keys = flat, FIELD_NAMES  # every field: a window or a kernel changes the results too
-        else:
-            saved_arch, keys = saved_hp.get("arch") or {}, WEIGHT_FIELDS
-        saved_arch = _resolved(saved_arch)
-        hp_diff = [
-            f"{k}: checkpoint {saved_arch[k]!r} vs model {mine[k]!r}"
-            for k in keys
-            if k in saved_arch and _norm(saved_arch[k]) != _norm(mine[k])
-        ]
-        if flat is not None and hp_diff:
-            raise ValueError(
-                f"checkpoint keeps its architecture as flat hyperparameters, from before GPTConfig, and it differs "
-                f"from this model's ({'; '.join(hp_diff)}); load it with LitTinyGPT.load_from_checkpoint(path, "
-                f"arch={_config_call(flat)})"
-            )
+        if flat is not None and "arch" not in saved_hp:
+            if differ := _differences(flat, mine, FIELD_NAMES):  # all: a window or a kernel changes results too
+                raise ValueError(
+                    f"checkpoint keeps its architecture as flat hyperparameters (saved before GPTConfig) and it "
+                    f"differs from this model's ({'; '.join(differ)}); load it with LitTinyGPT.load_from_checkpoint("
+                    f"path, arch={_config_call(flat)}), or resume training with a model of that arch"
+                )
+        hp_diff = _differences(flat or saved_hp.get("arch") or {}, mine, WEIGHT_FIELDS)
         # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
         saved = checkpoint.get("state_dict")
         mine = self.state_dict() if saved is not None else {}
@@ -425,20 +419,28 @@ def _norm(value):
 
 
 def flat_arch(hparams: Mapping) -> dict | None:
-    """The architecture fields of hyperparameters saved before ``GPTConfig`` (flat, beside ``lr``),
-    or None for hyperparameters with an ``arch`` entry (or none of the fields)."""
-    if "arch" in hparams:
-        return None
+    """The architecture fields that hyperparameters saved before ``GPTConfig`` hold flat (beside
+    ``lr``), or None where there are none."""
     found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
     return found or None
 
 
-def _resolved(fields: Mapping) -> dict:
-    """``fields`` with ``n_kv_heads`` null resolved to ``n_heads`` (the same model)."""
-    fields = dict(fields)
+def _resolved(fields: Mapping | GPTConfig) -> dict:
+    """The fields (of a config or a dict of them) with ``n_kv_heads`` null resolved to ``n_heads``."""
+    fields = fields.to_dict() if isinstance(fields, GPTConfig) else dict(fields)
     if fields.get("n_kv_heads") is None and "n_heads" in fields:
         fields["n_kv_heads"] = fields["n_heads"]
     return fields
+
+
+def _differences(saved: Mapping | GPTConfig, mine: dict, keys: tuple[str, ...]) -> list[str]:
+    """``"key: checkpoint a vs model b"`` for each of ``keys`` that ``saved`` holds with another value."""
+    saved = _resolved(saved)
+    return [
+        f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}"
+        for k in keys
+        if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])
+    ]
 
 
 def _config_call(fields: Mapping) -> str:
