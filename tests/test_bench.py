@@ -252,9 +252,9 @@ def test_rows_loop_counts_the_flops_of_whole_rows():
     """``loop+rows`` attends across whole rows: its FLOPs count T(T+1)/2 pairs per row, not the
     documents' pairs that the batch's stats carry."""
     from lit_xf.data import collate_rows
-    from lit_xf.module import LitTinyGPT
+    from lit_xf import GPTConfig, LitTinyGPT
 
-    model = LitTinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa")
+    model = LitTinyGPT(GPTConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa"))
     batch = collate_rows([[[1] * 5, [2] * 6], [[3] * 16]], seq_len=16, pad_id=0)
     whole = model.flops_per_batch({"input_ids": batch["input_ids"], "doc_lens": [[16], [16]]})
     assert model.flops_per_batch(bench._as_full_rows(batch)) == whole > model.flops_per_batch(batch)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_xf import GPTConfig, LitTinyGPT
 from lit_xf.cli import LitXfCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -19,7 +20,7 @@ SHRINK = {
     "gpt2_small.yaml": ["--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"],
     "gpt2_124m.yaml": [
         *("--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"),
-        *("--data.bpe_vocab_size", "512", "--model.n_layers", "2"),
+        *("--data.bpe_vocab_size", "512", "--model.arch.n_layers", "2"),
     ],
 }
 
@@ -60,8 +61,8 @@ def test_config_builds(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-xf"])  # args come from the test, not pytest's command line
     cli = LitXfCLI(run=False, args=["--config", str(config), *CPU, *SHRINK.get(config.name, [])])
     data, model = cli.datamodule, cli.model
-    assert model.hparams.max_seq_len == data.seq_len
-    assert model.hparams.vocab_size == data.vocab_size
+    assert model.hparams.arch["max_seq_len"] == model.model.config.max_seq_len == data.seq_len
+    assert model.hparams.arch["vocab_size"] == model.model.config.vocab_size == data.vocab_size
     assert model.model.tok_emb.num_embeddings == data.vocab_size
 
 
@@ -95,6 +96,12 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
     assert "| attention window | none |" in info
+    if config.name == "default.yaml":  # the run's checkpoint rebuilds its model from the stored arch
+        cfg = yaml.safe_load(config.read_text())
+        (checkpoint,) = run_dir.glob("checkpoints/*.ckpt")
+        loaded = LitTinyGPT.load_from_checkpoint(checkpoint)
+        # vocab_size: the byte tokenizer's 258, the default
+        assert loaded.model.config == GPTConfig(**cfg["model"]["arch"], max_seq_len=cfg["data"]["seq_len"])
 
 
 def test_padded_and_packed_differ_only_in_batching():
