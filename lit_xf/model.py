@@ -118,11 +118,12 @@ class SelfAttention(nn.Module):
     """Fused q/k/v projection (H query heads, G kv heads), optional RoPE, the shared kernel, output
     projection."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool = False):
+    def __init__(self, config: GPTConfig, bias: bool = False):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        d_model, H, G, K = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.qkv = nn.Linear(d_model, (H + 2 * G) * K, bias=bias)
+        self.proj = nn.Linear(H * K, d_model, bias=bias)
         self.proj.is_residual_projection = True
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
@@ -138,13 +139,11 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(
-        self, d_model: int, n_heads: int, n_kv_heads: int, ffn: nn.Module, norm: type[nn.Module], dropout: float
-    ):
+    def __init__(self, config: GPTConfig, ffn: nn.Module, norm: type[nn.Module]):
         super().__init__()
-        self.norm1, self.attn = norm(d_model), SelfAttention(d_model, n_heads, n_kv_heads)
-        self.norm2, self.ffn = norm(d_model), ffn
-        self.drop = nn.Dropout(dropout)
+        self.norm1, self.attn = norm(config.d_model), SelfAttention(config)
+        self.norm2, self.ffn = norm(config.d_model), ffn
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
         x_BTD = x_BTD + self.drop(self.attn(self.norm1(x_BTD), ctx, rope))
@@ -172,9 +171,7 @@ class TinyGPT(nn.Module):
         norm = NORMS[c.norm]
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
-        self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_heads, c.kv_heads, ffn_factory(c.d_model), norm, c.dropout) for _ in range(c.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(c, ffn_factory(c.d_model), norm) for _ in range(c.n_layers))
         self.norm_f = norm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:

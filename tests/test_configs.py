@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_xf import GPTConfig, LitTinyGPT
+from lit_xf import LitTinyGPT
 from lit_xf.cli import LitXfCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -96,12 +97,22 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
     assert "| attention window | none |" in info
-    if config.name == "default.yaml":  # the run's checkpoint rebuilds its model from the stored arch
-        cfg = yaml.safe_load(config.read_text())
-        (checkpoint,) = run_dir.glob("checkpoints/*.ckpt")
-        loaded = LitTinyGPT.load_from_checkpoint(checkpoint)
-        # vocab_size: the byte tokenizer's 258, the default
-        assert loaded.model.config == GPTConfig(**cfg["model"]["arch"], max_seq_len=cfg["data"]["seq_len"])
+
+
+def test_a_cli_checkpoint_rebuilds_its_model(tmp_path, monkeypatch):
+    """A run's checkpoint stores the architecture as model.arch, a plain dict, with the linked
+    vocab_size and max_seq_len in it: ``load_from_checkpoint`` rebuilds the same model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit-xf"])
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+    args = ["fit", "--config", str(CONFIGS[0].parent / "default.yaml"), *CPU, *quiet, "--trainer.max_steps", "1"]
+    cli = LitXfCLI(args=[*args, "--model.arch.n_layers", "1", "--data.seq_len", "64"])
+    cli.trainer.save_checkpoint(tmp_path / "run.ckpt")
+    hparams = torch.load(tmp_path / "run.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["arch"]["n_layers"] == 1 and hparams["arch"]["max_seq_len"] == 64
+    assert hparams["arch"]["vocab_size"] == cli.datamodule.vocab_size
+    loaded = LitTinyGPT.load_from_checkpoint(tmp_path / "run.ckpt")
+    assert loaded.model.config == cli.model.model.config and loaded.hparams.lr == cli.model.hparams.lr
 
 
 def test_padded_and_packed_differ_only_in_batching():
