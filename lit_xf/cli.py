@@ -6,8 +6,9 @@
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
 
 ``LitXfCLI`` is a plain ``LightningCLI`` over ``LitTinyGPT`` and ``TextDataModule`` with two links:
-``data.seq_len`` sets ``model.max_seq_len`` when the config is parsed, and the data module's
-``vocab_size`` sets ``model.vocab_size`` when the classes are instantiated (so neither is given twice).
+``data.seq_len`` sets ``model.arch.max_seq_len`` when the config is parsed, and the data module's
+``vocab_size`` sets ``model.arch.vocab_size`` when the classes are instantiated (so neither is given
+twice). The architecture is ``model.arch`` (``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
 
 Errors raised while building or setting up the run (``ValueError``, ``FileNotFoundError``: an
 impossible model, a missing corpus; Lightning's ``MisconfigurationException``: e.g. fp16 AMP on a
@@ -23,6 +24,7 @@ import importlib
 import logging
 import os
 import platform
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.module import LitTinyGPT
 
@@ -44,6 +47,13 @@ class _Parser(LightningArgumentParser):
         # argparse prints the whole usage before an error; with a few hundred options that buries the
         # error line. jsonargparse's error already adds "run --help for the accepted options".
         return None
+
+    def error(self, message: str, ex: Exception | None = None):
+        # Configs written before GPTConfig set the architecture flat under model: say where it went.
+        moved = sorted(set(re.findall(r"\bmodel\.(\w+)", message)) & set(FIELD_NAMES))
+        if moved:
+            message += f" (the architecture's fields are under model.arch: model.arch.{moved[0]})"
+        return super().error(message, ex)
 
 
 class LitXfCLI(LightningCLI):
@@ -62,8 +72,8 @@ class LitXfCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.seq_len", "model.max_seq_len")
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.arch.max_seq_len")
+        parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.

@@ -1,12 +1,12 @@
 """TinyGPT: a decoder-only transformer built from a pluggable attention kernel and a pluggable FFN.
 
 Pre-norm blocks: x ← x + Attn(Norm(x)); x ← x + FFN(Norm(x)). Plain ``nn.Module``, no Lightning.
-The defaults are the tutorial's model: d=128, 3 layers, 8 heads, SwiGLU with hidden 4·d,
-LayerNorm, learned absolute positions.
+Its architecture is one ``GPTConfig`` (``lit_xf.config``: fields, defaults, validation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -17,18 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_xf.attention import (
-    ATTENTION_CHOICES,
-    FA4_WINDOWLESS_PLANS,
-    POSITION_SCHEMES,
-    AttentionContext,
-    DocLayout,
-    KernelName,
-    PositionScheme,
-    alibi_slopes,
-    check_window,
-    make_kernel,
-)
+from lit_xf.attention import AttentionContext, DocLayout, alibi_slopes, make_kernel
+from lit_xf.config import MLP_KERNELS, GPTConfig, MlpKernel
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +74,6 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-MlpKernel = Literal["auto", "torch", "quack"]
-MLP_KERNELS: tuple[str, ...] = get_args(MlpKernel)
-
-
 @torch.compiler.assume_constant_result  # compiled forwards take the answer as a constant
 def quack_mlp_problem(device: torch.device, dtype: torch.dtype, dim: int = 8, hidden: int = 8) -> str | None:
     """Why quack's fused GELU MLP can't run on ``device`` with ``dtype`` compute (autocast's dtype
@@ -117,7 +103,6 @@ def _quack_device_problem(device: torch.device) -> str | None:
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
-NormName = Literal["layernorm", "rmsnorm"]
 CompileMode = Literal["blocks", "model", "cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
@@ -133,11 +118,12 @@ class SelfAttention(nn.Module):
     """Fused q/k/v projection (H query heads, G kv heads), optional RoPE, the shared kernel, output
     projection."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool = False):
+    def __init__(self, config: GPTConfig, bias: bool = False):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        d_model, H, G, K = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.qkv = nn.Linear(d_model, (H + 2 * G) * K, bias=bias)
+        self.proj = nn.Linear(H * K, d_model, bias=bias)
         self.proj.is_residual_projection = True
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
@@ -153,13 +139,11 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(
-        self, d_model: int, n_heads: int, n_kv_heads: int, ffn: nn.Module, norm: type[nn.Module], dropout: float
-    ):
+    def __init__(self, config: GPTConfig, ffn: nn.Module, norm: type[nn.Module]):
         super().__init__()
-        self.norm1, self.attn = norm(d_model), SelfAttention(d_model, n_heads, n_kv_heads)
-        self.norm2, self.ffn = norm(d_model), ffn
-        self.drop = nn.Dropout(dropout)
+        self.norm1, self.attn = norm(config.d_model), SelfAttention(config)
+        self.norm2, self.ffn = norm(config.d_model), ffn
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
         x_BTD = x_BTD + self.drop(self.attn(self.norm1(x_BTD), ctx, rope))
@@ -167,77 +151,67 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Decoder-only transformer.
+    """Decoder-only transformer with the architecture ``config`` (a ``GPTConfig``; default
+    ``GPTConfig()``). Keyword arguments override its fields, so ``TinyGPT(d_model=256, n_layers=4)``
+    is ``TinyGPT(GPTConfig(d_model=256, n_layers=4))``."""
 
-    Args:
-        vocab_size: number of token ids.
-        d_model, n_layers, n_heads: width, depth, query heads (``n_heads`` divides ``d_model``).
-        n_kv_heads: key/value heads for grouped-query attention (divides ``n_heads``; default
-            ``n_heads``; 1 is multi-query).
-        max_seq_len: longest row (tokens) the model accepts.
-        attention: kernel name, one of ``auto naive sdpa xformers flex fa4``, or ``fa4:<plan>`` with
-            fa4's plan for packed rows forced (``grouped``, ``per_document``, ``block_sparse``).
-        positions: ``learned`` (absolute embeddings), ``rope``, ``alibi`` or ``none``. Positions
-            count inside each document, so they restart at every document of a packed row.
-        ffn: ``swiglu``, ``gelu`` or a factory ``dim -> nn.Module`` (called once per layer).
-        mlp_kernel: how ``gelu`` runs (``GeluMLP``): ``torch``, ``quack`` (bias + GELU fused into
-            quack-kernels' GEMMs; CUDA, Hopper+, bf16/fp16) or ``auto`` (quack where it can run).
-        attention_window: sliding-window attention: each token attends to at most this many most
-            recent tokens of its document, itself included (None: all of them). Every kernel runs
-            it; fa4 with FA4's local attention, one varlen sequence per document.
-        norm: ``layernorm`` or ``rmsnorm``.
-        tie_embeddings: share the token embedding with the output projection.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int = 258,
-        d_model: int = 128,
-        n_layers: int = 3,
-        n_heads: int = 8,
-        n_kv_heads: int | None = None,
-        max_seq_len: int = 512,
-        attention: KernelName = "auto",
-        positions: PositionScheme = "learned",
-        ffn: str | Callable[[int], nn.Module] = "swiglu",
-        norm: NormName = "layernorm",
-        tie_embeddings: bool = False,
-        dropout: float = 0.0,
-        rope_base: float = 10000.0,
-        mlp_kernel: MlpKernel = "torch",
-        attention_window: int | None = None,
-    ):
+    def __init__(self, config: GPTConfig | None = None, **fields):
         super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm)
-        _validate_mlp_kernel(mlp_kernel, ffn)
-        _validate_window(attention_window, attention)
-        self.n_heads, self.n_kv_heads, self.max_seq_len = n_heads, n_kv_heads, max_seq_len
-        self.attention_window = attention_window
-        self.positions, self.mlp_kernel = positions, mlp_kernel
-        self.kernel = make_kernel(attention)
+        config = GPTConfig() if config is None else config
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"TinyGPT takes a GPTConfig, got {type(config).__name__}: TinyGPT(GPTConfig(...))")
+        if fields:
+            config = dataclasses.replace(config, **fields)  # validated again
+        self.config = c = config
+        self.kernel = make_kernel(c.attention)
 
-        ffn_factory = FFNS[ffn] if isinstance(ffn, str) else ffn
-        if ffn == "gelu":
-            ffn_factory = functools.partial(GeluMLP, kernel=mlp_kernel)
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model) if positions == "learned" else None
-        self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, n_kv_heads, ffn_factory(d_model), NORMS[norm], dropout) for _ in range(n_layers)
-        )
-        self.norm_f = NORMS[norm](d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
+        ffn_factory = FFNS[c.ffn] if isinstance(c.ffn, str) else c.ffn
+        if c.ffn == "gelu":
+            ffn_factory = functools.partial(GeluMLP, kernel=c.mlp_kernel)
+        norm = NORMS[c.norm]
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
+        self.blocks = nn.ModuleList(Block(c, ffn_factory(c.d_model), norm) for _ in range(c.n_layers))
+        self.norm_f = norm(c.d_model)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if positions == "alibi" else None, persistent=False)
-        head_dim = d_model // n_heads
-        inv_freq = rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("rope_inv_freq", inv_freq if positions == "rope" else None, persistent=False)
-        self.apply(lambda m: _init_weights(m, n_layers))
+        slopes = alibi_slopes(c.n_heads) if c.positions == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        # RoPE: θ_i = base^(−2i/K) for the K/2 pairs of a head
+        inv_freq = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+        self.register_buffer("rope_inv_freq", inv_freq if c.positions == "rope" else None, persistent=False)
+        self.apply(lambda m: _init_weights(m, c.n_layers))
         self.compile_mode: str | None = None
         self._compiled_tokens: Callable | None = None
         # An explicit kernel that can't run on this machine fails now, not mid-step.
         self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
+
+    # The config's fields the forward pass and the monitors read.
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads, resolved (``GPTConfig.kv_heads``)."""
+        return self.config.kv_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def positions(self) -> str:
+        return self.config.positions
+
+    @property
+    def mlp_kernel(self) -> str:
+        return self.config.mlp_kernel
+
+    @property
+    def attention_window(self) -> int | None:
+        return self.config.attention_window
 
     def check_kernel(self, device: torch.device, training: bool) -> None:
         """Raise ``ValueError`` if the configured attention kernel, or an explicit ``quack`` MLP
@@ -303,7 +277,7 @@ class TinyGPT(nn.Module):
             n_kv_heads=self.n_kv_heads,
             dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
             device=device,
-            head_dim=self.blocks[0].attn.head_dim,
+            head_dim=self.config.head_dim,
         )
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)
@@ -384,54 +358,3 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
-
-
-def _validate_window(window, attention) -> None:
-    check_window(window)
-    if window is not None and attention.startswith("fa4:") and attention[4:] in FA4_WINDOWLESS_PLANS:
-        raise ValueError(
-            f"attention={attention!r} has no sliding window (its mask sees whole documents); "
-            "use attention='fa4', 'fa4:per_document' or 'auto' with attention_window"
-        )
-
-
-def _validate_mlp_kernel(mlp_kernel, ffn) -> None:
-    if mlp_kernel not in MLP_KERNELS:
-        raise ValueError(f"unknown mlp_kernel {mlp_kernel!r}; choose one of {', '.join(MLP_KERNELS)}")
-    if mlp_kernel == "quack" and ffn != "gelu":
-        raise ValueError(
-            f"mlp_kernel='quack' fuses the GELU MLP only (ffn='gelu'), not ffn={ffn!r}; use 'auto' or 'torch'"
-        )
-
-
-def _validate(vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, attention, positions, ffn, norm) -> None:
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("d_model", d_model),
-        ("n_layers", n_layers),
-        ("n_heads", n_heads),
-        ("n_kv_heads", n_kv_heads),
-        ("max_seq_len", max_seq_len),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if d_model % n_heads:
-        raise ValueError(
-            f"n_heads={n_heads} must divide d_model={d_model} (e.g. n_heads="
-            f"{max(h for h in range(1, min(n_heads, d_model) + 1) if d_model % h == 0)})"
-        )
-    if n_heads % n_kv_heads:
-        raise ValueError(
-            f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} "
-            f"(divisors: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]})"
-        )
-    if (d_model // n_heads) % 2 and positions == "rope":
-        raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={d_model // n_heads}")
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
-    if positions not in POSITION_SCHEMES:
-        raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITION_SCHEMES)}")
-    if isinstance(ffn, str) and ffn not in FFNS:
-        raise ValueError(f"unknown ffn {ffn!r}; choose one of {', '.join(FFNS)} or pass a factory dim -> nn.Module")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")

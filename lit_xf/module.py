@@ -10,7 +10,7 @@ cosine decay to ``min_lr_ratio``·lr, stepped per optimizer step; LightningCLI's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -18,9 +18,9 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
-from lit_xf.attention import KernelName, PositionScheme
 from lit_xf.attention.layout import attended_pairs
 from lit_xf.callbacks import precision_dtype
+from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
 from lit_xf.loss import (
     LossParts,
     compiled_token_cross_entropy,
@@ -28,26 +28,16 @@ from lit_xf.loss import (
     token_cross_entropy,
     token_hits,
 )
-from lit_xf.model import COMPILE_MODES, CompileMode, MlpKernel, NormName, TinyGPT
-
-# Hyperparameters that fix the shapes of the weights: a checkpoint must agree on all of them.
-ARCHITECTURE_KEYS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "positions",
-    "ffn",
-    "norm",
-    "tie_embeddings",
-)
+from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
 
 
 class LitTinyGPT(L.LightningModule):
-    """TinyGPT (see ``lit_xf.model.TinyGPT`` for the architecture arguments) plus training.
+    """TinyGPT with the architecture ``arch`` (a ``GPTConfig``, see ``lit_xf.config``) plus training.
+    In YAML the architecture is one block, ``model: {arch: {d_model: 256, ...}, lr: ...}``; on the
+    command line ``--model.arch.d_model 256``.
 
     Args:
+        arch: the architecture, a ``GPTConfig`` (or its fields as a dict, as checkpoints store them).
         lr, weight_decay, betas: AdamW settings (fused on CUDA).
         warmup_steps: linear warm-up from 0; then cosine decay to ``min_lr_ratio``·lr at the last step.
         compile: ``torch.compile`` the model (``TinyGPT.compile_model``): ``true`` or ``"blocks"``
@@ -57,35 +47,26 @@ class LitTinyGPT(L.LightningModule):
             once per forward, and the output projection runs outside, fused with the training loss
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
-        mlp_kernel: how ``ffn="gelu"`` runs: ``torch``, ``quack`` or ``auto`` (see ``GeluMLP``).
-        attention_window: sliding-window attention over this many most recent tokens of each
-            document (``TinyGPT``); None attends to the whole causal past.
     """
 
     def __init__(
         self,
-        vocab_size: int = 258,
-        d_model: int = 128,
-        n_layers: int = 3,
-        n_heads: int = 8,
-        n_kv_heads: int | None = None,
-        max_seq_len: int = 512,
-        attention: KernelName = "auto",
-        positions: PositionScheme = "learned",
-        ffn: str | Callable[[int], nn.Module] = "swiglu",
-        norm: NormName = "layernorm",
-        tie_embeddings: bool = False,
-        dropout: float = 0.0,
+        arch: GPTConfig = GPTConfig(),  # noqa: B008 (frozen, so one shared default is safe)
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
-        mlp_kernel: MlpKernel = "torch",
-        attention_window: int | None = None,
     ):
         super().__init__()
+        config = GPTConfig.from_dict(arch) if isinstance(arch, Mapping) else arch
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"arch must be a GPTConfig or a dict of its fields, got {type(arch).__name__}")
+        # save_hyperparameters reads the arguments from this frame: hparams["arch"] holds the plain
+        # fields, so checkpoints load without pickled classes. (Under LightningCLI, Lightning stores
+        # the parsed config instead: there it is a dict already.)
+        arch = arch if isinstance(arch, Mapping) else config.to_dict()
         self.save_hyperparameters()
         if lr <= 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(
@@ -94,22 +75,7 @@ class LitTinyGPT(L.LightningModule):
             )
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
-        self.model = TinyGPT(
-            vocab_size,
-            d_model,
-            n_layers,
-            n_heads,
-            n_kv_heads,
-            max_seq_len,
-            attention,
-            positions,
-            ffn,
-            norm,
-            tie_embeddings,
-            dropout,
-            mlp_kernel=mlp_kernel,
-            attention_window=attention_window,
-        )
+        self.model = TinyGPT(config)
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
         # (a NaN loss shows as NaN); MeanMetric drops its weights without it (torchmetrics#3434).
@@ -288,13 +254,24 @@ class LitTinyGPT(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, with the differences named, a checkpoint whose weights don't fit this model."""
+        """Refuse, with the differences named, a checkpoint whose weights don't fit this model.
+
+        Checkpoints saved before ``GPTConfig`` hold the architecture as flat hyperparameters
+        (``d_model``, ``n_layers``, ... beside ``lr``). Loaded without ``arch=``, this model has the
+        default architecture: unless every field agrees, the error gives the ``arch=GPTConfig(...)``
+        to load them with."""
         saved_hp = checkpoint.get("hyper_parameters", {})
-        hp_diff = [
-            f"{k}: checkpoint {saved_hp[k]!r} vs model {self.hparams[k]!r}"
-            for k in ARCHITECTURE_KEYS
-            if k in saved_hp and k in self.hparams and _norm(saved_hp[k]) != _norm(self.hparams[k])
-        ]
+        # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
+        mine = _resolved(self.hparams.get("arch") or self.model.config)
+        flat = flat_arch(saved_hp)
+        if flat is not None and "arch" not in saved_hp:
+            if differ := _differences(flat, mine, FIELD_NAMES):  # all: a window or a kernel changes results too
+                raise ValueError(
+                    f"checkpoint keeps its architecture as flat hyperparameters (saved before GPTConfig) and it "
+                    f"differs from this model's ({'; '.join(differ)}); load it with LitTinyGPT.load_from_checkpoint("
+                    f"path, arch={_config_call(flat)}), or resume training with a model of that arch"
+                )
+        hp_diff = _differences(flat or saved_hp.get("arch") or {}, mine, WEIGHT_FIELDS)
         # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
         saved = checkpoint.get("state_dict")
         mine = self.state_dict() if saved is not None else {}
@@ -325,7 +302,7 @@ class LitTinyGPT(L.LightningModule):
         if self._flops_constants is None:  # (matmul weights, FLOPs per attended pair) of this model
             m = self.model
             matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            self._flops_constants = (matmul, 4 * len(m.blocks) * m.n_heads * m.blocks[0].attn.head_dim)
+            self._flops_constants = (matmul, 4 * m.config.n_layers * m.config.n_heads * m.config.head_dim)
         matmul, per_pair = self._flops_constants
         stats = batch.get("stats") or {}
         window = self.model.attention_window
@@ -359,7 +336,7 @@ class LitTinyGPT(L.LightningModule):
         self.eval()
         for _ in range(max_new_tokens):
             # eager: a compiled whole-model graph would recompile for every new length
-            logits = self(ids[:, -self.hparams.max_seq_len :], eager=True)[:, -1].float()
+            logits = self(ids[:, -self.model.max_seq_len :], eager=True)[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -432,3 +409,35 @@ def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
 
 def _norm(value):
     return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+
+
+def flat_arch(hparams: Mapping) -> dict | None:
+    """The architecture fields that hyperparameters saved before ``GPTConfig`` hold flat (beside
+    ``lr``), or None where there are none."""
+    found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
+    return found or None
+
+
+def _resolved(fields: Mapping | GPTConfig) -> dict:
+    """The fields (of a config or a dict of them) with ``n_kv_heads`` null resolved to ``n_heads``."""
+    fields = fields.to_dict() if isinstance(fields, GPTConfig) else dict(fields)
+    if fields.get("n_kv_heads") is None and "n_heads" in fields:
+        fields["n_kv_heads"] = fields["n_heads"]
+    return fields
+
+
+def _differences(saved: Mapping | GPTConfig, mine: dict, keys: tuple[str, ...]) -> list[str]:
+    """``"key: checkpoint a vs model b"`` for each of ``keys`` that ``saved`` holds with another value."""
+    saved = _resolved(saved)
+    return [
+        f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}"
+        for k in keys
+        if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])
+    ]
+
+
+def _config_call(fields: Mapping) -> str:
+    """``GPTConfig(...)`` source for ``fields``, listing only the values that differ from the defaults."""
+    default = GPTConfig().to_dict()
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in default and v != default[k])
+    return f"GPTConfig({args})"

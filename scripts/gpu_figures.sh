@@ -68,7 +68,7 @@ has train && run train_gpt2_124m_eager_vs_compiled_200 $BENCH train $C124 --step
 if has runs; then
   for cfg in counting fortunes_padded fortunes_packed default; do
     extra=()
-    [[ $cfg == counting ]] && extra=(--model.attention xformers)
+    [[ $cfg == counting ]] && extra=(--model.arch.attention xformers)
     run "fit_$cfg" $CLI fit --config "configs/$cfg.yaml" "${extra[@]}" --trainer.enable_progress_bar false \
       --trainer.logger.init_args.save_dir "$OUT/runs"
   done
@@ -103,7 +103,7 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   if has runs; then  # the 124M config with a 64-token window: fa4 (auto) and xformers
     for k in auto xformers; do
       run "fit_gpt2_124m_w64_$k" $CLI fit --config configs/gpt2_124m.yaml --trainer.max_steps 80 \
-        --model.attention_window 64 --model.attention "$k" --trainer.enable_progress_bar false \
+        --model.arch.attention_window 64 --model.arch.attention "$k" --trainer.enable_progress_bar false \
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "gpt2_124m_w64_$k"
     done
   fi

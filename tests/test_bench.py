@@ -120,7 +120,7 @@ def test_packing_bench_counts_real_tokens(tmp_path):
 def test_train_bench_same_loss_three_ways_and_curves(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "model: {arch: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}}\n"
         "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
         "       counting_length: 8, counting_documents: 20, drop_last: true}\n"
         "trainer: {precision: 32-true}\n"
@@ -149,7 +149,7 @@ def test_train_bench_times_the_monitor_hooks(tmp_path):
     """``--hook-us``: µs per timed step in each monitor's per-step hooks, for variants with monitors."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "model: {arch: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}}\n"
         "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
         "       counting_length: 8, counting_documents: 40, drop_last: true}\n"
         "trainer: {precision: 32-true}\n"
@@ -191,7 +191,7 @@ def test_train_bench_repeats_interleaved_and_the_rows_loop(tmp_path, monkeypatch
     FLOPs differ from the document-masked loop's."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "model: {arch: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}}\n"
         "data: {corpus: counting, batch_mode: packed, seq_len: 16, batch_size: 2, counting_vocab: 16,\n"
         "       counting_length: 5, counting_documents: 400}\n"
         "trainer: {precision: 32-true}\n"
@@ -232,7 +232,7 @@ def test_train_bench_records_the_mlp_kernel_and_keeps_the_plain_loop_on_torch(tm
     overrides the config's."""
     config = tmp_path / "gelu.yaml"
     config.write_text(
-        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa, ffn: gelu, mlp_kernel: auto}\n"
+        "model: {arch: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa, ffn: gelu, mlp_kernel: auto}}\n"
         "data: {corpus: counting, batch_mode: packed, seq_len: 16, batch_size: 2, counting_vocab: 16,\n"
         "       counting_length: 5, counting_documents: 400}\n"
         "trainer: {precision: bf16-mixed}\n"
@@ -254,10 +254,11 @@ def test_train_bench_records_the_mlp_kernel_and_keeps_the_plain_loop_on_torch(tm
 def test_rows_loop_counts_the_flops_of_whole_rows():
     """``loop+rows`` attends across whole rows: its FLOPs count T(T+1)/2 pairs per row, not the
     documents' pairs that the batch's stats carry."""
+    from lit_xf.config import GPTConfig
     from lit_xf.data import collate_rows
     from lit_xf.module import LitTinyGPT
 
-    model = LitTinyGPT(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa")
+    model = LitTinyGPT(GPTConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa"))
     batch = collate_rows([[[1] * 5, [2] * 6], [[3] * 16]], seq_len=16, pad_id=0)
     whole = model.flops_per_batch({"input_ids": batch["input_ids"], "doc_lens": [[16], [16]]})
     assert model.flops_per_batch(bench.as_full_rows(batch)) == whole > model.flops_per_batch(batch)
@@ -269,7 +270,7 @@ def test_train_bench_profiles_a_window_inside_the_warmup(tmp_path):
     warm-up or a malformed one is refused."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "model: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}\n"
+        "model: {arch: {d_model: 16, n_layers: 1, n_heads: 2, attention: sdpa}}\n"
         "data: {corpus: counting, batch_mode: padded, seq_len: 8, batch_size: 4, counting_vocab: 16,\n"
         "       counting_length: 8, counting_documents: 400}\n"
         "trainer: {precision: 32-true}\n"

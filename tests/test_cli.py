@@ -129,14 +129,14 @@ def test_print_config_shows_links_and_round_trips(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert config["data"]["corpus"] == "fortunes" and config["data"]["batch_mode"] == "packed"
-    assert config["model"]["attention"] == "auto"
+    assert config["model"]["arch"]["attention"] == "auto" and config["model"]["lr"] == 3e-3
     assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]][:3] == [
         "PeakMemoryMonitor",
         "KernelTimer",
         "ThroughputMonitor",
     ]
     # Linked: set from data.seq_len / data.vocab_size, so they are not keys of their own.
-    assert "max_seq_len" not in config["model"] and "vocab_size" not in config["model"]
+    assert "max_seq_len" not in config["model"]["arch"] and "vocab_size" not in config["model"]["arch"]
     (tmp_path / "printed.yaml").write_text(printed)
     assert cli.main(["fit", "--config", "printed.yaml", "--print_config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == config
@@ -145,25 +145,26 @@ def test_print_config_shows_links_and_round_trips(tmp_path, monkeypatch, capsys)
 # -- bad input: one clear message, non-zero exit, no traceback -------------------------------------
 # case -> (arguments, extra environment, texts the error must name, exit status or None for any non-zero)
 BAD_INPUTS = {
-    "unknown_key_on_the_command_line": (["fit", "--model.d_modle", "64"], {}, ["--model.d_modle"], 2),
-    "unknown_key_in_a_config_file": (["fit", "--config", "bad_key.yaml"], {}, ["model.d_modle"], 2),
+    "unknown_key_on_the_command_line": (["fit", "--model.arch.d_modle", "64"], {}, ["--model.arch.d_modle"], 2),
+    "unknown_key_in_a_config_file": (["fit", "--config", "bad_key.yaml"], {}, ["model.arch.d_modle"], 2),
+    "flat_architecture_key": (["fit", "--config", "flat_key.yaml"], {}, ["model.n_heads", "model.arch.n_heads"], 2),
     "wrong_type": (["fit", "--trainer.max_steps", "ten"], {}, ["trainer.max_steps", "ten"], 2),
     "missing_config_file": (["fit", "--config", "configs/nope.yaml"], {}, ["nope.yaml", "does not exist"], 2),
     "missing_corpus": (["fit", "--data.corpus", "no_such_corpus.txt"], {}, ["lit-xf: error:", "no_such_corpus.txt"], 1),
     "heads_not_dividing_width": (
-        ["fit", "--config", str(DEFAULT_CONFIG), "--model.n_heads", "5"],
+        ["fit", "--config", str(DEFAULT_CONFIG), "--model.arch.n_heads", "5"],
         {},
         ["lit-xf: error:", "n_heads=5 must divide d_model=192"],
         1,
     ),
     "window_not_positive": (
-        ["fit", "--model.attention_window", "0"],
+        ["fit", "--model.arch.attention_window", "0"],
         {},
         ["lit-xf: error:", "attention_window must be a positive number of tokens or None, got 0"],
         1,
     ),
     "kv_heads_not_dividing_heads": (
-        ["fit", "--model.n_kv_heads", "3"],
+        ["fit", "--model.arch.n_kv_heads", "3"],
         {},
         ["lit-xf: error:", "n_kv_heads=3 must divide n_heads=8"],
         1,
@@ -183,7 +184,8 @@ def bad_runs(tmp_path_factory):
     """Every bad-input case (and one with LIT_XF_DEBUG=1), started together: each pays for importing
     torch and Lightning, so they share the cores instead of queueing."""
     cwd = tmp_path_factory.mktemp("bad_input")
-    (cwd / "bad_key.yaml").write_text("model:\n  d_modle: 64\n")
+    (cwd / "bad_key.yaml").write_text("model:\n  arch:\n    d_modle: 64\n")
+    (cwd / "flat_key.yaml").write_text("model:\n  n_heads: 4\n")
     env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
     cases = {name: (args, extra) for name, (args, extra, _, _) in BAD_INPUTS.items()}
     cases["debug"] = (["fit", "--data.corpus", "missing.txt"], {"LIT_XF_DEBUG": "1"})

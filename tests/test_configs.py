@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_xf import LitTinyGPT
 from lit_xf.cli import LitXfCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -19,7 +21,7 @@ SHRINK = {
     "gpt2_small.yaml": ["--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"],
     "gpt2_124m.yaml": [
         *("--data.seq_len", "128", "--data.batch_size", "2", "--data.num_workers", "0"),
-        *("--data.bpe_vocab_size", "512", "--model.n_layers", "2"),
+        *("--data.bpe_vocab_size", "512", "--model.arch.n_layers", "2"),
     ],
 }
 
@@ -60,8 +62,8 @@ def test_config_builds(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-xf"])  # args come from the test, not pytest's command line
     cli = LitXfCLI(run=False, args=["--config", str(config), *CPU, *SHRINK.get(config.name, [])])
     data, model = cli.datamodule, cli.model
-    assert model.hparams.max_seq_len == data.seq_len
-    assert model.hparams.vocab_size == data.vocab_size
+    assert model.hparams.arch["max_seq_len"] == model.model.config.max_seq_len == data.seq_len
+    assert model.hparams.arch["vocab_size"] == model.model.config.vocab_size == data.vocab_size
     assert model.model.tok_emb.num_embeddings == data.vocab_size
 
 
@@ -95,6 +97,22 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
     assert "| attention window | none |" in info
+
+
+def test_a_cli_checkpoint_rebuilds_its_model(tmp_path, monkeypatch):
+    """A run's checkpoint stores the architecture as model.arch, a plain dict, with the linked
+    vocab_size and max_seq_len in it: ``load_from_checkpoint`` rebuilds the same model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit-xf"])
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+    args = ["fit", "--config", str(CONFIGS[0].parent / "default.yaml"), *CPU, *quiet, "--trainer.max_steps", "1"]
+    cli = LitXfCLI(args=[*args, "--model.arch.n_layers", "1", "--data.seq_len", "64"])
+    cli.trainer.save_checkpoint(tmp_path / "run.ckpt")
+    hparams = torch.load(tmp_path / "run.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["arch"]["n_layers"] == 1 and hparams["arch"]["max_seq_len"] == 64
+    assert hparams["arch"]["vocab_size"] == cli.datamodule.vocab_size
+    loaded = LitTinyGPT.load_from_checkpoint(tmp_path / "run.ckpt")
+    assert loaded.model.config == cli.model.model.config and loaded.hparams.lr == cli.model.hparams.lr
 
 
 def test_padded_and_packed_differ_only_in_batching():

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-from lit_xf import LitTinyGPT
+from lit_xf import GPTConfig, LitTinyGPT
 from lit_xf.data import ResumableSampler, RowDataset, ShardSampler, TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import token_cross_entropy
 
@@ -42,7 +42,7 @@ DATA = dict(
     val_fraction=0.05,
     seed=3,
 )
-MODEL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, attention="sdpa", warmup_steps=10)
+MODEL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, attention="sdpa")
 TRAINER = dict(
     accelerator="cpu",
     devices=WORLD,
@@ -59,7 +59,7 @@ TIMEOUT = timedelta(seconds=120)  # a rank that dies makes the other fail soon, 
 
 def make_model(vocab_size: int) -> LitTinyGPT:
     torch.manual_seed(0)  # the same weights in every process (FSDP does not broadcast them)
-    return LitTinyGPT(vocab_size=vocab_size, **MODEL)
+    return LitTinyGPT(GPTConfig(vocab_size=vocab_size, **MODEL), warmup_steps=10)
 
 
 def train_documents(dm: TextDataModule) -> tuple[list[list[int]], list[list[int]]]:

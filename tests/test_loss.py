@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lit_xf import LitTinyGPT
+from lit_xf import GPTConfig, LitTinyGPT
 from lit_xf.loss import IGNORE_INDEX, _nll_and_grad_in_place, linear_cross_entropy, token_cross_entropy, token_hits
 
 
@@ -92,7 +92,7 @@ def test_training_step_loss_and_gradients_equal_the_loss_on_logits():
     """LitTinyGPT's training step (fused loss, tied embeddings) gives the loss and every parameter
     gradient of ``token_cross_entropy`` on the model's logits."""
     torch.manual_seed(0)
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=True)
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=True))
     model.double()
     ids = torch.randint(0, 50, (2, 16))
     labels = torch.roll(ids, -1, dims=1)

@@ -1,6 +1,7 @@
 """LitTinyGPT: training, checkpoints, injection from YAML, FLOPs, sampling, and padded == packed."""
 
 import dataclasses
+import re
 
 import lightning as L
 import pytest
@@ -10,12 +11,12 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_xf import LitTinyGPT, TinyGPT
+from lit_xf import GPTConfig, LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import compiled_token_cross_entropy, token_cross_entropy
 from lit_xf.model import GeluMLP, SwiGLU, quack_mlp_problem
-from lit_xf.module import adamw, attended_pairs
+from lit_xf.module import adamw, attended_pairs, flat_arch
 
 TRAINER = dict(
     accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -27,7 +28,7 @@ def test_counting_task_reaches_99_percent_and_generates_the_count():
     """The tutorial's task: next-token accuracy >= 99% on held-out sequences, then the model counts."""
     torch.manual_seed(0)
     dm = TextDataModule(corpus="counting", batch_mode="padded", seq_len=64, batch_size=32, counting_documents=32 * 100)
-    model = LitTinyGPT(vocab_size=dm.vocab_size, max_seq_len=64, attention="sdpa", lr=3e-3, warmup_steps=10)
+    model = LitTinyGPT(GPTConfig(vocab_size=dm.vocab_size, max_seq_len=64, attention="sdpa"), lr=3e-3, warmup_steps=10)
     trainer = L.Trainer(max_steps=70, limit_val_batches=4, **TRAINER)
     trainer.fit(model, dm)
     (metrics,) = trainer.validate(model, dm, verbose=False)
@@ -59,7 +60,7 @@ def _batch(vocab=50, B=2, T=16, doc_lens=((5, 11), (16,))):
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch):
     torch.manual_seed(0)
     batch = _batch()
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, attention="sdpa", **arch)
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, attention="sdpa", **arch))
     trainer = L.Trainer(max_steps=2, **TRAINER)
     trainer.fit(model, _loader(batch, batch))
     path = tmp_path / "model.ckpt"
@@ -69,45 +70,97 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch):
     model.eval(), loaded.eval()
     args = (batch["input_ids"], batch["position_ids"], batch["doc_lens"])
     assert torch.equal(model(*args), loaded(*args))
-    assert loaded.hparams == model.hparams
+    assert loaded.hparams == model.hparams and loaded.model.config == model.model.config
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["arch"] == model.model.config.to_dict()
 
 
 def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=1, max_seq_len=16)
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=1, max_seq_len=16))
     trainer = L.Trainer(max_steps=1, **TRAINER)
     trainer.fit(model, _loader(_batch()))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     expected = r"another configuration.*tok_emb.weight: checkpoint \[50, 32\] vs model \[50, 64\]"
     with pytest.raises(ValueError, match=expected):
-        LitTinyGPT.load_from_checkpoint(path, d_model=64)
-    other = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16)
+        LitTinyGPT.load_from_checkpoint(path, arch=GPTConfig(vocab_size=50, d_model=64, n_layers=1, max_seq_len=16))
+    other = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16))
     with pytest.raises(ValueError, match="n_layers: checkpoint 1 vs model 2"):
         L.Trainer(max_steps=2, **TRAINER).fit(other, _loader(_batch()), ckpt_path=path)
+
+
+def test_checkpoint_with_flat_architecture_hyperparameters(tmp_path):
+    """A checkpoint from before GPTConfig (architecture fields flat beside lr) is refused with the
+    ``arch=GPTConfig(...)`` that loads it, and loads with it."""
+    arch = GPTConfig(vocab_size=50, d_model=32, n_layers=1, max_seq_len=16, positions="rope", attention="sdpa")
+    model = LitTinyGPT(arch, lr=2e-3)
+    trainer = L.Trainer(max_steps=1, **TRAINER)
+    trainer.fit(model, _loader(_batch()))
+    path = tmp_path / "flat.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    hp.update(hp.pop("arch"))  # the old layout
+    torch.save(checkpoint, path)
+    assert flat_arch(hp) == arch.to_dict() and flat_arch({"lr": 1e-3}) is None
+
+    want = "arch=GPTConfig(vocab_size=50, d_model=32, n_layers=1, max_seq_len=16, attention='sdpa', positions='rope')"
+    expected = r"flat hyperparameters.*d_model: checkpoint 32 vs model 128.*" + re.escape(want)
+    with pytest.raises(ValueError, match=expected):
+        LitTinyGPT.load_from_checkpoint(path)
+    loaded = LitTinyGPT.load_from_checkpoint(path, arch=arch)
+    assert loaded.hparams.lr == 2e-3 and loaded.model.config == arch
+    ids = torch.randint(0, 50, (2, 16))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(ids), loaded(ids))
+
+
+def test_gpt_config_derives_sizes_and_refuses_what_cannot_be_built():
+    config = GPTConfig(d_model=96, n_heads=6, n_kv_heads=2)
+    assert (config.head_dim, config.kv_heads, config.q_per_kv) == (16, 2, 3)
+    assert GPTConfig().kv_heads == 8 and GPTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown GPTConfig field.*d_modle"):
+        GPTConfig.from_dict({"d_modle": 64})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.d_model = 64
+    for bad, message in (
+        (dict(n_heads=5, d_model=192), r"n_heads=5 must divide d_model=192 \(e.g. n_heads=4\)"),
+        (dict(n_kv_heads=3), r"n_kv_heads=3 must divide n_heads=8"),
+        (dict(n_kv_heads=0), r"n_kv_heads must be a positive integer or None"),
+        (dict(d_model=24, n_heads=8, positions="rope"), r"RoPE needs an even head dim, got d_model/n_heads=3"),
+        (dict(ffn="relu"), r"unknown ffn 'relu'"),
+        (dict(norm="batchnorm"), r"unknown norm 'batchnorm'"),
+        (dict(dropout=1.0), r"dropout must be a probability"),
+        (dict(attention="fa4:grouped", attention_window=8), r"has no sliding window"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**bad)
+    # TinyGPT takes the config, or its fields as keywords (validated the same way)
+    assert TinyGPT(config, vocab_size=40).config == dataclasses.replace(config, vocab_size=40)
+    with pytest.raises(ValueError, match="n_kv_heads=3 must divide"):
+        TinyGPT(n_kv_heads=3)
+    with pytest.raises(TypeError, match="TinyGPT takes a GPTConfig"):
+        TinyGPT({"d_model": 64})
 
 
 def test_ffn_and_norm_swap_from_yaml():
     parser = ArgumentParser()
     parser.add_class_arguments(LitTinyGPT, "model")
-    config = yaml.safe_dump(
-        {
-            "model": {
-                "vocab_size": 50,
-                "d_model": 32,
-                "max_seq_len": 16,
-                "norm": "rmsnorm",
-                "ffn": {"class_path": "lit_xf.model.GeluMLP", "init_args": {"hidden_mult": 2}},
-            }
-        }
-    )
-    cfg = parser.parse_string(config)
+    arch = {
+        "vocab_size": 50,
+        "d_model": 32,
+        "max_seq_len": 16,
+        "norm": "rmsnorm",
+        "ffn": {"class_path": "lit_xf.model.GeluMLP", "init_args": {"hidden_mult": 2}},
+    }
+    cfg = parser.parse_string(yaml.safe_dump({"model": {"arch": arch, "lr": 1e-2}}))
     model = parser.instantiate_classes(cfg).model
+    assert model.hparams.lr == 1e-2 and model.model.config.d_model == 32
     for block in model.model.blocks:
         assert isinstance(block.ffn, GeluMLP) and block.ffn.fc1.out_features == 64
         assert isinstance(block.norm1, torch.nn.RMSNorm)
     assert len({id(b.ffn) for b in model.model.blocks}) == len(model.model.blocks)  # one FFN per layer
 
-    cfg = parser.parse_string(yaml.safe_dump({"model": {"vocab_size": 50, "d_model": 32, "ffn": "swiglu"}}))
+    cfg = parser.parse_string(yaml.safe_dump({"model": {"arch": {"vocab_size": 50, "d_model": 32, "ffn": "swiglu"}}}))
     assert isinstance(parser.instantiate_classes(cfg).model.model.blocks[0].ffn, SwiGLU)
 
 
@@ -131,17 +184,17 @@ def test_gelu_mlp_kernel_choice_off_gpu_and_its_errors(caplog):
         GeluMLP(16, kernel="quack")(x)  # float32, no autocast
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="mlp_kernel='quack' can't run here: it is CUDA-only"):
-            LitTinyGPT(ffn="gelu", mlp_kernel="quack")
+            LitTinyGPT(GPTConfig(ffn="gelu", mlp_kernel="quack"))
     with pytest.raises(ValueError, match="fuses the GELU MLP only"):
         TinyGPT(ffn="swiglu", mlp_kernel="quack")
     with pytest.raises(ValueError, match="unknown mlp_kernel 'fast'; choose one of auto, torch, quack"):
-        LitTinyGPT(ffn="gelu", mlp_kernel="fast")
-    lit = LitTinyGPT(ffn="gelu", mlp_kernel="auto")
+        LitTinyGPT(GPTConfig(ffn="gelu", mlp_kernel="fast"))
+    lit = LitTinyGPT(GPTConfig(ffn="gelu", mlp_kernel="auto"))
     assert all(block.ffn.kernel == "auto" for block in lit.model.blocks)
     assert lit.mlp_kernel_name == "torch (quack: it computes in bf16/fp16, this call in torch.float32 " + (
         "(train with precision bf16-mixed or 16-mixed))"
     )  # run/info's line; no trainer: 32-bit
-    assert LitTinyGPT(ffn="swiglu", mlp_kernel="auto").mlp_kernel_name == "torch"
+    assert LitTinyGPT(GPTConfig(ffn="swiglu", mlp_kernel="auto")).mlp_kernel_name == "torch"
     with caplog.at_level("WARNING", logger="lit_xf.model"):
         TinyGPT(ffn="gelu", mlp_kernel="auto").compile_model("cudagraphs")
         TinyGPT(ffn="gelu").compile_model("cudagraphs")
@@ -185,7 +238,7 @@ def test_gpu_quack_gelu_mlp_matches_float64(dtype):
 
 
 def test_flops_count_document_sparsity():
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attention="sdpa")
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attention="sdpa"))
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     per_pair = 4 * 2 * 4 * 8  # 4 · layers · heads · head_dim
 
@@ -209,7 +262,7 @@ def test_attended_pairs_counts_each_querys_visible_keys():
 def test_flops_count_the_sliding_window():
     """With a window the attention term counts min(i + 1, W) keys per query, not the collate's
     causal pairs."""
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attention_window=4)
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attention_window=4))
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     packed = _batch(doc_lens=((5, 11), (16,)))
     pairs = (10 + 4) + (10 + 7 * 4) + (10 + 12 * 4)  # W(W+1)/2 + (n − W)·W per document
@@ -275,7 +328,8 @@ def test_imported_like_an_outside_project(tmp_path):
                 batches.append({"input_ids": ids, "labels": labels, "doc_lens": [[24]] * 4})
             return _loader(*batches)
 
-    model = LitTinyGPT(vocab_size=8, d_model=32, n_layers=1, n_heads=2, max_seq_len=24, lr=1e-2, warmup_steps=0)
+    arch = GPTConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, max_seq_len=24)
+    model = LitTinyGPT(arch, lr=1e-2, warmup_steps=0)
     losses = []
 
     class Record(L.Callback):
@@ -288,7 +342,7 @@ def test_imported_like_an_outside_project(tmp_path):
 
 def test_generate_validates_and_respects_top_k_and_eos():
     torch.manual_seed(0)
-    model = LitTinyGPT(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    model = LitTinyGPT(GPTConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
     out = model.generate(torch.tensor([1, 2]), max_new_tokens=12, top_k=1)  # top-1 sampling == greedy
     assert out.shape == (14,)  # a 1-D prompt gives a 1-D result; context cropped past max_seq_len
     assert torch.equal(out, model.generate(torch.tensor([1, 2]), max_new_tokens=12, temperature=0))
@@ -307,18 +361,6 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
-
-
-def test_lightning_module_and_model_share_architecture_defaults():
-    """LitTinyGPT repeats TinyGPT's arguments (flat YAML keys); their defaults must not drift apart."""
-    import inspect
-
-    model_params = inspect.signature(TinyGPT.__init__).parameters
-    module_params = inspect.signature(LitTinyGPT.__init__).parameters
-    shared = [name for name in model_params if name != "self" and name in module_params]
-    assert len(shared) >= 12
-    for name in shared:
-        assert module_params[name].default == model_params[name].default, name
 
 
 def _tiny_counting() -> TextDataModule:
@@ -399,7 +441,7 @@ def test_compile_option_is_validated_and_cudagraphs_stays_eager_on_cpu(caplog):
     with pytest.raises(ValueError, match="unknown compile mode"):
         TinyGPT().compile_model("fast")
     dm = _tiny_counting()
-    model = LitTinyGPT(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, compile="cudagraphs")
+    model = LitTinyGPT(GPTConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8), compile="cudagraphs")
     with caplog.at_level("INFO"):
         L.Trainer(max_steps=2, limit_val_batches=0, **TRAINER).fit(model, dm)
     assert model.model.compile_mode is None  # CUDA graphs need CUDA: eager here, and it said so
@@ -426,7 +468,7 @@ def test_compiled_loss_equals_eager_and_compiled_models_use_it(reduction):
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-2, atol=1e-3)  # bf16 gradient
     assert compiled_grad[0, :2].abs().max() == 0 and compiled_grad[1].abs().max() > 0
 
-    model = LitTinyGPT(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, compile="blocks")
+    model = LitTinyGPT(GPTConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8), compile="blocks")
     assert model._cross_entropy is token_cross_entropy
     L.Trainer(max_steps=1, limit_val_batches=0, **TRAINER).fit(model, _tiny_counting())
     assert model._cross_entropy is compiled_token_cross_entropy
@@ -473,7 +515,7 @@ def test_fused_adamw_is_clipped_without_a_grad_scaler(algorithm):
         seen: list[torch.Tensor] = []
         torch.manual_seed(0)
         dm = _tiny_counting()
-        model = Probe(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="sdpa")
+        model = Probe(GPTConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, attention="sdpa"))
         trainer = L.Trainer(
             max_steps=4,
             limit_val_batches=0,
@@ -549,7 +591,7 @@ def test_gpu_only_logged_steps_wait_for_the_gpu(tmp_path):
     from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
 
     dm = TextDataModule(corpus="counting", batch_mode="packed", seq_len=64, batch_size=8, counting_documents=800)
-    model = LitTinyGPT(vocab_size=dm.vocab_size, max_seq_len=64, d_model=64, n_layers=2, n_heads=4)
+    model = LitTinyGPT(GPTConfig(vocab_size=dm.vocab_size, max_seq_len=64, d_model=64, n_layers=2, n_heads=4))
     guard = _SyncGuard()
     trainer = L.Trainer(
         accelerator="gpu",
@@ -584,7 +626,7 @@ def test_validation_metrics_are_means_over_real_target_tokens():
     batches = [_batch(doc_lens=((5, 11), (16,))), _batch(doc_lens=((3,), (7, 2))), _batch(doc_lens=((16,), (9,)))]
     empty = _batch(doc_lens=((4,), (6,)))
     empty["labels"].fill_(IGNORE_INDEX)
-    model = LitTinyGPT(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, attention="sdpa")
+    model = LitTinyGPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, attention="sdpa"))
     (got,) = L.Trainer(**TRAINER).validate(model, _loader(*batches, empty), verbose=False)
 
     accuracy = MulticlassAccuracy(50, average="micro", ignore_index=IGNORE_INDEX)

@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=400, help="steps per run (default: 400)")
     t.add_argument("--warmup-steps", type=int, default=50, help="untimed steps at the start (default: 50)")
     t.add_argument("--precision", default=None, help="default: the config's trainer.precision")
-    t.add_argument("--attention", default=None, help="override the config's model.attention")
-    t.add_argument("--mlp-kernel", choices=MLP_KERNELS, default=None, help="override the config's model.mlp_kernel")
+    t.add_argument("--attention", default=None, help="override the config's model.arch.attention")
+    t.add_argument("--mlp-kernel", choices=MLP_KERNELS, default=None, help="override model.arch.mlp_kernel")
     t.add_argument("--batch-size", type=int, default=None, help="override the config's data.batch_size")
     t.add_argument("--batch-mode", choices=BATCH_MODES, default=None, help="override the config's data.batch_mode")
     t.add_argument(

@@ -48,11 +48,13 @@ def bench_train(args) -> list[dict]:
         data_kwargs["batch_mode"] = args.batch_mode
     dm = TextDataModule(**data_kwargs)
     dm.setup("fit")
-    model_kwargs = dict(cfg.get("model") or {}) | dict(vocab_size=dm.vocab_size, max_seq_len=dm.hparams.seq_len)
+    model_kwargs = dict(cfg.get("model") or {})  # LitTinyGPT's arguments, the architecture under "arch"
+    arch = dict(model_kwargs.get("arch") or {}) | dict(vocab_size=dm.vocab_size, max_seq_len=dm.hparams.seq_len)
     if args.attention:
-        model_kwargs["attention"] = args.attention
+        arch["attention"] = args.attention
     if args.mlp_kernel:
-        model_kwargs["mlp_kernel"] = args.mlp_kernel
+        arch["mlp_kernel"] = args.mlp_kernel
+    model_kwargs["arch"] = arch
     trainer_cfg = cfg.get("trainer") or {}
     precision = args.precision or trainer_cfg.get("precision", "32-true")
     device = torch.device(args.device)
@@ -175,7 +177,7 @@ def hand_loop(base, parts, model_kwargs, dm, precision, args, trainer_cfg, devic
 
     rows, fused = "rows" in parts, "fused" in parts
     plain = {"attention": "sdpa", "mlp_kernel": "torch"} if rows else {}  # nanoGPT's loop: torch's kernels only
-    lit = LitTinyGPT(**(model_kwargs | plain))  # the Lightning runs' initialization
+    lit = LitTinyGPT(**(model_kwargs | {"arch": model_kwargs["arch"] | plain}))  # the Lightning runs' initialization
     hp, model = lit.hparams, lit.model.to(device)
     loss_fn = token_cross_entropy
     if _compile_mode(parts):  # the loss compiled too, as in nanoGPT (whose compiled model returns it)
