@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention import KernelName, PositionScheme
-from lit_xf.callbacks import precision_dtype
+from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
     LossParts,
     compiled_token_cross_entropy,
