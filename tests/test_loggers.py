@@ -57,14 +57,14 @@ def test_scalar_event_process_round_trip_in_batches(tmp_path):
 def test_a_dead_writer_process_loses_no_queued_step(tmp_path):
     """The child dies: the steps it had not taken are written in-process, with one warning, and the
     rest of the run is written in-process too; the prefix is applied either way."""
-    logger = AsyncTensorBoardLogger(tmp_path, name="run", prefix="pre", batch_steps=50)
+    logger = AsyncTensorBoardLogger(tmp_path, name="run", prefix="pre", batch_calls=50)
     for step in range(3):
         logger.log_metrics({"time/step_ms": float(step)}, step=step)
     child = logger._writer
     child._proc.kill()
     child._proc.wait()
     with pytest.warns(UserWarning, match="writer process"):
-        for step in range(3, 60):  # the 50th step sends a batch to the dead child
+        for step in range(3, 60):  # the 50th call sends a batch to the dead child
             logger.log_metrics({"time/step_ms": float(step)}, step=step)
     assert logger._writer is None
     logger.finalize("success")
