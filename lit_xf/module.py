@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention.layout import attended_pairs
-from lit_xf.callbacks import precision_dtype
 from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
+from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
     LossParts,
     compiled_token_cross_entropy,

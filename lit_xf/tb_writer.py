@@ -1,12 +1,10 @@
 """TensorBoard scalar events written in a child process, so that the training thread pays only for
-queueing them.
+queueing them (``lit_xf.loggers.AsyncTensorBoardLogger`` uses it).
 
-Writing an event in the training process costs its thread 100-170 µs: building the protos,
-serializing, and tensorboard's writer thread computing a pure-Python CRC-32C while it holds the
-GIL. ``ScalarEventProcess`` hands steps over in batches (one pickle of ``[[step, wall_time,
+``ScalarEventProcess`` hands steps over in batches (one pickle of ``[[step, wall_time,
 {tag: value}], ...]`` per batch: ~0.5 µs per step to encode on a 2-core CPU, JSON took ~10) to
-this file run as a script, which writes them with tensorboard's own ``EventFileWriter`` into the
-same log directory (TensorBoard merges a directory's event files).
+this file run as a script, which writes each entry as one event with tensorboard's own
+``EventFileWriter`` into the given log directory (TensorBoard merges a directory's event files).
 This module imports only the standard library; the child imports only tensorboard.
 """
 

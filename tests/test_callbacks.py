@@ -1,8 +1,11 @@
-"""Callbacks on a real CPU Trainer run, read back from TensorBoard event files."""
+"""The monitors on real CPU Trainer runs, read back from TensorBoard event files.
 
-import collections
+``fit``, ``TinyLM`` and ``make_batch`` are the harness the logger tests share (``tests/test_loggers.py``).
+"""
+
 import math
 import os
+import re
 import time
 import types
 
@@ -12,30 +15,23 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader
 
 from lit_xf.callbacks import (
-    _EVENT_PROCESSES,
-    _MAX_PENDING,
-    _READ_EVERY,
-    ATTENTION_KERNEL_PATTERN,
+    MEMORY_TAGS,
     TAGS,
+    THROUGHPUT_TAGS,
+    TIME_TAGS,
+    DeviceClock,
     KernelTimer,
     PeakMemoryMonitor,
+    StepMonitor,
     ThroughputMonitor,
-    _Clock,
-    _step_scalars,
-    _StepCallback,
-    _StepScalars,
-    _write_tensorboard_event,
     attention_share,
-    dense_peak_flops,
-    resolve_peak_flops,
     top_kernels_table,
 )
-from lit_xf.tb_writer import ScalarEventProcess
+from lit_xf.callbacks.deferred import _MAX_PENDING, _READ_EVERY
 
 VOCAB, T = 32, 16
 
@@ -116,9 +112,10 @@ class TinyLM(L.LightningModule):
         return 3 * (2 * matmul_params * batch["stats"]["real_tokens"] + attn)
 
 
-def fit(tmp_path, callbacks, max_steps: int, accumulate: int = 1, **trainer_kwargs):
+def fit(tmp_path, callbacks, max_steps: int, accumulate: int = 1, logger_cls=TensorBoardLogger, **trainer_kwargs):
+    """Train ``TinyLM`` on ``DOC_LENS`` on the CPU; returns the batches and the run's TensorBoard events."""
     batches = [make_batch(lens, seed=i) for i, lens in enumerate(DOC_LENS)]
-    logger = TensorBoardLogger(tmp_path, name="run")
+    logger = logger_cls(tmp_path, name="run")
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **trainer_kwargs}
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -141,6 +138,11 @@ def fit(tmp_path, callbacks, max_steps: int, accumulate: int = 1, **trainer_kwar
 def steps_and_values(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
     scalars = events.Scalars(tag)
     return [s.step for s in scalars], [s.value for s in scalars]
+
+
+def text_steps(events: EventAccumulator, tag: str) -> list[int]:
+    tensors = events.Tags()["tensors"]
+    return [t.step for t in events.Tensors(tag + "/text_summary")] if tag + "/text_summary" in tensors else []
 
 
 def test_fit_logs_one_value_per_step(tmp_path):
@@ -181,26 +183,88 @@ def test_fit_logs_one_value_per_step(tmp_path):
     _, mfu = steps_and_values(events, "throughput/mfu")
     assert mfu == pytest.approx(tflops, rel=1e-5)
 
-    tensors = set(events.Tags()["tensors"])
-    assert "custom_scalars__config__" in tensors
-    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    layout_tags = {tag for cat in layout.category for chart in cat.chart for tag in chart.multiline.tag}
-    assert layout_tags == {t + "$" for t in TAGS}
+    # the first monitor writes the run-level text once: the layout and run/info
+    layouts = events.Tensors("custom_scalars__config__")
+    assert len(layouts) == 1
+    layout = layout_pb2.Layout.FromString(layouts[0].tensor_proto.string_val[0])
+    regexes = [tag for cat in layout.category for chart in cat.chart for tag in chart.multiline.tag]
+    assert len(regexes) == len(TAGS)
+    for tag, rx in zip(TAGS, regexes, strict=True):  # the layout lists TAGS in order, any logger prefix allowed
+        assert re.match(rx, tag) and re.match(rx, "pre-" + tag) and not re.match(rx, tag + "_x"), (tag, rx)
 
     info = events.Tensors("run/info/text_summary")
     assert len(info) == 1
     text = info[0].tensor_proto.string_val[0].decode()
     assert "sdpa" in text and torch.__version__ in text and L.__version__ in text and "xformers" in text
-    top = events.Tensors("time/top_kernels/text_summary")
-    assert [t.step for t in top] == [2, 5]
+    assert "| peak FLOP/s (MFU denominator) | 1e+12 |" in text  # ThroughputMonitor's run_facts()
+    assert text_steps(events, "time/top_kernels") == [2, 5]
 
-    # the monitors' scalars of a step go out as one event (each event costs the training thread time)
-    scalar_events = collections.Counter()
-    for path in (tmp_path / "run" / "version_0").glob("events.out.tfevents.*"):
-        for event in LegacyEventFileLoader(str(path)).Load():
-            if any(v.WhichOneof("value") == "simple_value" for v in event.summary.value):
-                scalar_events[event.step] += 1
-    assert scalar_events == {step: 1 for step in range(6)}
+
+class _FakeAllocator:
+    """``torch.cuda``'s allocator statistics as a CPU run sees them in tests: the c-th read reports
+    peaks of c MiB allocated and 2c MiB reserved, and c - 1 allocation retries since the last read."""
+
+    def __init__(self):
+        self.reads = self.retries = 0
+        self.resets: list[int] = []
+
+    def memory_stats_as_nested_dict(self, index):
+        self.reads += 1
+        self.retries += self.reads - 1
+        mib = 2**20
+        return {
+            "allocated_bytes": {"all": {"peak": self.reads * mib}},
+            "reserved_bytes": {"all": {"peak": 2 * self.reads * mib}},
+            "num_alloc_retries": self.retries,
+            "num_ooms": 0,
+        }
+
+    def reset_peak_memory_stats(self, index):
+        self.resets.append(index)
+
+
+class _CpuMemoryMonitor(PeakMemoryMonitor):
+    """``PeakMemoryMonitor`` reading a fake allocator on the CPU."""
+
+    def setup(self, trainer, pl_module, stage):
+        self._warned = True  # the CPU warning is not what this checks
+        super().setup(trainer, pl_module, stage)
+        self._enabled, self._index, self._base = True, 0, (0, 0)
+
+
+def _memory_alone(monkeypatch):
+    allocator = _FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", allocator.memory_stats_as_nested_dict)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", allocator.reset_peak_memory_stats)
+    return _CpuMemoryMonitor()
+
+
+ALONE = {
+    "memory": (_memory_alone, MEMORY_TAGS),
+    "timer": (lambda _: KernelTimer(profile_every_n_steps=2), TIME_TAGS),
+    "throughput": (lambda _: ThroughputMonitor(window=2, peak_flops=1e12), THROUGHPUT_TAGS),
+}
+
+
+@pytest.mark.parametrize("name", ALONE)
+def test_each_monitor_alone_writes_its_tags_once_per_step(name, tmp_path, monkeypatch):
+    """Only this monitor in the Trainer: its tags, and only its, reach the event files, one point per
+    step and tag; it also writes the run-level text (it is the first monitor)."""
+    make, tags = ALONE[name]
+    steps = 4
+    _, events = fit(tmp_path, [make(monkeypatch)], max_steps=steps)
+    written = {t for t in events.Tags()["scalars"] if t.split("/")[0] in ("memory", "time", "throughput")}
+    assert written == set(tags)
+    for tag in tags:
+        expected = [1, 3] if tag == "time/attention_share" else list(range(steps))
+        assert steps_and_values(events, tag)[0] == expected, tag
+    assert len(events.Tensors("run/info/text_summary")) == 1
+    assert len(events.Tensors("custom_scalars__config__")) == 1
+    if name == "memory":  # the fake allocator's c-th read: c MiB, 2c MiB, c - 1 retries
+        assert steps_and_values(events, "memory/peak_allocated_mib")[1] == [1.0, 2.0, 3.0, 4.0]
+        assert steps_and_values(events, "memory/peak_reserved_mib")[1] == [2.0, 4.0, 6.0, 8.0]
+        assert steps_and_values(events, "memory/alloc_retries")[1] == [0.0, 1.0, 2.0, 3.0]
+        assert steps_and_values(events, "memory/ooms")[1] == [0.0] * steps
 
 
 class _ListLogger:
@@ -218,34 +282,6 @@ class _FakeTrainer:
         self.loggers = [_ListLogger()]
 
 
-def test_step_scalars_merge_reports_and_flush_stragglers():
-    """A step is written once every reporting monitor has reported it; a step some monitor skipped
-    goes out once it is 2·_MAX_PENDING + 1 steps old; late extras and the rest at the end."""
-    trainer, scalars = _FakeTrainer(), _StepScalars()
-    a, b = object(), object()
-    scalars.join(a)
-    scalars.join(b)
-    calls = trainer.loggers[0].calls
-    scalars.add(trainer, {"x": 1.0}, 0, reporter=a)
-    scalars.add(trainer, {"s": 0.5}, 0)  # an extra value: merged, not a report
-    assert calls == []
-    scalars.add(trainer, {"y": 2.0}, 0, reporter=b)
-    assert calls == [(0, {"x": 1.0, "s": 0.5, "y": 2.0})]
-    scalars.add(trainer, {"x": 3.0}, 1, reporter=a)  # b never reports step 1
-    for step in range(2, 2 + 2 * _MAX_PENDING):
-        scalars.add(trainer, {"x": 0.0}, step, reporter=a)
-        scalars.add(trainer, {"y": 0.0}, step, reporter=b)
-    assert (1, {"x": 3.0}) not in calls  # not old enough yet
-    scalars.add(trainer, {"x": 0.0}, 2 + 2 * _MAX_PENDING, reporter=a)
-    assert (1, {"x": 3.0}) in calls
-    scalars.add(trainer, {"late": 1.0}, 0)  # its step was written: goes out at the end, on its own
-    scalars.end(trainer, a)
-    assert (0, {"late": 1.0}) not in calls
-    scalars.end(trainer, b)
-    assert calls[-2:] == [(0, {"late": 1.0}), (2 + 2 * _MAX_PENDING, {"x": 0.0})]
-    assert [step for step, values in calls if "y" in values] == [0, *range(2, 2 + 2 * _MAX_PENDING)]
-
-
 class _LaggingClock:
     """A device clock whose marks complete only when told (or waited for)."""
 
@@ -261,7 +297,7 @@ class _LaggingClock:
         self.done.add(mark)
 
 
-class _StepRecorder(_StepCallback):
+class _StepRecorder(StepMonitor):
     """The deferred-reading machinery with a record per step whose "end mark" is the step index."""
 
     def _measure(self, record):
@@ -273,8 +309,6 @@ def test_unfinished_steps_wait_in_order_and_are_never_dropped():
     ones, in order); past _MAX_PENDING the oldest is waited for; train end waits for the rest."""
     trainer, monitor, clock = _FakeTrainer(), _StepRecorder(), _LaggingClock()
     monitor._clock = clock
-    monitor._run_info_due = False
-    _step_scalars(trainer).join(monitor)
     written = trainer.loggers[0].calls
     step = types.SimpleNamespace
     for s in range(_READ_EVERY):
@@ -293,7 +327,7 @@ def test_unfinished_steps_wait_in_order_and_are_never_dropped():
     assert written[-1] == (last, {"x": float(last)})
 
 
-class _TickClock(_Clock):
+class _TickClock(DeviceClock):
     """Host marks that count hook calls: a phase's "ms" is the number of marks inside it."""
 
     def __init__(self, device):
@@ -313,7 +347,7 @@ def test_phases_split_the_step_at_the_backward_marks(tmp_path, monkeypatch):
     """With two micro-batches a step's marks are: start, before/after backward, start, before/after
     backward, end. Forward and backward sum over both micro-batches; the optimizer runs from the
     last backward's end to the step's end."""
-    monkeypatch.setattr("lit_xf.callbacks._Clock", _TickClock)
+    monkeypatch.setattr("lit_xf.callbacks.kernel_timer.DeviceClock", _TickClock)
     _, events = fit(tmp_path, [KernelTimer(profile_every_n_steps=0)], max_steps=2, accumulate=2)
     expected = {"time/forward_ms": 2.0, "time/backward_ms": 2.0, "time/optimizer_ms": 1.0, "time/step_ms": 6.0}
     for tag, ticks in expected.items():
@@ -367,9 +401,9 @@ class _HookRecordingLogger(Logger):
 
 
 def test_steps_are_read_in_batches_in_a_later_backward(tmp_path):
-    """A step's end only records marks and counts; reading, merging and writing wait until
-    ``_READ_EVERY`` steps have finished and run in the next ``on_after_backward`` (the device is busy
-    then); what is left is written at train end. Each step is still one write with every tag."""
+    """A step's end only records marks and counts; reading and logging wait until ``_READ_EVERY``
+    steps have finished and run in the next ``on_after_backward`` (the device is busy then); what is
+    left is logged at train end. Each monitor logs a step once, with all its tags."""
     logger = _HookRecordingLogger()
     model = TinyLM()
     logger.module = model
@@ -387,14 +421,14 @@ def test_steps_are_read_in_batches_in_a_later_backward(tmp_path):
     )
     batches = [make_batch(lens, seed=i) for i, lens in enumerate(DOC_LENS)]
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
-    writes = [(step, hook, at) for step, hook, at, tags in logger.calls if "time/step_ms" in tags]
-    assert [step for step, _, _ in writes] == list(range(steps))
-    for step, hook, at in writes:
-        if step < 2 * _READ_EVERY:  # read in the backward of the step after each full batch
-            assert (hook, at) == ("on_after_backward", (step // _READ_EVERY + 1) * _READ_EVERY), step
-        else:
-            assert hook == "on_train_end", step
-    assert all("throughput/tokens_per_s" in tags for *_, tags in logger.calls if "time/step_ms" in tags)
+    for tags in (set(TIME_TAGS) - {"time/attention_share"}, set(THROUGHPUT_TAGS) - {"throughput/mfu"}):
+        writes = [(step, hook, at) for step, hook, at, logged in logger.calls if logged == tags]
+        assert [step for step, _, _ in writes] == list(range(steps)), tags
+        for step, hook, at in writes:
+            if step < 2 * _READ_EVERY:  # read in the backward of the step after each full batch
+                assert (hook, at) == ("on_after_backward", (step // _READ_EVERY + 1) * _READ_EVERY), step
+            else:
+                assert hook == "on_train_end", step
 
 
 def test_invalid_arguments_are_rejected_at_setup(tmp_path):
@@ -425,20 +459,6 @@ def test_attention_share_from_kernel_list():
     assert table.count("\n") == 1 + 3
     assert "cutlass_80_tensorop" in table.splitlines()[2]  # biggest first, not flagged as attention
     assert "| yes |" not in table.splitlines()[2]
-    assert ATTENTION_KERNEL_PATTERN  # a constructor default, documented
-
-
-def test_peak_flops_lookup():
-    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB"):
-        for dtype in (torch.bfloat16, torch.float16):
-            assert dense_peak_flops(name, dtype) == pytest.approx(989e12, rel=1e-3), name
-    assert dense_peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == pytest.approx(756e12)
-    assert dense_peak_flops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5e12)
-    assert dense_peak_flops("NVIDIA H100 80GB HBM3", torch.float32, tf32=True) == pytest.approx(494.7e12)
-    assert dense_peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) is None  # left to Lightning's table
-    cpu = torch.device("cpu")
-    assert resolve_peak_flops(cpu, "bf16-mixed") is None
-    assert resolve_peak_flops(cpu, "32-true", override=2e12) == 2e12
 
 
 @pytest.mark.slow
@@ -449,6 +469,22 @@ def test_two_processes_log_from_rank_zero_once_per_step(tmp_path):
         steps, _ = steps_and_values(events, tag)
         assert steps == [0, 1, 2], tag
     assert steps_and_values(events, "time/attention_share")[0] == [1]
+
+
+def test_steps_logged_before_a_failure_reach_tensorboard(tmp_path):
+    """A failure mid-way still leaves what each monitor measured in the event file."""
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # step 3 has run: KernelTimer recorded it, ThroughputMonitor not yet
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, [KernelTimer(profile_every_n_steps=0), Boom(), ThroughputMonitor(window=2)], max_steps=6)
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3]
+    assert steps_and_values(events, "throughput/tokens_per_s")[0] == [0, 1, 2]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -464,8 +500,9 @@ def test_gpu_memory_timings_profile_and_snapshot(tmp_path):
     batches, events = fit(
         tmp_path, [memory, timer, throughput], max_steps=6, accelerator="cuda", precision="bf16-mixed"
     )
+    peak = throughput.run_facts().get("peak FLOP/s (MFU denominator)")
     for tag in TAGS:
-        if tag == "time/attention_share" or (tag == "throughput/mfu" and throughput._peak_flops is None):
+        if tag == "time/attention_share" or (tag == "throughput/mfu" and peak is None):
             continue
         steps, values = steps_and_values(events, tag)
         assert steps == list(range(6)), tag
@@ -483,7 +520,7 @@ def test_gpu_memory_timings_profile_and_snapshot(tmp_path):
     name = torch.cuda.get_device_name()
     if "H100" in name or "H200" in name:
         if "NVL" not in name and "PCIe" not in name:
-            assert throughput._peak_flops == pytest.approx(989.4e12)
+            assert peak == "989.4e+12" or float(peak) == pytest.approx(989.4e12)
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert name in info
 
@@ -492,7 +529,7 @@ def test_gpu_memory_timings_profile_and_snapshot(tmp_path):
 @needs_cuda
 def test_gpu_event_marks_are_read_without_blocking():
     """A mark behind queued GPU work reports "not ready" at once instead of waiting for the device."""
-    clock = _Clock(torch.device("cuda", torch.cuda.current_device()))
+    clock = DeviceClock(torch.device("cuda", torch.cuda.current_device()))
     a = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
     start = clock.mark()
@@ -506,73 +543,3 @@ def test_gpu_event_marks_are_read_without_blocking():
     gpu_ms = clock.ms(start, end)
     assert b.isfinite().all()
     assert not ready and host_ms < gpu_ms / 10, (host_ms, gpu_ms)
-
-
-def test_steps_logged_before_a_failure_reach_tensorboard(tmp_path):
-    """A failure mid-way still leaves what was measured in the event file, including a step that
-    only some monitors had reported (merged steps are flushed on the exception)."""
-
-    class Boom(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 4:  # step 3 has run: KernelTimer reported it, ThroughputMonitor not yet
-                raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        fit(tmp_path, [KernelTimer(profile_every_n_steps=0), Boom(), ThroughputMonitor(window=2)], max_steps=6)
-    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3]
-    assert steps_and_values(events, "throughput/tokens_per_s")[0] == [0, 1, 2]
-
-
-def _scalar_event_files(run_dir) -> dict[int, int]:
-    """{pid in the file name: scalar events in that file} for a run's event files."""
-    counts = collections.Counter()
-    for path in run_dir.glob("events.out.tfevents.*"):
-        pid = int(path.name.split(".")[5])  # events.out.tfevents.<time>.<host>.<pid>.<uid>
-        for event in LegacyEventFileLoader(str(path)).Load():
-            counts[pid] += any(v.WhichOneof("value") == "simple_value" for v in event.summary.value)
-    return counts
-
-
-def test_monitor_scalars_are_written_by_a_child_process(tmp_path):
-    """The training process only queues the merged step scalars; a child writes them, and they are
-    on disk when fit returns. Text and the layout stay in the logger's own file."""
-    _, events = fit(tmp_path, [KernelTimer(profile_every_n_steps=0), ThroughputMonitor(window=2)], max_steps=5)
-    files = _scalar_event_files(tmp_path / "run" / "version_0")
-    assert steps_and_values(events, "time/step_ms")[0] == [0, 1, 2, 3, 4]
-    children = {pid: n for pid, n in files.items() if pid != os.getpid()}
-    assert list(children.values()) == [5]  # one child, one event per step
-    assert os.getpid() in files  # the logger's own file (layout, run info)
-
-
-def test_scalar_event_process_round_trip_in_batches(tmp_path):
-    writer = ScalarEventProcess(str(tmp_path), batch_steps=7, batch_seconds=3600)
-    for step in range(20):
-        writer.add(step, {"a/x": step * 0.5, "a/y": -float(step)})
-    assert len(writer.unsent) == 20 - 14  # two batches of 7 sent, the rest queued
-    writer.close()
-    writer.close()  # a second close does nothing
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
-    events.Reload()
-    assert steps_and_values(events, "a/x") == (list(range(20)), [s * 0.5 for s in range(20)])
-    assert steps_and_values(events, "a/y")[1] == [-float(s) for s in range(20)]
-
-
-def test_a_dead_writer_process_loses_no_queued_step(tmp_path):
-    """The child dies: the steps it had not taken are written in-process, with one warning, and the
-    rest of the run is written in-process too."""
-    logger = TensorBoardLogger(tmp_path, name="run")
-    for step in range(3):
-        assert _write_tensorboard_event(logger, {"time/step_ms": float(step)}, step)
-    child = _EVENT_PROCESSES[logger]
-    child._proc.kill()
-    child._proc.wait()
-    with pytest.warns(UserWarning, match="writer process"):
-        for step in range(3, 60):  # the 50th step sends a batch to the dead child
-            _write_tensorboard_event(logger, {"time/step_ms": float(step)}, step)
-    assert _EVENT_PROCESSES[logger] is None
-    logger.experiment.flush()
-    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    assert steps_and_values(events, "time/step_ms")[0] == list(range(60))
