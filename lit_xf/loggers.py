@@ -6,12 +6,9 @@ CRC-32C), and ``TensorBoardLogger.log_metrics`` writes one event per scalar. Thi
 ``log_metrics`` call into one event and hands the events in batches to a child process
 (``lit_xf.tb_writer``), which writes them with tensorboard's ``EventFileWriter`` into the same log
 directory (TensorBoard merges a directory's event files); the training thread only appends to a
-list. Measured on an H200 (``lit-xf bench train``, order reversed every other repeat, median of
-per-repeat ratios against a run without monitors): the three monitors writing their 13 scalars per
-step through ``TensorBoardLogger`` cost ``configs/counting.yaml`` (a launch-bound 5 ms step under
-CUDA graphs) +21.6% step time, ~1030 µs of hook time per step; through a child writer +2.3%,
-~230 µs. ``configs/default.yaml`` (15 ms eager steps): +4.3% against −5.8%, within its run-to-run
-spread.
+list. What that saves per step, against ``TensorBoardLogger`` with the same monitors, is measured
+in docs/benchmarks.md ("Monitoring overhead": ``lit-xf bench train`` variants ``+tb`` and ``+atb``);
+the shipped configs select this logger.
 
 Select it in a config::
 

@@ -59,8 +59,9 @@ COMMANDS = {
         "per-step losses go to NAME_losses.json.\n\n"
         "Variants: loop, lightning or lit_xf, optionally with one of +compile,\n"
         "+compile_model, +cudagraphs; loop also with +rows (whole rows through sdpa,\n"
-        "no document masking) and +fused (lit_xf's fused loss); lightning also with\n"
-        "+tb +memory +timer +throughput +noprofile.",
+        "no document masking) and +fused (lit_xf's fused loss); lightning and lit_xf\n"
+        "also with +tb (TensorBoardLogger), +atb (lit_xf's AsyncTensorBoardLogger),\n"
+        "+memory +timer +throughput +noprofile.",
     ),
     "curves": (
         "TensorBoard runs' memory, time and throughput curves in a PNG",

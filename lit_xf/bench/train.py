@@ -141,7 +141,7 @@ def bench_train(args) -> list[dict]:
 
 # Variant = base ("loop", "lightning", "lit_xf") + optional parts. "lit_xf" is every monitor + TensorBoard;
 # "lightning+memory+tb" only the ones named; compile modes apply to the loop too (TinyGPT.compile_model).
-_MONITOR_PARTS = {"tb", "memory", "timer", "throughput", "noprofile"}
+_MONITOR_PARTS = {"tb", "atb", "memory", "timer", "throughput", "noprofile"}
 # "loop+rows": the usual hand-written GPT loop (nanoGPT's): each row is one causal sequence through
 # sdpa and torch's MLP, documents attending across their boundaries, positions 0..T-1; same weights and data.
 # Loops compute logits and then the loss, as written by hand; "+fused" takes lit_xf's loss instead
@@ -159,7 +159,7 @@ def _parse_variant(variant: str) -> tuple[str, set[str]]:
             f"unknown train variant {variant!r}: use loop, lightning or lit_xf, optionally with one of "
             "+compile +compile_model +cudagraphs; loop also with +rows (no document masking, sdpa) and "
             "+fused (lit_xf's fused loss); "
-            "Lightning ones also with +tb +memory +timer +throughput +noprofile"
+            "Lightning ones also with +tb +atb +memory +timer +throughput +noprofile"
         )
     if base == "lit_xf":
         parts |= {"tb", "memory", "timer", "throughput"}
@@ -248,6 +248,7 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lit_xf.callbacks import KernelTimer, PeakMemoryMonitor, ThroughputMonitor
+    from lit_xf.loggers import AsyncTensorBoardLogger
     from lit_xf.module import LitTinyGPT
 
     clock = StepClock(args.warmup_steps, device, window)
@@ -255,7 +256,10 @@ def _lightning_run(base, parts, model_kwargs, dm, precision, args, trainer_cfg, 
     if "timer" in parts:
         monitors.append(KernelTimer(profile_every_n_steps=0) if "noprofile" in parts else KernelTimer())
     hook_time = MonitorHookTime(clock, monitors) if args.hook_us and monitors else None
-    logger = TensorBoardLogger(tempfile.mkdtemp(prefix="lit_xf_bench_")) if "tb" in parts else False
+    logger = False
+    if parts & {"tb", "atb"}:  # +atb: the scalars written by a child process (lit_xf.loggers)
+        logger_cls = AsyncTensorBoardLogger if "atb" in parts else TensorBoardLogger
+        logger = logger_cls(tempfile.mkdtemp(prefix="lit_xf_bench_"))
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
