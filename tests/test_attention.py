@@ -359,33 +359,6 @@ def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_fa4_is_refused_clearly_where_it_cannot_run():
-    kernel = attn.make_kernel("fa4")
-    reason = kernel.support(device="cpu", n_heads=4, n_kv_heads=2, alibi=False, training=True)
-    assert "CUDA-only" in reason
-    with pytest.raises(ValueError, match="attention='fa4' can't run"):
-        kernel.check(device="cpu", n_heads=4, n_kv_heads=2, alibi=False, training=True)
-    layout = DocLayout([[3, 5], [8]], 8)
-    with pytest.raises(ValueError, match="attention='fa4' runs fp16/bf16 only, not torch.float32: train with"):
-        kernel.prepare(layout, None, None, n_heads=4, n_kv_heads=2, dtype=torch.float32, device="cpu")
-    # auto never picks a kernel whose dtypes exclude the batch's
-    config = dict(device=torch.device("cpu"), n_heads=4, n_kv_heads=4, alibi=False, training=True, seq_len=8)
-    assert attn.make_kernel("auto")._why_not("fa4", config, torch.float32) == "runs fp16/bf16 only, not torch.float32"
-
-
-@pytest.mark.parametrize(
-    "H,G,T_,want",
-    [
-        (4, 1, 48, 2),
-        (8, 2, 48, 4),
-        (16, 2, 100, 8),
-        (3, 1, 48, 3),
-        (12, 4, 48, 12),
-        (4, 2, 48, None),
-        (8, 1, 256, None),
-        (8, 8, 48, None),
-    ],
-)
 def test_flex_trainable_kv_heads_rule(H, G, T_, want):
     assert attn.flex_trainable_kv_heads(H, G, T_) == want
 
