@@ -359,6 +359,19 @@ def test_xformers_imports_beside_a_flash_attn_4_package(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "H,G,T_,want",
+    [
+        (4, 1, 48, 2),
+        (8, 2, 48, 4),
+        (16, 2, 100, 8),
+        (3, 1, 48, 3),
+        (12, 4, 48, 12),
+        (4, 2, 48, None),
+        (8, 1, 256, None),
+        (8, 8, 48, None),
+    ],
+)
 def test_flex_trainable_kv_heads_rule(H, G, T_, want):
     assert attn.flex_trainable_kv_heads(H, G, T_) == want
 
