@@ -452,7 +452,7 @@ class _Trial:
         ctx = self._ctx[kernel.name]
         out = kernel.attend_qkv(qkv[0], self.n_kv_heads, ctx) if self.qkv_stacked else kernel(*qkv, ctx)
         if self.training:
-            torch.autograd.grad(out, qkv, do)
+            torch.autograd.grad(out, qkv, do.to(out.dtype))  # out in another dtype under autocast
 
     def forward(self, kernel: AttentionKernel) -> None:
         """What a forward of ``layers`` layers spends on attention: prepare once, then a call per layer."""
