@@ -231,6 +231,9 @@ def test_case_keys_differ_by_every_field():
     keys = {case.key()} | {dataclasses.replace(case, **{k: v}).key() for k, v in other.items()}
     assert len(keys) == 1 + len(other)
     assert case.key(("sdpa", "naive")) != case.key()
+    # rows and their length count by powers of two: 2 × 9..16 are one class, 2 × 17 another
+    assert AutoCase.of(DocLayout([[4, 5], [9]], 9), **_fields(case)) == case
+    assert AutoCase.of(DocLayout([[5, 12], [17]], 17), **_fields(case)).seq_len == 32
     # the window counts where it hides keys: a 16-token window over 16-token documents hides none
     assert AutoCase.of(DocLayout([[5, 11], [16]], 16, window=16), **_fields(case)) == case
     assert AutoCase.of(DocLayout([[5, 11], [16]], 16, window=8), **_fields(case)).window == 8

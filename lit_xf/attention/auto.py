@@ -1,11 +1,11 @@
 """``auto``: the fastest kernel for each case, found by timing the kernels that support it.
 
 On CUDA, the first batch of a case (``AutoCase``: device name, dtype, training or not, the layout
-class, window, ALiBi, heads, head size, batch shape and the caller's hints) times each candidate
-(``AUTO_CANDIDATES``: sdpa, xformers, flex, fa4; never naive, the reference) whose ``support`` and
-``dtype_problem`` accept it, on random q/k/v of the batch's shape under the batch's own layout, and
-keeps the fastest (an ``AutoChoice``) for every later batch of the case: in the instance, and on
-disk for later runs (``auto_cache``). The cost of a candidate is
+class, window, ALiBi, heads, head size, batch shape rounded up to powers of two, and the caller's
+hints) times each candidate (``AUTO_CANDIDATES``: sdpa, xformers, flex, fa4; never naive, the
+reference) whose ``support`` and ``dtype_problem`` accept it, on random q/k/v of the batch's shape
+under the batch's own layout, and keeps the fastest (an ``AutoChoice``) for every later batch of
+the case: in the instance, and on disk for later runs (``auto_cache``). The cost of a candidate is
 
     without ``layers``:  one call (forward, + backward when training), timed call by call from an
                          idle GPU, so host time counts where it paces the call (the comparison
@@ -80,6 +80,12 @@ def time_ms(name: str, fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
+def shape_class(n: int) -> int:
+    """``n`` rounded up to a power of two: batches of a class share a measurement (a generation
+    loop's growing rows meet a new class at each doubling, not at every token)."""
+    return 1 << (n - 1).bit_length()
+
+
 def device_name(device: torch.device) -> str:
     """'NVIDIA H200' for a CUDA device, else the device type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -111,8 +117,8 @@ class AutoCase:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    batch_size: int
-    seq_len: int
+    batch_size: int  # rows, rounded up to a power of two (shape_class)
+    seq_len: int  # row length, rounded up to a power of two
     layers: int | None  # the caller's depth hint: cost = prepare + layers calls (None: one call)
     qkv_stacked: bool  # the caller runs attend_qkv on the q/k/v stack (else separate q, k, v)
 
@@ -131,8 +137,8 @@ class AutoCase:
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
-            batch_size=layout.batch_size,
-            seq_len=layout.seq_len,
+            batch_size=shape_class(layout.batch_size),
+            seq_len=shape_class(layout.seq_len),
             layers=layers,
             qkv_stacked=bool(qkv_stacked),
         )
@@ -142,15 +148,17 @@ class AutoCase:
         fields = ";".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
         return f"{fields};candidates={','.join(candidates)};{versions()}"
 
-    def describe(self) -> str:
-        """'packed rows 32 × 2048, 12/12 heads × 64, bf16, fwd+bwd on NVIDIA H200'."""
+    def describe(self, shape: tuple[int, int] | None = None) -> str:
+        """'packed rows 32 × 2048, 12/12 heads × 64, bf16, fwd+bwd on NVIDIA H200'; ``shape``: the
+        measured batch's (B, T) (default: the class's)."""
+        B, T = shape or (self.batch_size, self.seq_len)
         rows = "packed" if self.block_diagonal else ("causal" if self.causal else "full")
         extra = (f", window {self.window}" if self.window else "") + (" + ALiBi" if self.alibi else "")
         work = "fwd+bwd" if self.training else "fwd"
         if self.layers:
             work = f"prepare + {self.layers} × {work}"
         return (
-            f"{rows} rows {self.batch_size} × {self.seq_len}{extra}, {self.n_heads}/{self.n_kv_heads} heads × "
+            f"{rows} rows {B} × {T}{extra}, {self.n_heads}/{self.n_kv_heads} heads × "
             f"{self.head_dim}, {self.dtype}, {work} on {self.device}"
         )
 
@@ -325,7 +333,7 @@ class AutoAttention(AttentionKernel):
         return dataclasses.replace(choice, reason=f"{choice.reason} (cached)")
 
     def _measure(self, case: AutoCase, trial: _Trial, runnable: list[str], skipped: dict[str, str]) -> AutoChoice:
-        described = case.describe()
+        described = case.describe((trial.layout.batch_size, trial.layout.seq_len))
         not_run = "".join(f"; {n} can't run it: {why}" for n, why in skipped.items())
         if len(runnable) <= 1:
             name = runnable[0] if runnable else "sdpa"
