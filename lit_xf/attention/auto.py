@@ -126,8 +126,9 @@ class AutoCase:
     def of(
         cls, layout: DocLayout, *, device, dtype, training, alibi, n_heads, n_kv_heads, head_dim, layers, qkv_stacked
     ):
+        """The case of a batch; ``device``: a ``torch.device``, or its name (``device_name``)."""
         return cls(
-            device=device_name(torch.device(device)),
+            device=device_name(device) if isinstance(device, torch.device) else str(device),
             dtype=SHORT_DTYPE_NAMES.get(dtype, str(dtype)),
             training=bool(training),
             block_diagonal=layout.block_diagonal,
@@ -219,6 +220,7 @@ class AutoAttention(AttentionKernel):
         self.last_choice: str | None = None
         self.last_reason: str | None = None
         self._unmeasured: dict[str, AutoChoice] = {}  # device type -> sdpa
+        self._device_names: dict[torch.device, str] = {}
 
     def explain(self) -> str:
         """Why ``auto`` runs what it runs: one line per case chosen so far."""
@@ -286,9 +288,11 @@ class AutoAttention(AttentionKernel):
             return self._not_measured(device)
         head_dim = head_dim or DEFAULT_HEAD_DIM
         alibi = slopes is not None
+        if device not in self._device_names:
+            self._device_names[device] = device_name(device)
         case = AutoCase.of(
             layout,
-            device=device,
+            device=self._device_names[device],
             dtype=dtype,
             training=training,
             alibi=alibi,
