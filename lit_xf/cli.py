@@ -102,27 +102,37 @@ def _device_line(device: torch.device) -> str:
 
 
 def env_report(
-    device: str | None = None, n_heads: int = 8, n_kv_heads: int = 2, seq_len: int = 2048, training: bool = True
+    device: str | None = None,
+    n_heads: int = 8,
+    n_kv_heads: int = 2,
+    seq_len: int = 2048,
+    training: bool = True,
+    batch_size: int = 4,
+    head_dim: int = 64,
+    measure: bool = True,
 ) -> str:
-    """Versions, the device, and for every mask case which attention kernels run and which one
-    ``auto`` picks, with the reason each other kernel can't run."""
+    """Versions, the device, and for every mask case which attention kernels run (with the reason
+    each other can't) and what ``auto`` runs: on CUDA it times the kernels on each case as ``auto``
+    does at a run's first batch (``batch_size`` rows of ``seq_len`` tokens, bf16; ``measure=False``
+    skips that) and prints the times; elsewhere, that auto runs sdpa and why."""
     from lit_xf.attention import (
-        AUTO_FA4_MIN_ROW_LEN,
-        AUTO_FA4_SMALL_HEADS,
-        AUTO_PREFERENCE,
         FA4_GROUP_TOKENS,
         FA4_GROUPED_TILE_RATIO,
         KERNEL_NAMES,
         AutoAttention,
+        alibi_slopes,
+        default_cache_dir,
         kernel_report,
-        make_kernel,
     )
+    from lit_xf.attention.auto_cache import CACHE_FILE, CACHE_SWITCH_ENV
     from lit_xf.attention.probes import xformers_problem
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    timed = dev.type == "cuda" and measure
     problem = xformers_problem() if dev.type == "cuda" else "xformers' attention kernels are CUDA-only"
+    work = "fwd+bwd" if training else "fwd"
     lines = [
         f"lit_xf      {_version('lit_xf')}",
         f"python      {platform.python_version()} ({sys.executable})",
@@ -135,47 +145,61 @@ def env_report(
         "",
         f"Attention kernels for {'training' if training else 'inference'} on {dev.type}: {n_heads} query heads, "
         f"GQA = {n_heads}q/{n_kv_heads}kv, seq_len {seq_len}.",
-        "'yes' runs, 'no [n]' can't (reason below); auto picks the fastest that runs"
-        + (" (sdpa on CPU)." if dev.type != "cuda" else " (order measured on an H200)."),
+        (
+            f"Times: ms per {work} call, timed as auto times a run's first batch of a case ({batch_size} rows, "
+            f"head_dim {head_dim}, bf16; packed rows of {min(8, seq_len)} documents); 'no [n]' can't run, "
+            "'fail [n]' raised (reasons below); auto takes the fastest."
+            if timed
+            else "'yes' runs, 'no [n]' can't (reason below); "
+            + ("auto times them at a run's first batch of each case." if dev.type == "cuda" else "auto: see below.")
+        ),
         "",
     ]
     kernels = KERNEL_NAMES[1:]
     header = ["mask", "heads", "positions", "auto"] + list(kernels)
-    rows, reasons = [], {}
-    auto = AutoAttention()
+    rows, reasons, choice = [], {}, None
+    auto = AutoAttention(cache_dir=False)  # measure afresh
+
+    def footnote(kind: str, name: str, reason: str) -> str:
+        number = reasons.setdefault((name, reason), len(reasons) + 1)
+        return f"{kind} [{number}]"
+
     for packed in (False, True):
         for gqa in (False, True):
             for alibi in (False, True):
                 kv = n_kv_heads if gqa else n_heads
-                report = kernel_report(dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training)
-                # xformers' ALiBi limit depends on seq_len, which kernel_report doesn't take.
-                report["xformers"] = make_kernel("xformers").support(
-                    device=dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len
+                report = kernel_report(
+                    dev, n_heads=n_heads, n_kv_heads=kv, alibi=alibi, training=training, seq_len=seq_len
                 )
-                choice = auto.choose(
-                    device=dev,
-                    n_heads=n_heads,
-                    n_kv_heads=kv,
-                    alibi=alibi,
-                    training=training,
-                    packed=packed,
-                    seq_len=seq_len,
-                )
+                choice = None
+                if timed or dev.type != "cuda":
+                    choice = auto.choose(
+                        _env_layout(packed, batch_size, seq_len),
+                        None,
+                        alibi_slopes(n_heads) if alibi else None,
+                        n_heads=n_heads,
+                        n_kv_heads=kv,
+                        dtype=torch.bfloat16,
+                        device=dev,
+                        head_dim=head_dim,
+                        training=training,
+                    )
                 cells = []
                 for name in kernels:
-                    reason = report[name]
-                    if reason is None:
-                        cells.append("yes")
+                    if choice is not None and name in choice.times_ms:
+                        cells.append(f"{choice.times_ms[name]:.2f}")
+                    elif choice is not None and name in choice.failed:
+                        cells.append(footnote("fail", name, choice.failed[name]))
+                    elif report[name] is not None:
+                        cells.append(footnote("no", name, report[name]))
                     else:
-                        key = (name, reason)
-                        reasons.setdefault(key, len(reasons) + 1)
-                        cells.append(f"no [{reasons[key]}]")
+                        cells.append("yes")
                 rows.append(
                     [
                         "packed" if packed else "causal",
                         f"GQA {n_heads}/{n_kv_heads}" if gqa else "MHA",
                         "alibi" if alibi else "rope/learned",
-                        choice,
+                        choice.kernel if choice is not None else "-",
                     ]
                     + cells
                 )
@@ -186,21 +210,32 @@ def env_report(
     for (name, reason), number in reasons.items():
         lines.append(f"[{number}] {name}: {reason}")
     lines.append("naive is the reference (it materializes the T×T scores); auto never picks it.")
-    if dev.type == "cuda":
-        lines.append("auto's order on CUDA (the first kernel that runs the case wins):")
-        for (packed, alibi, gqa), order in AUTO_PREFERENCE.items():
-            case = f"{'packed' if packed else 'causal'}{' GQA' if gqa else ''}{' ALiBi' if alibi else ''}"
-            lines.append(f"  {case:20s} {' > '.join(order)}")
-        small = AUTO_FA4_SMALL_HEADS
+    if dev.type != "cuda":
+        lines.append(f"auto {choice.reason}.")
+    else:
+        cache = default_cache_dir()
+        where = f"in {cache / CACHE_FILE}" if cache else f"for one process only ({CACHE_SWITCH_ENV}=0)"
         lines.append(
-            f"  causal rows of {AUTO_FA4_MIN_ROW_LEN}+ tokens, or of {small['row_len']}+ in batches of "
-            f"{small['batch_tokens']}+ tokens with head_dim <= {small['head_dim']} (MHA, no ALiBi): fa4 first"
+            "auto times every kernel that runs a case at the first batch of that case (prepare once + one call "
+            "per layer in a model) and keeps the fastest for the case's later batches; a run's choices are kept "
+            f"{where} and logged with their times."
         )
         lines.append(
-            f"  fa4 on packed causal rows: documents grouped into {FA4_GROUP_TOKENS}-token sequences when that needs "
+            f"fa4 on packed causal rows: documents grouped into {FA4_GROUP_TOKENS}-token sequences when that needs "
             f"<= {FA4_GROUPED_TILE_RATIO}x the tiles of one sequence each (short documents)"
         )
     return "\n".join(lines)
+
+
+def _env_layout(packed: bool, batch_size: int, seq_len: int):
+    """Rows of one document, or packed rows of 8 documents of about equal length."""
+    from lit_xf.attention import DocLayout
+
+    if not packed:
+        return DocLayout.full_rows(batch_size, seq_len)
+    n = min(8, seq_len)
+    docs = [seq_len // n] * (n - 1) + [seq_len - (n - 1) * (seq_len // n)]
+    return DocLayout([docs] * batch_size, seq_len)
 
 
 def _quack_line(dev: torch.device) -> str:
@@ -223,10 +258,23 @@ def _env_main(argv: Sequence[str]) -> int:
     parser.add_argument("--n_kv_heads", type=int, default=2, help="kv heads of the GQA cases (default 2)")
     parser.add_argument("--seq_len", type=int, default=2048, help="row length (xformers' ALiBi bias grows with T²)")
     parser.add_argument("--inference", action="store_true", help="report inference (no backward) instead")
+    parser.add_argument("--batch_size", type=int, default=4, help="rows of the timed cases (default 4)")
+    parser.add_argument("--head_dim", type=int, default=64, help="head size of the timed cases (default 64)")
+    parser.add_argument("--no-measure", dest="measure", action="store_false", help="don't time the kernels (CUDA)")
     args = parser.parse_args(list(argv))
     if args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads:
         parser.error(f"--n_kv_heads={args.n_kv_heads} must divide --n_heads={args.n_heads}")
-    print(env_report(args.device, args.n_heads, args.n_kv_heads, args.seq_len, training=not args.inference))
+    report = env_report(
+        args.device,
+        args.n_heads,
+        args.n_kv_heads,
+        args.seq_len,
+        training=not args.inference,
+        batch_size=args.batch_size,
+        head_dim=args.head_dim,
+        measure=args.measure,
+    )
+    print(report)
     return 0
 
 

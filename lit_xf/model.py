@@ -243,6 +243,11 @@ class TinyGPT(nn.Module):
         """The kernel in use (for ``auto``, its latest choice)."""
         return getattr(self.kernel, "last_choice", None) or self.kernel.name
 
+    @property
+    def attention_kernel_reason(self) -> str:
+        """Why that kernel (for ``auto``: what it measured per case, ``AutoAttention.explain``)."""
+        return self.kernel.explain()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -278,6 +283,8 @@ class TinyGPT(nn.Module):
             dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
             device=device,
             head_dim=self.config.head_dim,
+            layers=len(self.blocks),
+            qkv_stacked=self.rope_inv_freq is None,  # SelfAttention calls attend_qkv without RoPE
         )
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)

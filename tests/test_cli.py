@@ -61,11 +61,13 @@ def test_env_report_in_process_lists_every_case():
 
 
 def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
-    """The GPU report, on a pretend GPU whose xformers can't load its CUDA-12 extension."""
+    """The GPU report, on a pretend GPU whose xformers can't load its CUDA-12 extension: auto times
+    the kernels that run each case (a fake clock here, which never runs them) and takes the fastest."""
     import types
 
     import torch
 
+    import lit_xf.attention.auto as auto
     import lit_xf.attention.probes as probes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -78,19 +80,38 @@ def test_env_report_cuda_branch_with_a_broken_xformers(monkeypatch):
     )
     broken = "xformers can't run its CUDA kernels: xFormers wasn't build with CUDA support"
     monkeypatch.setattr(probes, "xformers_problem", lambda: broken)
+    monkeypatch.setattr(probes, "fa4_problem", lambda: "flash-attn-4 is not installed")
+    ms = {"sdpa": 2.0, "flex": 1.0}
+    timed = []
+
+    def fake_timer(name, fn, device):
+        timed.append((name, device.type))
+        if name == "sdpa" and ms.pop("fail_sdpa", None):
+            raise RuntimeError("CUDA out of memory")
+        return ms[name]
+
+    monkeypatch.setattr(auto, "time_ms", fake_timer)
+    ms["fail_sdpa"] = True  # the first case's sdpa measurement raises
     report = cli.env_report("cuda", seq_len=1024)
     assert "NVIDIA H200, compute capability 9.0" in report
-    assert f"xformers: {broken}" in report
-    rows = {
-        tuple(line.split()[:3]): line.split() for line in report.splitlines() if line.startswith(("causal ", "packed "))
-    }
-    assert rows[("packed", "MHA", "rope/learned")][3] == "flex"  # xformers would be first, but can't run
-    assert rows[("causal", "MHA", "rope/learned")][3] == "sdpa"
-    assert rows[("causal", "MHA", "alibi")][3] == "flex"
-    assert "auto's order on CUDA" in report
-    fa4_line = "causal rows of 8192+ tokens, or of 2048+ in batches of 32768+ tokens with head_dim <= 64"
-    assert fa4_line + " (MHA, no ALiBi): fa4 first" in report
+    assert f"xformers: {broken}" in report and "fa4: flash-attn-4 is not installed" in report
+    assert {n for n, _ in timed} == {"sdpa", "flex"} and {d for _, d in timed} == {"cuda"}
+    lines = [line.split() for line in report.splitlines() if line.startswith(("causal ", "packed "))]
+    rows = {tuple(line[:3]): line for line in lines if line[1] == "MHA"}
+    header = next(line.split() for line in report.splitlines() if line.startswith("mask"))
+    assert len(lines) == 8 and header[3:] == ["auto", "naive", "sdpa", "xformers", "flex", "fa4"]
+    causal = rows[("causal", "MHA", "rope/learned")]
+    assert causal[3:5] == ["flex", "yes"] and causal[5:7] == ["fail", "[1]"]  # sdpa failed in the first case
+    assert "[1] sdpa: RuntimeError: CUDA out of memory" in report
+    packed = rows[("packed", "MHA", "alibi")]
+    assert packed[3] == "flex" and packed[5] == "2.00" and packed[6:8] == ["no", "[2]"] and packed[8] == "1.00"
+    assert "ms per fwd+bwd call, timed as auto times a run's first batch of a case (4 rows, head_dim 64, bf16" in report
+    assert "auto times every kernel that runs a case at the first batch of that case" in report
     assert "fa4 on packed causal rows: documents grouped into 128-token sequences when that needs <= 0.7x" in report
+    # --no-measure: what runs, nothing timed
+    timed.clear()
+    quiet = cli.env_report("cuda", seq_len=1024, measure=False)
+    assert timed == [] and "auto times them at a run's first batch of each case" in quiet
 
 
 # -- the console script and the top-level usage ---------------------------------------------------

@@ -10,22 +10,16 @@ heads each, so query head h reads kv head ⌊h·G/H⌋):
 
 Modules: ``layout`` (``DocLayout``: which pairs attend, and how many), ``base`` (the kernel
 interface), one per kernel family (``naive``, ``sdpa``, ``xformers``, ``flex``, ``fa4``), ``auto``
-(the choice per device and batch), ``kernels`` (names -> kernels), ``probes`` (what runs here, import
-workarounds), ``positions`` and ``dense`` (ALiBi, dense biases), ``reference`` (float64 attention
-for tests and the correctness benchmark).
+(the kernel measured fastest per case) and ``auto_cache`` (its choices on disk), ``kernels`` (names
+-> kernels), ``probes`` (what runs here, import workarounds), ``positions`` and ``dense`` (ALiBi,
+dense biases), ``reference`` (float64 attention for tests and the correctness benchmark).
 
 Usage: ``kernel = make_kernel(name)``; once per forward ``ctx = kernel.prepare(layout,
 position_ids, alibi_slopes, ...)``; in every layer ``out_BTHK = kernel(q_BTHK, k_BTGK, v_BTGK, ctx)``.
 """
 
-from lit_xf.attention.auto import (
-    AUTO_FA4_MIN_ROW_LEN,
-    AUTO_FA4_SMALL_HEADS,
-    AUTO_PREFERENCE,
-    AutoAttention,
-    auto_order,
-    fa4_leads_rows,
-)
+from lit_xf.attention.auto import AUTO_CANDIDATES, AutoAttention, AutoCase, AutoChoice
+from lit_xf.attention.auto_cache import default_cache_dir
 from lit_xf.attention.base import (
     AttentionContext,
     AttentionKernel,
@@ -70,9 +64,7 @@ from lit_xf.attention.xformers import XFORMERS_DENSE_BIAS_BUDGET_BYTES, Xformers
 
 __all__ = [
     "ATTENTION_CHOICES",
-    "AUTO_FA4_MIN_ROW_LEN",
-    "AUTO_FA4_SMALL_HEADS",
-    "AUTO_PREFERENCE",
+    "AUTO_CANDIDATES",
     "FA4_BLOCK",
     "FA4_GROUPED_TILE_RATIO",
     "FA4_GROUP_TOKENS",
@@ -85,6 +77,8 @@ __all__ = [
     "AttentionKernel",
     "AttentionPlan",
     "AutoAttention",
+    "AutoCase",
+    "AutoChoice",
     "DocLayout",
     "Fa4Attention",
     "Fa4Plan",
@@ -102,10 +96,10 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "attended_pairs",
-    "auto_order",
     "bucketed_bounds",
     "causal_window",
     "check_window",
+    "default_cache_dir",
     "dense_bias",
     "dense_bias_bytes",
     "describe_config",
@@ -113,7 +107,6 @@ __all__ = [
     "fa4_block_sparse",
     "fa4_forward",
     "fa4_grouping_pays",
-    "fa4_leads_rows",
     "fa4_problem",
     "fa4_varlen",
     "flex_trainable_kv_heads",

@@ -97,8 +97,12 @@ class AttentionKernel(Generic[P]):
         dtype: torch.dtype,
         device,
         head_dim: int | None = None,
+        layers: int | None = None,
+        qkv_stacked: bool = False,
     ) -> AttentionContext[P]:
-        """The per-batch context (the kernel's plan) for ``layout``; ``head_dim`` informs ``auto``'s choice."""
+        """The per-batch context (the kernel's plan) for ``layout``. Hints for ``auto``'s measurement,
+        ignored by the kernels: ``head_dim``; ``layers``, how many calls share the context; ``qkv_stacked``,
+        whether they go through ``attend_qkv`` (else ``kernel(q, k, v, ctx)``)."""
         problem = self.dtype_problem(dtype)
         if problem is not None:
             raise ValueError(
@@ -109,6 +113,10 @@ class AttentionKernel(Generic[P]):
         ctx.plan = self._plan(ctx, n_heads=n_heads, dtype=dtype, device=device)
         ctx.traceable = self._traceable(ctx)
         return ctx
+
+    def explain(self) -> str:
+        """Why this kernel runs the batches (``auto`` says what it measured)."""
+        return f"attention={self.name!r} as configured"
 
     def __call__(self, q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext[P]) -> torch.Tensor:
         if ctx.traceable:

@@ -35,9 +35,12 @@ def fwd_bwd_case(
     device,
     alibi: bool = False,
     seed: int = 0,
+    kernel=None,
 ):
     """Random q ``[B, T, H, K]``, k, v ``[B, T, kv, K]`` and an output gradient; returns
-    (step: the kernel forward + backward, prepare: building its context, (q, k, v, do), ctx)."""
+    (step: the kernel forward + backward, prepare: building its context, (q, k, v, do), ctx).
+    ``kernel``: the instance to run (default ``make_kernel(kernel_name)``). The context is prepared
+    here, before any timing: ``auto`` measures its candidates in that first ``prepare``."""
     g = torch.Generator(device=device).manual_seed(seed)
     B, T = layout.batch_size, layout.seq_len
 
@@ -46,7 +49,7 @@ def fwd_bwd_case(
 
     q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
     do = torch.randn(B, T, n_heads, head_dim, generator=g, device=device, dtype=dtype)
-    kernel = make_kernel(kernel_name)
+    kernel = kernel or make_kernel(kernel_name)
     position_ids = layout.position_ids(device)
     slopes = alibi_slopes(n_heads).to(device) if alibi else None
 
@@ -82,6 +85,7 @@ def bench_attention(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     rows = []
+    auto = make_kernel("auto")  # one instance: its rows and the comparison below run the same choice
     for seq_len in args.seq_lens:
         layout = DocLayout.full_rows(args.batch, seq_len, causal=args.causal, window=args.window)
         for name in args.kernels:
@@ -97,17 +101,18 @@ def bench_attention(args) -> list[dict]:
                 alibi=args.alibi,
                 window=args.window,
             )
-            row.update(run_case(name, layout, args, dtype, device))
+            row.update(run_case(name, layout, args, dtype, device, kernel=auto if name == "auto" else None))
             rows.append(row)
             progress(row)
-        _auto_against_best(rows[-len(args.kernels) :], layout, args, dtype, device)
+        _auto_against_best(rows[-len(args.kernels) :], layout, args, dtype, device, auto)
     return rows
 
 
-def run_case(name: str, layout: DocLayout, args, dtype, device) -> dict:
+def run_case(name: str, layout: DocLayout, args, dtype, device, kernel=None) -> dict:
     """Time one kernel fwd+bwd on ``layout``: ms (median), gpu_ms (CUDA: calls queued behind a GPU
     sleep), TFLOP/s, peak MiB, prepare_ms and a note (the fa4 plan, auto's choice, or why it did
-    not run: unsupported, out of memory, a batch the kernel refuses)."""
+    not run: unsupported, out of memory, a batch the kernel refuses); for auto also ``auto_reason``
+    (what it measured, ``AutoAttention.last_reason``). ``kernel``: the instance (default: a new one)."""
     kv_heads = args.kv_heads or args.heads
     reason = (
         make_kernel(name).support(
@@ -123,10 +128,12 @@ def run_case(name: str, layout: DocLayout, args, dtype, device) -> dict:
     )
     if reason:
         return dict(ms=None, tflops=None, peak_mib=None, note=reason)
+    kernel = kernel or make_kernel(name)
     try:
         step, prepare, _, ctx = fwd_bwd_case(
-            name, layout, args.heads, kv_heads, args.head_dim, dtype, device, alibi=args.alibi
+            name, layout, args.heads, kv_heads, args.head_dim, dtype, device, alibi=args.alibi, kernel=kernel
         )
+        auto_reason = getattr(kernel, "last_reason", None)
         ms, peak = measure(step, device, args.warmup, args.reps)
         gpu_ms = queued_gpu_ms(step, args.reps)[0] if device.type == "cuda" else None
         prep_ms, _ = measure(prepare, device, 1, max(3, args.reps // 2))
@@ -148,22 +155,25 @@ def run_case(name: str, layout: DocLayout, args, dtype, device) -> dict:
         peak_mib=None if math.isnan(peak) else round(peak, 1),
         prepare_ms=round(prep_ms, 3),
         note=plan if name != "auto" else f"auto → {chosen} {plan}".strip(),
+        **({"auto_reason": auto_reason} if name == "auto" else {}),
     )
 
 
-def _auto_against_best(rows: list[dict], layout, args, dtype, device) -> None:
+def _auto_against_best(rows: list[dict], layout, args, dtype, device, kernel=None) -> None:
     """``auto_vs_best`` on the auto row: auto's time over the fastest single kernel's, timed
     alternately call by call (A B B A ...) so that drift and launch noise fall on both alike.
     On CUDA also ``auto_vs_best_gpu`` (``gpu_vs_best``): the same on GPU time alone, which a
-    kernel whose host side paces its calls (FA4's Python) does not inflate."""
+    kernel whose host side paces its calls (FA4's Python) does not inflate. ``kernel``: the auto
+    instance that ran the auto row, so its choice (measured in that row's first ``prepare``, before
+    any timing) is the one compared; auto measures each kernel call by call too."""
     auto, best = _auto_and_fastest(rows, "ms")
     if auto is None:
         return
     auto.update(gpu_vs_best(rows))
     kv = args.kv_heads or args.heads
     steps = [
-        fwd_bwd_case(name, layout, args.heads, kv, args.head_dim, dtype, device, alibi=args.alibi)[0]
-        for name in ("auto", best["kernel"])
+        fwd_bwd_case(name, layout, args.heads, kv, args.head_dim, dtype, device, alibi=args.alibi, kernel=k)[0]
+        for name, k in (("auto", kernel), (best["kernel"], None))
     ]
     times: list[list[float]] = [[], []]
     for step in steps:
