@@ -96,6 +96,8 @@ def test_config_trains_two_steps(config, tmp_path, monkeypatch):
     events.Reload()
     info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| attention kernel | sdpa |" in info and "| MLP kernel | torch |" in info  # the CPU's choices
+    reason = next(line for line in info.splitlines() if line.startswith("| attention kernel reason |"))
+    assert ("runs sdpa on cpu without measuring" in reason) or ("as configured" in reason), reason
     assert "| attention window | none |" in info
 
 

@@ -108,6 +108,8 @@ def log_run_info(trainer: Trainer, pl_module: LightningModule, extra: dict[str, 
     if hasattr(model, "attention_window"):  # TinyGPT's sliding window
         window = model.attention_window
         info["attention window"] = "none" if window is None else f"{window} tokens"
+    if hasattr(model, "attention_kernel_reason"):  # why that kernel: auto's measurements per case
+        info["attention kernel reason"] = model.attention_kernel_reason.replace("\n", "<br>")
     info.update(extra or {})
     text = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in info.items())
     for logger in tensorboard_loggers(trainer):
