@@ -627,8 +627,6 @@ def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
     dense = dense_block_causal_mask(batch["doc_lens"], T)
     assert torch.equal(bias.materialize((B * T, B * T)), dense)
 
-    if importlib.util.find_spec("lit_xf.attention") is None:
-        pytest.skip("lit_xf.attention is not written yet; batch_xformers_bias needs its DocLayout")
     got = data.batch_xformers_bias(batch).materialize((B * T, B * T))
     real = torch.cat([torch.arange(T) < sum(lens) for lens in batch["doc_lens"]])
     assert torch.equal(got[real], dense[real])  # every real query sees exactly its document's past
