@@ -29,11 +29,10 @@ END = "<!-- end of generated table -->"
 # date (`git log -1 --format=%cs -- docs/results/FILE`), read once; `--dates` lists where they drifted.
 _BY_DAY = {
     "2026-11-29": "causal_1024.json causal_4096.json causal_16384.json causal_alibi.json causal_gqa.json "
-    "causal_auto_8192.json causal_auto_16384.json causal_fa4_1024.json causal_fa4_4096.md correctness.json "
+    "causal_auto_8192.json causal_auto_16384.json correctness.json "
     "correctness_fa4.json monitors_overhead_counting_abba.json monitors_overhead_default_abba.json "
-    "pack_alibi_gqa.json pack_gqa.json pack_gqa_auto.json pack_mha.json padded_vs_packed.json tutorial.json "
-    "tutorial_auto_vs_best.md",
-    "2026-11-30": "auto_final_16x2048.json auto_final_8x2048.json causal_gpu_ms_1024x16_h12k64.json "
+    "pack_alibi_gqa.json pack_gqa.json pack_mha.json padded_vs_packed.json tutorial.json",
+    "2026-11-30": "causal_gpu_ms_1024x16_h12k64.json "
     "causal_gpu_ms_1024x16_h16k128.json causal_gpu_ms_2048x16_h12k64.json causal_gpu_ms_2048x8_h16k128.json "
     "causal_gpu_ms_4096x4_h16k128.json causal_window.json causal_window_2048.json correctness_window.json "
     "fit_gpt2_124m_b32_readback.json fit_gpt2_124m_concat_readback.json fit_gpt2_124m_window64_readback.json "
@@ -49,12 +48,6 @@ _H200 = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "xformers": "0.0.35"}
 _FIT = _H200 | {"lightning": "2.6.6", "flash-attn-4": "4.0.0b36"}
 _124M = "lit-xf fit --config configs/gpt2_124m.yaml"
 META = {
-    "tutorial_auto_vs_best.md": _H200 | {"command": "lit-xf bench attention --seq-lens 512,1024,2048,4096,8192,16384"},
-    "causal_fa4_4096.md": _H200
-    | {
-        "command": "lit-xf bench attention --heads 16 --head-dim 128 --dtype bf16 --causal --batch 4 --seq-lens 4096 "
-        "--reps 20 --kernels sdpa,fa4,xformers,auto"
-    },
     "fit_gpt2_124m_b32_readback.json": _FIT | {"command": _124M},
     "fit_gpt2_124m_concat_readback.json": _FIT | {"command": _124M + " --data.batch_mode concat --data.batch_size 16"},
     "fit_gpt2_124m_window64_readback.json": _FIT
@@ -88,7 +81,7 @@ class Results:
 
     def meta(self, name: str) -> dict:
         meta = META.get(name, {}) | self.load(name)[0]
-        return meta | {"date": meta.get("date", DATES[name])}
+        return meta | {"date": meta["date"] if "date" in meta else DATES[name]}
 
 
 def _value(cell: str):
@@ -271,9 +264,7 @@ GPT2 += ["train_gpt2_124m_concat_auto.json"]
 FITS = ["fit_gpt2_124m_b32_readback.json", "fit_gpt2_124m_concat_readback.json"]
 FITS += ["fit_gpt2_124m_window64_readback.json"]
 MONITORS = ["monitors_overhead_default_abba.json", "monitors_overhead_counting_abba.json"]
-AUTO = ["tutorial_auto_vs_best.md", "causal_fa4_1024.json", "causal_fa4_4096.md", "causal_auto_8192.json"]
-AUTO += ["causal_auto_16384.json", "auto_final_16x2048.json", "auto_final_8x2048.json", "causal_gqa.json"]
-AUTO += ["causal_alibi.json", "pack_fa4_auto.json", "pack_gqa_auto.json", "pack_alibi_gqa.json", *WINDOW]
+AUTO = ["auto_measured_16x2048.json"]  # auto as it chooses now: by timing the candidates on the first batch
 CORRECTNESS = ["correctness.json", "correctness_fa4.json", "correctness_window.json"]
 KERNELS = ("sdpa", "xformers", "flex", "fa4")
 _AUTO = ("`auto` →", picked)
@@ -293,7 +284,8 @@ SECTIONS = [
         q="Does lit_xf reproduce the tutorial's comparison of naive and memory-efficient attention, time and peak "
         "memory per sequence length M?",
         a="Yes. Naive attention's memory grows with the square of M, the memory-efficient kernels' linearly (last "
-        "column: the smallest of their peaks over naive's). `auto` runs SDPA (cuDNN), the fastest kernel here.",
+        "column: the smallest of their peaks over naive's). The `auto` columns of the first three sections ran "
+        "the earlier fixed-order rule, since replaced by measurement (see auto's choice vs the best kernel).",
         image="tutorial.png",
     ),
     dict(
@@ -360,7 +352,7 @@ SECTIONS = [
         q="Which kernel is fastest with `attention_window` set, on dense causal rows and on packed or padded "
         "documents?",
         a="fa4, except on documents with the narrower window, where xformers' local block-diagonal kernel is level or "
-        "ahead on GPU time. SDPA needs a dense mask. `auto` picks fa4.",
+        "ahead on GPU time. SDPA needs a dense mask. `auto`: the earlier fixed-order rule.",
     ),
     dict(
         title="4. End-to-end training vs the plain loop", files=["train_counting_fused_loss.json"],
@@ -420,12 +412,10 @@ SECTIONS = [
               ("best ms", ("best_ms", ".2f")), ("auto / best", ("ratio", "")), ("best by gpu_ms", ("best_gpu", "")),
               ("auto / best, gpu_ms", ("gpu_ratio", ".3f"))],
         q="Does `attention: auto` come close to the best single kernel of each benchmark case?",
-        a="Mostly. Where it picks fa4 for rows that training runs with the host ahead, fa4's "
-        "host time paces it call by call (it ties on GPU time). On documents with the narrower window it picks fa4 "
-        "where xformers is a few percent faster on GPU time. Best is the lowest ms among the kernels the file timed "
-        "alone, and fa4's packing run did not time SDPA, which ran padded rows faster in the other packing files "
-        "than auto's fa4 does there. Auto / best: the bench's `auto_vs_best` (auto timed alternately with the best "
-        "kernel), else the ratio of medians (*).",
+        a="`auto` times every kernel that can run a case on its first batch (prepare, forward and backward) and keeps "
+        "the fastest; each row shows what it chose against the fastest kernel the bench "
+        "timed alone. Auto / best: the bench's `auto_vs_best` (auto timed alternately with the best kernel), else "
+        "the ratio of medians (*).",
     ),
     dict(
         title="7. Correctness vs float64", files=CORRECTNESS, items=lambda R: [correctness(R, f) for f in CORRECTNESS],
@@ -458,8 +448,8 @@ def words(text: str) -> str:
 
 
 def versions(meta: dict) -> str:
-    """"NVIDIA H200, torch 2.11.0+cu130, ...": the GPU first, then each library in the meta."""
-    libs = [f"{ {'cuda': 'CUDA', 'python': 'Python'}.get(k, k)} {v}" for k, v in meta.items() if k not in SKIP]
+    """ "NVIDIA H200, torch 2.11.0+cu130, ...": the GPU first, then each library in the meta."""
+    libs = [f"{ {'cuda': 'CUDA', 'python': 'Python'}.get(k, k) } {v}" for k, v in meta.items() if k not in SKIP]
     return ", ".join([meta.get("gpu", "unknown GPU"), *libs])
 
 

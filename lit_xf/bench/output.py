@@ -5,6 +5,7 @@ and the software environment the run recorded."""
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -66,8 +67,13 @@ def plot_attention(rows: list[dict], path: Path, title: str) -> None:
 
 
 def environment() -> dict:
-    """Versions of torch, CUDA, Python and xformers, and the GPU's name when there is one."""
-    meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    """The run's date (UTC), versions of torch, CUDA, Python and xformers, and the GPU's name when there is one."""
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+    }
     if torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name()
     try:
