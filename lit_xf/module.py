@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lit_xf.attention.layout import attended_pairs
+from lit_xf.checkpoints import checkpoint_errors, checkpoint_source, refuse_unsafe, use_safe_checkpoint_io
 from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
 from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
@@ -110,6 +112,8 @@ class LitTinyGPT(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The device is known now: refuse a kernel that can't train here before the first step.
         self.model.check_kernel(self._root_device(), training=stage == "fit")
+        # Before the trainer restores ckpt_path: load it as weights only (also http(s) URLs).
+        use_safe_checkpoint_io(self.trainer.strategy)
 
     def _root_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
@@ -253,6 +257,19 @@ class LitTinyGPT(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs
+    ) -> LitTinyGPT:
+        """Lightning's ``load_from_checkpoint``, reading the file as weights only whatever the path:
+        a local file, an ``http(s)://`` or other fsspec URL (fetched first), or a file object
+        (see ``lit_xf.checkpoints``). Unreadable files raise ``CheckpointError`` (a ``ValueError``)."""
+        refuse_unsafe(weights_only)
+        source = checkpoint_source(checkpoint_path) if isinstance(checkpoint_path, str | Path) else checkpoint_path
+        load = super().load_from_checkpoint
+        with checkpoint_errors(checkpoint_path):
+            return load(source, map_location, hparams_file, strict, weights_only=True, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with the differences named, a checkpoint whose weights don't fit this model.
 

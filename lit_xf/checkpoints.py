@@ -1,0 +1,143 @@
+"""Checkpoint files: loaded as weights only whatever the path, written atomically.
+
+Loading. A checkpoint is a pickle, and unpickling can run code. ``torch.load(weights_only=True)``
+(torch's default for local files since 2.6) accepts only tensors and plain data; Lightning, though,
+loads ``http(s)://`` paths through ``torch.hub`` with ``weights_only=False``, so a served checkpoint
+could run anything. :func:`load_checkpoint` reads every path the same way: local files directly,
+``http(s)://`` URLs fetched into memory (``urllib``), other fsspec URLs (``s3://``, ``gs://``,
+``memory://`` ...) through fsspec, and all of them unpickled with ``weights_only=True``. Remote
+checkpoints are fetched rather than refused because Lightning writes and resumes checkpoints on
+fsspec filesystems (``default_root_dir: s3://...``), and the weights-only unpickler protects a
+fetched file exactly as it protects a local one. ``weights_only=False`` is refused: every
+checkpoint lit_xf writes is plain data. Failures raise :class:`CheckpointError` with one line
+naming the file and what is wrong with it.
+
+``SafeCheckpointIO`` is the Lightning ``CheckpointIO`` that does this for the Trainer (``fit`` /
+``validate`` / ``test`` / ``predict`` with ``ckpt_path``); ``LitTinyGPT.setup`` installs it where
+the strategy has Lightning's default ``TorchCheckpointIO`` (:func:`use_safe_checkpoint_io`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec.utils
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+#: Seconds a remote checkpoint may take to answer (each blocking read of ``urllib``).
+FETCH_TIMEOUT_S = 60.0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be read, or that holds more than weights and plain data."""
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` is a URL (``http(s)://``, ``s3://``, ...) rather than a local file."""
+    return isinstance(path, str) and fsspec.utils.get_protocol(path) not in ("file", "local")
+
+
+def _fetch(url: str) -> bytes:
+    """The bytes at ``url``: ``http(s)`` through urllib, other protocols through fsspec."""
+    try:
+        if fsspec.utils.get_protocol(url) in ("http", "https"):
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310 (http(s) only)
+                return response.read()
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {url} does not exist") from None
+    except (OSError, ValueError, ImportError) as err:  # URLError and HTTPError are OSErrors
+        raise CheckpointError(f"checkpoint {url} could not be fetched: {err}") from err
+
+
+def checkpoint_source(path: str | Path) -> str | Path | io.BytesIO:
+    """What ``torch.load`` should read for ``path``: the local path itself (checked to exist), or
+    the fetched bytes of a remote one."""
+    if is_remote(path):
+        return io.BytesIO(_fetch(str(path)))
+    if not Path(path).is_file():
+        what = "is a folder, not a checkpoint file" if Path(path).is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
+    return path
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one informative line of torch's weights-only error (which also advises weights_only=False)."""
+    found = re.search(r"WeightsUnpickler error: (.*)", message)
+    reason = (found.group(1) if found else message.strip().splitlines()[0]).strip()
+    return reason.split(" was not an allowed global")[0].removeprefix("Unsupported global: ")
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path: str | Path) -> Iterator[None]:
+    """Turn ``torch.load``'s errors about ``path`` into one-line :class:`CheckpointError` messages."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(str(err))
+        if reason.startswith("GLOBAL "):
+            raise CheckpointError(
+                f"checkpoint {path} holds a pickled object that is not plain data ({reason}); lit_xf loads "
+                "checkpoints as weights only and does not run code from them"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or not a checkpoint ({reason})") from None
+    except EOFError:
+        raise CheckpointError(f"checkpoint {path} is empty or truncated") from None
+    except RuntimeError as err:
+        text = str(err)
+        if "PytorchStreamReader" not in text and "zip archive" not in text:
+            raise
+        reason = text.split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
+
+
+def refuse_unsafe(weights_only: bool | None) -> None:
+    """Refuse ``weights_only=False``."""
+    if weights_only is False:
+        raise CheckpointError(
+            "lit_xf loads checkpoints with weights_only=True only (its own checkpoints hold tensors and plain "
+            "data); load a trusted file of another kind with torch.load yourself"
+        )
+
+
+def load_checkpoint(path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    """The checkpoint at ``path`` (local or remote), unpickled with ``weights_only=True``."""
+    refuse_unsafe(weights_only)
+    source = checkpoint_source(path)
+    with checkpoint_errors(path):
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def _keep_storage(storage, location):
+    return storage
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose loads go through :func:`load_checkpoint`."""
+
+    def load_checkpoint(
+        self, path, map_location: Callable | None = _keep_storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def use_safe_checkpoint_io(strategy) -> bool:
+    """Give ``strategy`` a :class:`SafeCheckpointIO` where it has Lightning's default (a checkpoint IO
+    chosen by the user is left alone). Returns whether the strategy's IO is lit_xf's now."""
+    current = strategy.checkpoint_io  # Lightning creates its TorchCheckpointIO on first use
+    if type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = current = SafeCheckpointIO()
+    return isinstance(current, SafeCheckpointIO)

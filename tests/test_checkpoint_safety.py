@@ -1,0 +1,170 @@
+"""Checkpoints load as weights only, whatever the path: a pickle served on loopback whose
+``__reduce__`` writes a marker file never runs, through any ``lit-xf`` subcommand or
+``LitTinyGPT.load_from_checkpoint``; a good checkpoint served the same way loads."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_xf import GPTConfig, LitTinyGPT, cli
+from lit_xf.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint, use_safe_checkpoint_io
+
+#: A small run of the CLI: counting rows of 16 tokens, a 1-layer model, CPU, nothing written.
+TINY = [
+    "--data.corpus=counting",
+    "--data.batch_mode=padded",
+    "--data.seq_len=16",
+    "--data.batch_size=4",
+    "--data.counting_vocab=16",
+    "--data.counting_length=16",
+    "--data.counting_documents=64",
+    "--model.arch.d_model=16",
+    "--model.arch.n_layers=1",
+    "--model.arch.n_heads=2",
+    "--model.arch.attention=sdpa",
+    "--trainer.accelerator=cpu",
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.limit_predict_batches=1",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+class _Payload:
+    """Unpickling this runs ``exec``, which writes ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """(folder, base URL): a loopback HTTP server of ``folder`` in a thread, shut down after the test."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("lit_xf.checkpoints.FETCH_TIMEOUT_S", 10.0)
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _tiny_model() -> LitTinyGPT:
+    return LitTinyGPT(GPTConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, attention="sdpa"))
+
+
+@pytest.fixture
+def evil(served, tmp_path):
+    """(URL of a malicious checkpoint, marker path): a real checkpoint's dict plus a payload."""
+    folder, base = served
+    marker = tmp_path / "MARKER"
+    model = _tiny_model()
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": L.__version__,
+        "payload": _Payload(marker),
+    }
+    torch.save(checkpoint, folder / "evil.ckpt")
+    return f"{base}/evil.ckpt", marker
+
+
+def test_the_payload_runs_when_loaded_unsafely(evil, tmp_path, monkeypatch):
+    """What the tests below guard against: Lightning's own loader runs the served payload."""
+    from lightning.fabric.utilities.cloud_io import _load
+
+    url, marker = evil
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch.hub caches the download there
+    _load(url, map_location="cpu")
+    assert marker.read_text() == "code ran"
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_cli_never_runs_a_served_payload(subcommand, evil, tmp_path, monkeypatch, capsys):
+    url, marker = evil
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main([subcommand, *TINY, f"--ckpt_path={url}"]) == 1
+    err = capsys.readouterr().err
+    assert not marker.exists(), err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == [
+        f"lit-xf: error: checkpoint {url} holds a pickled object that is not plain data (GLOBAL exec); "
+        "lit_xf loads checkpoints as weights only and does not run code from them"
+    ], err
+
+
+def test_load_from_checkpoint_never_runs_a_served_payload(evil):
+    url, marker = evil
+    with pytest.raises(CheckpointError, match=r"not plain data \(GLOBAL exec\)"):
+        LitTinyGPT.load_from_checkpoint(url)
+    with pytest.raises(CheckpointError, match="not plain data"):
+        load_checkpoint(url)
+    with pytest.raises(CheckpointError, match="weights_only=True only"):
+        LitTinyGPT.load_from_checkpoint(url, weights_only=False)
+    assert not marker.exists()
+
+
+def test_a_served_good_checkpoint_loads(served, tmp_path):
+    folder, base = served
+    model = _tiny_model()
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    ids = torch.randint(0, 17, (2, 16))
+    trainer.fit(model, DataLoader([{"input_ids": ids, "labels": ids}], batch_size=None, collate_fn=lambda b: b))
+    trainer.save_checkpoint(folder / "good.ckpt")
+    loaded = LitTinyGPT.load_from_checkpoint(f"{base}/good.ckpt")
+    model.eval(), loaded.eval()
+    assert torch.equal(model(ids), loaded(ids))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {base}/missing.ckpt could not be fetched: HTTP Error 404"):
+        LitTinyGPT.load_from_checkpoint(f"{base}/missing.ckpt")
+
+
+def test_served_checkpoint_resumes_through_the_cli(served, tmp_path, monkeypatch):
+    folder, base = served
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", *TINY, "--trainer.enable_checkpointing=true", "--trainer.default_root_dir=out"]) == 0
+    (saved,) = (tmp_path / "out").rglob("*.ckpt")
+    (folder / "run.ckpt").write_bytes(saved.read_bytes())
+    assert cli.main(["validate", *TINY, f"--ckpt_path={base}/run.ckpt"]) == 0
+
+
+def test_the_module_installs_the_safe_loader_only_over_lightnings_default():
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    assert use_safe_checkpoint_io(trainer.strategy) and isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+
+    class Mine(SafeCheckpointIO.__mro__[1]):  # a user's own TorchCheckpointIO subclass stays
+        pass
+
+    trainer.strategy.checkpoint_io = mine = Mine()
+    assert not use_safe_checkpoint_io(trainer.strategy) and trainer.strategy.checkpoint_io is mine
