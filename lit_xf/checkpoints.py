@@ -12,19 +12,31 @@ fetched file exactly as it protects a local one. ``weights_only=False`` is refus
 checkpoint lit_xf writes is plain data. Failures raise :class:`CheckpointError` with one line
 naming the file and what is wrong with it.
 
-``SafeCheckpointIO`` is the Lightning ``CheckpointIO`` that does this for the Trainer (``fit`` /
-``validate`` / ``test`` / ``predict`` with ``ckpt_path``); ``LitTinyGPT.setup`` installs it where
-the strategy has Lightning's default ``TorchCheckpointIO`` (:func:`use_safe_checkpoint_io`).
+Writing. :func:`save_checkpoint` writes a local checkpoint to a temporary file in the same folder,
+fsyncs it, then renames it over the final name (``os.replace``, atomic on POSIX), so a reader sees
+the old file or the new one, never a part: a failed write (a full disk) leaves nothing under the
+final name and no temporary file, and raises :class:`CheckpointWriteError` naming the path and the
+free space. (Lightning's own save serializes to memory first but then writes the final name
+directly, so a full disk leaves a truncated file there.) Remote paths are written by Lightning.
+
+``SafeCheckpointIO`` is the Lightning ``CheckpointIO`` that does both for the Trainer (``fit`` /
+``validate`` / ``test`` / ``predict`` with ``ckpt_path``, ``ModelCheckpoint``'s saves);
+``LitTinyGPT.setup`` installs it where the strategy has Lightning's default ``TorchCheckpointIO``
+(:func:`use_safe_checkpoint_io`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
 import pickle
 import re
+import shutil
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +51,10 @@ FETCH_TIMEOUT_S = 60.0
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be read, or that holds more than weights and plain data."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (its ``__cause__`` is the ``OSError``)."""
 
 
 def is_remote(path: str | Path) -> bool:
@@ -121,12 +137,74 @@ def load_checkpoint(path: str | Path, map_location: Any = None, weights_only: bo
     return checkpoint
 
 
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages in a checkpoint (what ``torch.save`` writes, pickles aside)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _write_error(path: Path, err: OSError, checkpoint: dict) -> CheckpointWriteError:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = _mib(shutil.disk_usage(path.parent).free)
+        except OSError:
+            free = "unknown"
+        reason += f": {free} free in {path.parent}, the checkpoint needs about {_mib(_tensor_bytes(checkpoint))}"
+    return CheckpointWriteError(f"could not write checkpoint {path} ({reason})")
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """``torch.save(checkpoint, path)``, atomically: into a temporary file beside ``path``, fsynced,
+    then renamed over it (see the module docstring). Raises :class:`CheckpointWriteError`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666: the file gets the umask's usual mode (mkstemp would make it 0600)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _write_error(path, err, checkpoint) from err
+    with contextlib.suppress(OSError):  # make the rename itself durable (not every filesystem can)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def _keep_storage(storage, location):
     return storage
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` whose loads go through :func:`load_checkpoint`."""
+    """Lightning's ``TorchCheckpointIO`` whose loads go through :func:`load_checkpoint` and whose
+    local saves through :func:`save_checkpoint`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or is_remote(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, path)
 
     def load_checkpoint(
         self, path, map_location: Callable | None = _keep_storage, weights_only: bool | None = None

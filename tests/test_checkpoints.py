@@ -1,11 +1,14 @@
-"""Checkpoints load as weights only, whatever the path: a pickle served on loopback whose
+"""lit_xf.checkpoints. Loads are weights only, whatever the path: a pickle served on loopback whose
 ``__reduce__`` writes a marker file never runs, through any ``lit-xf`` subcommand or
-``LitTinyGPT.load_from_checkpoint``; a good checkpoint served the same way loads."""
+``LitTinyGPT.load_from_checkpoint``; a good checkpoint served the same way loads. Saves are atomic:
+a write that fails (a full disk, faked) leaves the previous file and no temporary one."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -14,8 +17,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lit_xf import GPTConfig, LitTinyGPT, cli
-from lit_xf.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint, use_safe_checkpoint_io
+from lit_xf import GPTConfig, LitTinyGPT, checkpoints, cli
+from lit_xf.checkpoints import (
+    CheckpointError,
+    CheckpointWriteError,
+    SafeCheckpointIO,
+    load_checkpoint,
+    save_checkpoint,
+    use_safe_checkpoint_io,
+)
 
 #: A small run of the CLI: counting rows of 16 tokens, a 1-layer model, CPU, nothing written.
 TINY = [
@@ -168,3 +178,65 @@ def test_the_module_installs_the_safe_loader_only_over_lightnings_default():
 
     trainer.strategy.checkpoint_io = mine = Mine()
     assert not use_safe_checkpoint_io(trainer.strategy) and trainer.strategy.checkpoint_io is mine
+
+
+# -- atomic writes --------------------------------------------------------------------------------
+def _full_disk_after(n_saves: int):
+    """A stand-in for torch.save that writes the first ``n_saves`` calls and then, like a full disk,
+    writes part of the file and raises ENOSPC."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= n_saves:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04" + bytes(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return save
+
+
+def test_save_is_atomic_and_keeps_the_usual_file_mode(tmp_path):
+    path = tmp_path / "deep" / "er" / "model.ckpt"
+    save_checkpoint({"w": torch.arange(4.0)}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["model.ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint({"w": torch.zeros(1000)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoints.torch, "save", _full_disk_after(0))
+    with pytest.raises(CheckpointWriteError) as raised:
+        save_checkpoint({"w": torch.ones(2**18)}, path)
+    message = str(raised.value)
+    assert message.startswith(f"could not write checkpoint {path} (No space left on device: ")
+    assert f"MiB free in {tmp_path}, the checkpoint needs about 1.0 MiB)" in message
+    assert isinstance(raised.value.__cause__, OSError) and raised.value.__cause__.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_full_disk_during_training_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.setattr(checkpoints.torch, "save", _full_disk_after(1))
+    folder = tmp_path / "checkpoints"
+    saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[saver], enable_progress_bar=False)
+    ids = torch.randint(0, 17, (2, 16))
+    loader = DataLoader([{"input_ids": ids, "labels": ids}] * 4, batch_size=None, collate_fn=lambda b: b)
+    with pytest.raises(CheckpointWriteError, match=r"epoch=0-step=4.ckpt \(No space left on device"):
+        trainer.fit(_tiny_model(), loader)
+    assert [p.name for p in folder.iterdir()] == ["epoch=0-step=2.ckpt"]
+    assert load_checkpoint(folder / "epoch=0-step=2.ckpt")["global_step"] == 2
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*runs/x.ckpt \(File exists|Not a dir"):
+        save_checkpoint({}, tmp_path / "runs" / "x.ckpt")
