@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
@@ -31,6 +32,7 @@ from lit_xf.loss import (
     token_hits,
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
+from lit_xf.nonfinite import NonFiniteGuard, OnNonFinite, weights_finite
 
 
 class LitTinyGPT(L.LightningModule):
@@ -49,6 +51,10 @@ class LitTinyGPT(L.LightningModule):
             once per forward, and the output projection runs outside, fused with the training loss
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
+        on_nonfinite: what a non-finite loss or gradient does (``lit_xf.nonfinite``): ``"stop"``
+            ends training with an error naming the steps (read on the logged steps, no extra sync)
+            and writes no checkpoint from the broken weights; ``"skip"`` skips those steps (the
+            GradScaler's own skipping under ``16-mixed``; otherwise one host sync per step).
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class LitTinyGPT(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
+        on_nonfinite: OnNonFinite = "stop",
     ):
         super().__init__()
         config = GPTConfig.from_dict(arch) if isinstance(arch, Mapping) else arch
@@ -77,6 +84,7 @@ class LitTinyGPT(L.LightningModule):
             )
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
+        self._guard = NonFiniteGuard(on_nonfinite)
         self.model = TinyGPT(config)
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
@@ -155,8 +163,10 @@ class LitTinyGPT(L.LightningModule):
             loss = global_loss = parts.nll_sum / real
         else:
             loss, global_loss = self._distributed_loss(parts)
+        self._guard.add_loss(global_loss)
         if self._logs_this_step():
-            metrics = torch.stack([global_loss.detach().float(), (parts.hits / real).float()])
+            bad = self._guard.pending(self._trainer)
+            metrics = torch.stack([global_loss.detach().float(), (parts.hits / real).float(), bad.to(real.device)])
             self._train_metrics = _copy_to_host(metrics)
         return loss
 
@@ -171,12 +181,24 @@ class LitTinyGPT(L.LightningModule):
         (values, copied), self._train_metrics = self._train_metrics, None
         if copied is not None:
             copied.synchronize()
-        loss, accuracy = values.clone()  # the pinned buffer goes back to the allocator
+        loss, accuracy, bad = values.clone()  # the pinned buffer goes back to the allocator
+        self._guard.after_read(int(bad), self.global_step + 1, self.trainer, self.hparams.lr)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", accuracy, prog_bar=True)
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.estimated_stepping_batches
+        self._guard.checked_step = self.global_step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Count non-finite gradients (on the device); in skip mode drop the step's gradients if
+        they or its loss are not finite, so that ``optimizer.step`` leaves the weights alone."""
+        if self._trainer is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._guard.add_grads(params, scaled=_has_scaler(self.trainer)):
+            for p in params:
+                p.grad = None
 
     def _logs_this_step(self) -> bool:
         """Every ``log_every_n_steps`` optimizer steps and on the last one (as Lightning writes logs)."""
@@ -257,6 +279,16 @@ class LitTinyGPT(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write a checkpoint from non-finite weights, or after a non-finite step not yet
+        read (on_nonfinite="stop"): the last good checkpoint stays."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        bad = int(self._guard.pending(self.trainer))
+        if not weights_finite(self.parameters()):
+            bad, self._guard.mode = max(bad, 1), "stop"  # never written, whatever the mode
+        self._guard.after_read(bad, self.global_step, self.trainer, self.hparams.lr)
+
     @classmethod
     def load_from_checkpoint(
         cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs
