@@ -212,6 +212,37 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
+def save_last_checkpoint(trainer) -> Path | None:
+    """End a run with ``<checkpoint dir>/last.ckpt`` holding its final step (``ModelCheckpoint``
+    saves on validation or at epoch ends only, so a run whose ``max_steps`` comes before either
+    would end with no checkpoint). Where ModelCheckpoint already saved the final step, ``last.ckpt``
+    is a hard link to that file (a copy where links don't work); otherwise the trainer saves it.
+    Nothing without a ModelCheckpoint (checkpointing disabled) or with a remote folder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = trainer.checkpoint_callback
+    if not isinstance(saver, ModelCheckpoint) or not saver.dirpath or is_remote(str(saver.dirpath)):
+        return None
+    last = Path(saver.dirpath) / f"{saver.CHECKPOINT_NAME_LAST}{saver.FILE_EXTENSION}"
+    at_end = getattr(saver, "_last_global_step_saved", None) == trainer.global_step
+    saved = Path(getattr(saver, "_last_checkpoint_saved", "") or last) if at_end else None
+    if saved is not None and saved == last:
+        return last  # save_last already wrote it
+    if saved is not None and saved.is_file():
+        if trainer.is_global_zero:
+            tmp = last.with_name(f".{last.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                os.link(saved, tmp)
+            except OSError:
+                shutil.copyfile(saved, tmp)
+            os.replace(tmp, last)
+        trainer.strategy.barrier()
+    else:
+        trainer.save_checkpoint(last)
+    saver.last_model_path = str(last)
+    return last
+
+
 def use_safe_checkpoint_io(strategy) -> bool:
     """Give ``strategy`` a :class:`SafeCheckpointIO` where it has Lightning's default (a checkpoint IO
     chosen by the user is left alone). Returns whether the strategy's IO is lit_xf's now."""

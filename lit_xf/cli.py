@@ -29,17 +29,23 @@ import sys
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_xf.checkpoints import checkpoint_source, is_remote, load_checkpoint
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.module import LitTinyGPT
+from lit_xf.resume import merge_resume_hparams
 
 DEBUG_ENV = "LIT_XF_DEBUG"
 PROG = "lit-xf"
+_log = logging.getLogger(__name__)
+# ckpt_path values the trainer resolves itself (Lightning's)
+_CKPT_KEYWORDS = ("best", "last", "hpc")
 
 
 class _Parser(LightningArgumentParser):
@@ -74,6 +80,32 @@ class LitXfCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.arch.max_seq_len")
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._args = args  # _parse_ckpt_path parses them again, without defaults
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resume from ``--ckpt_path`` without dropping what was asked for: Lightning loads the
+        checkpoint's hyperparameters over the whole config; here the model keys given on the
+        command line or in a config file are refused by name where they would change the weights'
+        shapes and applied otherwise (``lit_xf.resume``). The file is read as weights only, and a
+        missing one is named before anything is built."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or path in _CKPT_KEYWORDS or str(path).startswith("registry") or is_remote(str(path)):
+            return  # the trainer resolves and loads these (remote ones as weights only, without hparams)
+        if Path(path).is_dir():
+            return  # a sharded checkpoint: the strategy reads it
+        checkpoint_source(path)  # CheckpointError where it does not exist
+        saved = load_checkpoint(path, map_location="cpu").get("hyper_parameters") or {}
+        if not saved:
+            return
+        given = self.parser.parse_args(self._args, defaults=False)[subcommand].get("model") or {}
+        merged, applied = merge_resume_hparams(str(path), saved, given)
+        self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
+        if applied:
+            _log.info(f"{subcommand} from {path} with {', '.join(applied)}")
 
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.

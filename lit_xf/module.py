@@ -17,11 +17,17 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import SumMetric
 
 from lit_xf.attention.layout import attended_pairs
-from lit_xf.checkpoints import checkpoint_errors, checkpoint_source, refuse_unsafe, use_safe_checkpoint_io
+from lit_xf.checkpoints import (
+    checkpoint_errors,
+    checkpoint_source,
+    refuse_unsafe,
+    save_last_checkpoint,
+    use_safe_checkpoint_io,
+)
 from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
 from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
@@ -33,6 +39,7 @@ from lit_xf.loss import (
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
 from lit_xf.nonfinite import NonFiniteGuard, OnNonFinite, weights_finite
+from lit_xf.resume import reapply_optimizer_hparams, schedule_change
 
 
 class LitTinyGPT(L.LightningModule):
@@ -85,6 +92,8 @@ class LitTinyGPT(L.LightningModule):
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
         self._guard = NonFiniteGuard(on_nonfinite)
+        self._schedule = None  # (AdamW, LambdaLR, total steps) from configure_optimizers
+        self._saved_schedule_steps: int | None = None  # the total steps of a checkpoint's schedule
         self.model = TinyGPT(config)
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
@@ -189,6 +198,15 @@ class LitTinyGPT(L.LightningModule):
     def on_train_start(self) -> None:
         self._last_step = self.trainer.estimated_stepping_batches
         self._guard.checked_step = self.global_step
+        if self.global_step > 0 and self._schedule is not None:  # resumed: the restored optimizer follows hparams
+            optimizer, schedule, total = self._schedule
+            hp = self.hparams
+            old, new = reapply_optimizer_hparams(optimizer, schedule, hp.lr, hp.betas, [hp.weight_decay, 0.0])
+            if warning := schedule_change(self.global_step, old, new, self._saved_schedule_steps, total):
+                rank_zero_warn(warning)
+
+    def on_train_end(self) -> None:
+        save_last_checkpoint(self.trainer)  # every run ends with last.ckpt (unless checkpointing is off)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Count non-finite gradients (on the device); in skip mode drop the step's gradients if
@@ -262,6 +280,7 @@ class LitTinyGPT(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )
+        self._schedule = (optimizer, schedule, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -281,7 +300,9 @@ class LitTinyGPT(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to write a checkpoint from non-finite weights, or after a non-finite step not yet
-        read (on_nonfinite="stop"): the last good checkpoint stays."""
+        read (on_nonfinite="stop"): the last good checkpoint stays. Records the schedule's length."""
+        if self._schedule is not None:
+            checkpoint.setdefault("lit_xf", {})["schedule_steps"] = self._schedule[2]
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         bad = int(self._guard.pending(self.trainer))
@@ -309,6 +330,7 @@ class LitTinyGPT(L.LightningModule):
         (``d_model``, ``n_layers``, ... beside ``lr``). Loaded without ``arch=``, this model has the
         default architecture: unless every field agrees, the error gives the ``arch=GPTConfig(...)``
         to load them with."""
+        self._saved_schedule_steps = checkpoint.get("lit_xf", {}).get("schedule_steps")
         saved_hp = checkpoint.get("hyper_parameters", {})
         # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
         mine = _resolved(self.hparams.get("arch") or self.model.config)

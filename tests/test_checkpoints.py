@@ -141,7 +141,7 @@ def test_served_checkpoint_resumes_through_the_cli(served, tmp_path, monkeypatch
     folder, base = served
     monkeypatch.chdir(tmp_path)
     assert cli.main(["fit", *TINY, "--trainer.enable_checkpointing=true", "--trainer.default_root_dir=out"]) == 0
-    (saved,) = (tmp_path / "out").rglob("*.ckpt")
+    (saved,) = (tmp_path / "out").rglob("last.ckpt")
     (folder / "run.ckpt").write_bytes(saved.read_bytes())
     assert cli.main(["validate", *TINY, f"--ckpt_path={base}/run.ckpt"]) == 0
 
