@@ -238,7 +238,7 @@ def save_last_checkpoint(trainer) -> Path | None:
             os.replace(tmp, last)
         trainer.strategy.barrier()
     else:
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=saver.save_weights_only)
     saver.last_model_path = str(last)
     return last
 

@@ -3,6 +3,7 @@
     lit-xf fit --config configs/default.yaml        # also validate / test / predict (LightningCLI)
     lit-xf fit --config configs/default.yaml --print_config
     lit-xf env                                      # versions, device, attention kernels that run here
+    lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
 
 ``LitXfCLI`` is a plain ``LightningCLI`` over ``LitTinyGPT`` and ``TextDataModule`` with two links:
@@ -38,8 +39,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_xf.checkpoints import checkpoint_source, is_remote, load_checkpoint
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
+from lit_xf.generate import GenerateOptions, add_generate_arguments, prompt_batches, write_texts
 from lit_xf.module import LitTinyGPT
 from lit_xf.resume import merge_resume_hparams
+from lit_xf.tokenizer_state import tokenizer_from_state
 
 DEBUG_ENV = "LIT_XF_DEBUG"
 PROG = "lit-xf"
@@ -98,7 +101,9 @@ class LitXfCLI(LightningCLI):
         if Path(path).is_dir():
             return  # a sharded checkpoint: the strategy reads it
         checkpoint_source(path)  # CheckpointError where it does not exist
-        saved = load_checkpoint(path, map_location="cpu").get("hyper_parameters") or {}
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        self._ckpt_tokenizer = checkpoint.get("lit_xf", {}).get("tokenizer")
+        saved = checkpoint.get("hyper_parameters") or {}
         if not saved:
             return
         given = self.parser.parse_args(self._args, defaults=False)[subcommand].get("model") or {}
@@ -106,6 +111,24 @@ class LitXfCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
         if applied:
             _log.info(f"{subcommand} from {path} with {', '.join(applied)}")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # prompts and sampling (lit_xf.generate)
+            add_generate_arguments(parser)
+        return parser
+
+    def predict(self, model: LitTinyGPT, datamodule=None, ckpt_path=None, **kwargs) -> list[str]:
+        """``lit-xf predict``: continue the ``--prompt`` / ``--prompts_file`` prompts with the
+        trainer (``LitTinyGPT.predict_step``), encoded with the checkpoint's tokenizer (else the data
+        module's), printed or written to ``--output``."""
+        options = GenerateOptions.from_args(self.config[self.subcommand])
+        prompts = options.prompts()
+        state = getattr(self, "_ckpt_tokenizer", None)
+        tokenizer = tokenizer_from_state(state) if state else datamodule.tokenizer
+        loader = torch.utils.data.DataLoader(prompt_batches(tokenizer, prompts, options), batch_size=None)
+        outputs = self.trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=True)
+        return write_texts(tokenizer, prompts, outputs, options.output)
 
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
@@ -308,11 +331,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY VALUE ...]
        {PROG} env [--device DEVICE]
+       {PROG} generate --ckpt_path CKPT --prompt TEXT [...]
        {PROG} bench COMMAND [...]
 
   fit, validate, test, predict   LightningCLI over LitTinyGPT and TextDataModule
                                  (`{PROG} fit --help` lists every key; `--print_config` shows the result)
   env                            versions, device, and which attention kernels run here
+  generate                       continue prompts with a checkpoint (`{PROG} generate --help`)
   bench                          benchmarks (`{PROG} bench --help`)
 
 Set {DEBUG_ENV}=1 to see the traceback behind a `{PROG}: error:` message.
@@ -329,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env_main(args[1:])
     if args and args[0] == "bench":
         return _bench_main(args[1:])
+    if args and args[0] == "generate":
+        setup_logging()
+        return importlib.import_module("lit_xf.generate").main(args[1:])
     setup_logging()
     try:
         LitXfCLI(args=None if argv is None else args)

@@ -28,7 +28,7 @@ from lit_xf.checkpoints import (
     save_last_checkpoint,
     use_safe_checkpoint_io,
 )
-from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
+from lit_xf.config import GPTConfig
 from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
     LossParts,
@@ -39,7 +39,13 @@ from lit_xf.loss import (
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
 from lit_xf.nonfinite import NonFiniteGuard, OnNonFinite, weights_finite
-from lit_xf.resume import reapply_optimizer_hparams, schedule_change
+from lit_xf.resume import (
+    check_checkpoint_fits,
+    flat_arch,  # noqa: F401 (importable from here, as before)
+    reapply_optimizer_hparams,
+    schedule_change,
+)
+from lit_xf.tokenizer_state import tokenizer_from_state, tokenizer_state
 
 
 class LitTinyGPT(L.LightningModule):
@@ -92,6 +98,9 @@ class LitTinyGPT(L.LightningModule):
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
         self._guard = NonFiniteGuard(on_nonfinite)
+        #: The tokenizer saved with checkpoints (default: the trainer's data module's) and read back
+        #: from them (``lit_xf.tokenizer_state``); ``lit-xf generate`` needs nothing else.
+        self.tokenizer = None
         self._schedule = None  # (AdamW, LambdaLR, total steps) from configure_optimizers
         self._saved_schedule_steps: int | None = None  # the total steps of a checkpoint's schedule
         self.model = TinyGPT(config)
@@ -301,8 +310,12 @@ class LitTinyGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to write a checkpoint from non-finite weights, or after a non-finite step not yet
         read (on_nonfinite="stop"): the last good checkpoint stays. Records the schedule's length."""
+        extra = checkpoint.setdefault("lit_xf", {})
         if self._schedule is not None:
-            checkpoint.setdefault("lit_xf", {})["schedule_steps"] = self._schedule[2]
+            extra["schedule_steps"] = self._schedule[2]
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if state := tokenizer_state(self.tokenizer or getattr(datamodule, "tokenizer", None)):
+            extra["tokenizer"] = state
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         bad = int(self._guard.pending(self.trainer))
@@ -329,40 +342,13 @@ class LitTinyGPT(L.LightningModule):
         Checkpoints saved before ``GPTConfig`` hold the architecture as flat hyperparameters
         (``d_model``, ``n_layers``, ... beside ``lr``). Loaded without ``arch=``, this model has the
         default architecture: unless every field agrees, the error gives the ``arch=GPTConfig(...)``
-        to load them with."""
-        self._saved_schedule_steps = checkpoint.get("lit_xf", {}).get("schedule_steps")
-        saved_hp = checkpoint.get("hyper_parameters", {})
-        # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
-        mine = _resolved(self.hparams.get("arch") or self.model.config)
-        flat = flat_arch(saved_hp)
-        if flat is not None and "arch" not in saved_hp:
-            if differ := _differences(flat, mine, FIELD_NAMES):  # all: a window or a kernel changes results too
-                raise ValueError(
-                    f"checkpoint keeps its architecture as flat hyperparameters (saved before GPTConfig) and it "
-                    f"differs from this model's ({'; '.join(differ)}); load it with LitTinyGPT.load_from_checkpoint("
-                    f"path, arch={_config_call(flat)}), or resume training with a model of that arch"
-                )
-        hp_diff = _differences(flat or saved_hp.get("arch") or {}, mine, WEIGHT_FIELDS)
-        # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
-        saved = checkpoint.get("state_dict")
-        mine = self.state_dict() if saved is not None else {}
-        saved = saved or {}
-        shape_diff = [
-            f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
-            for k, v in saved.items()
-            if k in mine and v.shape != mine[k].shape
-        ]
-        missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()
-        if hp_diff or shape_diff or missing or unexpected:
-            what = (
-                hp_diff
-                + shape_diff[:3]
-                + [f"{len(s)} {name} weights" for s, name in ((missing, "missing"), (unexpected, "unexpected")) if s]
-            )
-            raise ValueError(
-                f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
-                "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model"
-            )
+        to load them with (``lit_xf.resume.check_checkpoint_fits``). Reads the tokenizer and the
+        schedule's length stored beside the weights."""
+        extra = checkpoint.get("lit_xf", {})
+        self._saved_schedule_steps = extra.get("schedule_steps")
+        if "tokenizer" in extra:
+            self.tokenizer = tokenizer_from_state(extra["tokenizer"])
+        check_checkpoint_fits(checkpoint, self.hparams.get("arch") or self.model.config, self.state_dict)
 
     # -- accounting --------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
@@ -385,6 +371,20 @@ class LitTinyGPT(L.LightningModule):
         return 3 * (2 * matmul * real_tokens + per_pair * pairs)
 
     # -- sampling ----------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
+        """``generate`` on a prompt batch (``lit_xf.generate.prompt_batches``): ``prompt_ids [B, T0]``
+        with ``max_new_tokens``, ``temperature``, ``top_k``, ``eos_id`` and ``seed`` (of the sampling
+        generator); returns ``[B, T0 + n]``."""
+        generator = torch.Generator(device=self.device).manual_seed(int(batch["seed"]))
+        return self.generate(
+            batch["prompt_ids"],
+            int(batch["max_new_tokens"]),
+            float(batch["temperature"]),
+            batch["top_k"],
+            batch["eos_id"],
+            generator,
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -400,6 +400,10 @@ class LitTinyGPT(L.LightningModule):
         ``eos_id``. Returns ``[B, T0 + n]``."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt_ids.shape[-1] == 0:
+            raise ValueError("the prompt is empty: generation continues at least one token id")
         ids = prompt_ids[None] if prompt_ids.ndim == 1 else prompt_ids
         ids = ids.to(self.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -476,39 +480,3 @@ def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
-
-
-def _norm(value):
-    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
-
-
-def flat_arch(hparams: Mapping) -> dict | None:
-    """The architecture fields that hyperparameters saved before ``GPTConfig`` hold flat (beside
-    ``lr``), or None where there are none."""
-    found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
-    return found or None
-
-
-def _resolved(fields: Mapping | GPTConfig) -> dict:
-    """The fields (of a config or a dict of them) with ``n_kv_heads`` null resolved to ``n_heads``."""
-    fields = fields.to_dict() if isinstance(fields, GPTConfig) else dict(fields)
-    if fields.get("n_kv_heads") is None and "n_heads" in fields:
-        fields["n_kv_heads"] = fields["n_heads"]
-    return fields
-
-
-def _differences(saved: Mapping | GPTConfig, mine: dict, keys: tuple[str, ...]) -> list[str]:
-    """``"key: checkpoint a vs model b"`` for each of ``keys`` that ``saved`` holds with another value."""
-    saved = _resolved(saved)
-    return [
-        f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}"
-        for k in keys
-        if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])
-    ]
-
-
-def _config_call(fields: Mapping) -> str:
-    """``GPTConfig(...)`` source for ``fields``, listing only the values that differ from the defaults."""
-    default = GPTConfig().to_dict()
-    args = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in default and v != default[k])
-    return f"GPTConfig({args})"

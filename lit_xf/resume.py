@@ -14,7 +14,9 @@ given on the command line or in a config file are compared with the checkpoint's
   rate, betas and weight decay from the hyperparameters again, and warns when the learning rate
   jumps (a new ``max_steps`` stretches the cosine schedule: :func:`schedule_change`).
 
-Keys the user did not give keep the checkpoint's values, as in Lightning.
+Keys the user did not give keep the checkpoint's values, as in Lightning. Whatever the route, a
+checkpoint whose weights don't fit the model is refused with the differences named
+(:func:`check_checkpoint_fits`, called by ``LitTinyGPT.on_load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS
+from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
 
 
 def _plain(value: Any) -> Any:
@@ -133,3 +135,78 @@ def reapply_optimizer_hparams(
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() reports until the next step
     return old_lr, rates[0]
+
+
+def check_checkpoint_fits(checkpoint: Mapping, arch: Mapping | GPTConfig, state_dict) -> None:
+    """Refuse, with the differences named, a checkpoint whose weights don't fit a model of ``arch``
+    (``state_dict``: the model's, called only when the checkpoint holds weights). Checkpoints saved
+    before ``GPTConfig`` hold the architecture flat: unless every field agrees, the error gives the
+    ``arch=GPTConfig(...)`` that loads them."""
+    saved_hp = checkpoint.get("hyper_parameters", {})
+    # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
+    mine = _resolved(arch)
+    flat = flat_arch(saved_hp)
+    if flat is not None and "arch" not in saved_hp:
+        if differ := _differences(flat, mine, FIELD_NAMES):  # all: a window or a kernel changes results too
+            raise ValueError(
+                f"checkpoint keeps its architecture as flat hyperparameters (saved before GPTConfig) and it "
+                f"differs from this model's ({'; '.join(differ)}); load it with LitTinyGPT.load_from_checkpoint("
+                f"path, arch={_config_call(flat)}), or resume training with a model of that arch"
+            )
+    hp_diff = _differences(flat or saved_hp.get("arch") or {}, mine, WEIGHT_FIELDS)
+    # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
+    saved = checkpoint.get("state_dict")
+    mine = state_dict() if saved is not None else {}
+    saved = saved or {}
+    shape_diff = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
+        for k, v in saved.items()
+        if k in mine and v.shape != mine[k].shape
+    ]
+    missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()
+    if hp_diff or shape_diff or missing or unexpected:
+        what = (
+            hp_diff
+            + shape_diff[:3]
+            + [f"{len(s)} {name} weights" for s, name in ((missing, "missing"), (unexpected, "unexpected")) if s]
+        )
+        raise ValueError(
+            f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
+            "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model"
+        )
+
+
+def _norm(value):
+    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+
+
+def flat_arch(hparams: Mapping) -> dict | None:
+    """The architecture fields that hyperparameters saved before ``GPTConfig`` hold flat (beside
+    ``lr``), or None where there are none."""
+    found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
+    return found or None
+
+
+def _resolved(fields: Mapping | GPTConfig) -> dict:
+    """The fields (of a config or a dict of them) with ``n_kv_heads`` null resolved to ``n_heads``."""
+    fields = fields.to_dict() if isinstance(fields, GPTConfig) else dict(fields)
+    if fields.get("n_kv_heads") is None and "n_heads" in fields:
+        fields["n_kv_heads"] = fields["n_heads"]
+    return fields
+
+
+def _differences(saved: Mapping | GPTConfig, mine: dict, keys: tuple[str, ...]) -> list[str]:
+    """``"key: checkpoint a vs model b"`` for each of ``keys`` that ``saved`` holds with another value."""
+    saved = _resolved(saved)
+    return [
+        f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}"
+        for k in keys
+        if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])
+    ]
+
+
+def _config_call(fields: Mapping) -> str:
+    """``GPTConfig(...)`` source for ``fields``, listing only the values that differ from the defaults."""
+    default = GPTConfig().to_dict()
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in default and v != default[k])
+    return f"GPTConfig({args})"
