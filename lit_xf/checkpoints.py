@@ -109,6 +109,12 @@ def checkpoint_errors(path: str | Path) -> Iterator[None]:
         raise CheckpointError(f"checkpoint {path} is corrupted or not a checkpoint ({reason})") from None
     except EOFError:
         raise CheckpointError(f"checkpoint {path} is empty or truncated") from None
+    except OSError as err:  # torch's zip reader on a cut file: EINVAL
+        if err.errno == errno.EINVAL:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupted (its zip archive can't be read)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} could not be read ({err.strerror or err})") from err
     except RuntimeError as err:
         text = str(err)
         if "PytorchStreamReader" not in text and "zip archive" not in text:

@@ -11,11 +11,11 @@
 ``vocab_size`` sets ``model.arch.vocab_size`` when the classes are instantiated (so neither is given
 twice). The architecture is ``model.arch`` (``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
 
-Errors raised while building or setting up the run (``ValueError``, ``FileNotFoundError``: an
-impossible model, a missing corpus; Lightning's ``MisconfigurationException``: e.g. fp16 AMP on a
-CPU) print as one ``lit-xf: error: ...`` message and exit with 1;
-``LIT_XF_DEBUG=1`` shows the traceback instead. Argument and config-file errors are jsonargparse's
-(one message, exit 2).
+Errors raised while building or running (``ValueError``, ``OSError``: an impossible model, a
+missing corpus or checkpoint, an unwritable folder; Lightning's ``MisconfigurationException``: e.g.
+fp16 AMP on a CPU) print as one ``lit-xf: error: ...`` line and exit with 1; argument and
+config-file errors as one line too, exit 2 (``lit_xf.cli_guard``). A run that fails before its
+first optimizer step leaves no run folder behind. ``LIT_XF_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_xf.checkpoints import checkpoint_source, is_remote, load_checkpoint
+from lit_xf.cli_guard import check_training_kernel, error_message, one_line, removed_if_failed
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.generate import GenerateOptions, add_generate_arguments, prompt_batches, write_texts
@@ -62,7 +63,12 @@ class _Parser(LightningArgumentParser):
         moved = sorted(set(re.findall(r"\bmodel\.(\w+)", message)) & set(FIELD_NAMES))
         if moved:
             message += f" (the architecture's fields are under model.arch: model.arch.{moved[0]})"
-        return super().error(message, ex)
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"{PROG}: error: {one_line(message)} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class LitXfCLI(LightningCLI):
@@ -134,6 +140,12 @@ class LitXfCLI(LightningCLI):
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+        if self.config.get("subcommand") == "fit":  # before the model checks inference only
+            check_training_kernel(self.config["fit"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with removed_if_failed(self.trainer):  # a failed start leaves no empty run folder
+            super()._run_subcommand(subcommand)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,13 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code or 0
         print(code, file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+    except (ValueError, OSError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        hint = ""
-        if isinstance(err, MisconfigurationException) and "gpu backend" in str(err).lower():
-            hint = " (the config asks for a GPU; --trainer.accelerator cpu runs it on the CPU)"
-        print(f"{PROG}: error: {err}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {error_message(err)}", file=sys.stderr)
         return 1
     return 0
 

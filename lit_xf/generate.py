@@ -167,7 +167,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of lit-xf fit (local path or URL)")
     add_generate_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    args = parser.parse_args(list(argv))
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exit_:  # --help, or an argument error (already printed)
+        return int(exit_.code or 0)
     try:
         options = GenerateOptions.from_args(args)
         prompts = options.prompts()  # bad prompts are refused before anything is loaded
@@ -177,7 +180,7 @@ def main(argv: Sequence[str]) -> int:
         write_texts(
             tokenizer, prompts, [model.predict_step(batch, i) for i, batch in enumerate(batches)], options.output
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("LIT_XF_DEBUG", "") not in ("", "0"):
             raise
         print(f"lit-xf: error: {err}", file=sys.stderr)
