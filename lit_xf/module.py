@@ -308,8 +308,10 @@ class LitTinyGPT(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to write a checkpoint from non-finite weights, or after a non-finite step not yet
-        read (on_nonfinite="stop"): the last good checkpoint stays. Records the schedule's length."""
+        """Store the tokenizer (``self.tokenizer``, else the data module's) and the schedule's length
+        beside the weights, under ``checkpoint["lit_xf"]``. While fitting, refuse to write non-finite
+        weights, or after a non-finite step not yet read (on_nonfinite="stop"): the last good
+        checkpoint stays."""
         extra = checkpoint.setdefault("lit_xf", {})
         if self._schedule is not None:
             extra["schedule_steps"] = self._schedule[2]
@@ -318,10 +320,9 @@ class LitTinyGPT(L.LightningModule):
             extra["tokenizer"] = state
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        bad = int(self._guard.pending(self.trainer))
-        if not weights_finite(self.parameters()):
-            bad, self._guard.mode = max(bad, 1), "stop"  # never written, whatever the mode
-        self._guard.after_read(bad, self.global_step, self.trainer, self.hparams.lr)
+        bad, finite = int(self._guard.pending(self.trainer)), weights_finite(self.parameters())
+        # non-finite weights are never written, whatever on_nonfinite says
+        self._guard.after_read(max(bad, not finite), self.global_step, self.trainer, self.hparams.lr, stop=not finite)
 
     @classmethod
     def load_from_checkpoint(

@@ -98,11 +98,11 @@ class NonFiniteGuard:
             pending = trainer.strategy.reduce(pending, reduce_op="sum")
         return pending
 
-    def after_read(self, bad: int, step: int, trainer, lr: float) -> None:
+    def after_read(self, bad: int, step: int, trainer, lr: float, stop: bool = False) -> None:
         """After a read at ``step`` that found ``bad`` non-finite values: raise
-        :class:`NonFiniteError` (stop) or warn that steps were skipped (skip)."""
+        :class:`NonFiniteError` (on_nonfinite="stop", or ``stop``) or warn that steps were skipped."""
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        if bad and self.mode == "stop":
+        if bad and (self.mode == "stop" or stop):
             raise NonFiniteError(self.message(step, lr, str(trainer.precision), _newest_checkpoint(trainer), scaled))
         if bad:
             rank_zero_warn(

@@ -95,12 +95,16 @@ def test_the_payload_runs_when_loaded_unsafely(evil, tmp_path, monkeypatch):
     assert marker.read_text() == "code ran"
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "generate"])
 def test_cli_never_runs_a_served_payload(subcommand, evil, tmp_path, monkeypatch, capsys):
     url, marker = evil
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
-    assert cli.main([subcommand, *TINY, f"--ckpt_path={url}"]) == 1
+    if subcommand == "generate":
+        args = ["generate", f"--ckpt_path={url}", "--prompt=1 2"]
+    else:
+        args = [subcommand, *TINY, f"--ckpt_path={url}", *(["--prompt=1 2"] if subcommand == "predict" else [])]
+    assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert not marker.exists(), err
     errors = [line for line in err.splitlines() if "error:" in line]

@@ -125,3 +125,23 @@ def test_guard_counts_on_the_device_and_refuses_unknown_modes():
     assert "fp16 overflow in the forward" in guard.message(5, 1e-3, "16-mixed", None, scaled=True)
     with pytest.raises(ValueError, match="on_nonfinite='ignore': choose one of stop, skip"):
         NonFiniteGuard("ignore")
+
+
+class _PoisonWeights(L.Callback):
+    """Makes a weight NaN after the given step, as an optimizer overflow would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_non_finite_weights_are_never_written_even_when_skipping(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    # the poison comes first: it runs before the checkpoint of the same step
+    with pytest.raises(NonFiniteError, match="in steps 3..4"):
+        _fit(LitTinyGPT(ARCH, on_nonfinite="skip"), tmp_path, callbacks=[_PoisonWeights(3), saver])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=2.ckpt"]
