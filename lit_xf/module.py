@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import SumMetric
 
 from lit_xf.attention.layout import attended_pairs
-from lit_xf.config import FIELD_NAMES, WEIGHT_FIELDS, GPTConfig
+from lit_xf.checkpoints import (
+    checkpoint_errors,
+    checkpoint_source,
+    refuse_unsafe,
+    save_last_checkpoint,
+    use_safe_checkpoint_io,
+)
+from lit_xf.config import GPTConfig
 from lit_xf.hardware import precision_dtype
 from lit_xf.loss import (
     LossParts,
@@ -29,6 +38,14 @@ from lit_xf.loss import (
     token_hits,
 )
 from lit_xf.model import COMPILE_MODES, CompileMode, TinyGPT
+from lit_xf.nonfinite import NonFiniteGuard, OnNonFinite, weights_finite
+from lit_xf.resume import (
+    check_checkpoint_fits,
+    flat_arch,  # noqa: F401 (importable from here, as before)
+    reapply_optimizer_hparams,
+    schedule_change,
+)
+from lit_xf.tokenizer_state import tokenizer_from_state, tokenizer_state
 
 
 class LitTinyGPT(L.LightningModule):
@@ -47,6 +64,10 @@ class LitTinyGPT(L.LightningModule):
             once per forward, and the output projection runs outside, fused with the training loss
             (``lit_xf.loss.linear_cross_entropy``); compiling also compiles validation's loss on
             logits (``compiled_token_cross_entropy``).
+        on_nonfinite: what a non-finite loss or gradient does (``lit_xf.nonfinite``): ``"stop"``
+            ends training with an error naming the steps (read on the logged steps, no extra sync)
+            and writes no checkpoint from the broken weights; ``"skip"`` skips those steps (the
+            GradScaler's own skipping under ``16-mixed``; otherwise one host sync per step).
     """
 
     def __init__(
@@ -58,6 +79,7 @@ class LitTinyGPT(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
+        on_nonfinite: OnNonFinite = "stop",
     ):
         super().__init__()
         config = GPTConfig.from_dict(arch) if isinstance(arch, Mapping) else arch
@@ -75,6 +97,12 @@ class LitTinyGPT(L.LightningModule):
             )
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use false, true (= 'blocks') or one of {', '.join(COMPILE_MODES)}")
+        self._guard = NonFiniteGuard(on_nonfinite)
+        #: The tokenizer saved with checkpoints (default: the trainer's data module's) and read back
+        #: from them (``lit_xf.tokenizer_state``); ``lit-xf generate`` needs nothing else.
+        self.tokenizer = None
+        self._schedule = None  # (AdamW, LambdaLR, total steps) from configure_optimizers
+        self._saved_schedule_steps: int | None = None  # the total steps of a checkpoint's schedule
         self.model = TinyGPT(config)
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
@@ -110,6 +138,8 @@ class LitTinyGPT(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The device is known now: refuse a kernel that can't train here before the first step.
         self.model.check_kernel(self._root_device(), training=stage == "fit")
+        # Before the trainer restores ckpt_path: load it as weights only (also http(s) URLs).
+        use_safe_checkpoint_io(self.trainer.strategy)
 
     def _root_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
@@ -151,8 +181,10 @@ class LitTinyGPT(L.LightningModule):
             loss = global_loss = parts.nll_sum / real
         else:
             loss, global_loss = self._distributed_loss(parts)
+        self._guard.add_loss(global_loss)
         if self._logs_this_step():
-            metrics = torch.stack([global_loss.detach().float(), (parts.hits / real).float()])
+            bad = self._guard.pending(self._trainer)
+            metrics = torch.stack([global_loss.detach().float(), (parts.hits / real).float(), bad.to(real.device)])
             self._train_metrics = _copy_to_host(metrics)
         return loss
 
@@ -167,12 +199,33 @@ class LitTinyGPT(L.LightningModule):
         (values, copied), self._train_metrics = self._train_metrics, None
         if copied is not None:
             copied.synchronize()
-        loss, accuracy = values.clone()  # the pinned buffer goes back to the allocator
+        loss, accuracy, bad = values.clone()  # the pinned buffer goes back to the allocator
+        self._guard.after_read(int(bad), self.global_step + 1, self.trainer, self.hparams.lr)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", accuracy, prog_bar=True)
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.estimated_stepping_batches
+        self._guard.checked_step = self.global_step
+        if self.global_step > 0 and self._schedule is not None:  # resumed: the restored optimizer follows hparams
+            optimizer, schedule, total = self._schedule
+            hp = self.hparams
+            old, new = reapply_optimizer_hparams(optimizer, schedule, hp.lr, hp.betas, [hp.weight_decay, 0.0])
+            if warning := schedule_change(self.global_step, old, new, self._saved_schedule_steps, total):
+                rank_zero_warn(warning)
+
+    def on_train_end(self) -> None:
+        save_last_checkpoint(self.trainer)  # every run ends with last.ckpt (unless checkpointing is off)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Count non-finite gradients (on the device); in skip mode drop the step's gradients if
+        they or its loss are not finite, so that ``optimizer.step`` leaves the weights alone."""
+        if self._trainer is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._guard.add_grads(params, scaled=_has_scaler(self.trainer)):
+            for p in params:
+                p.grad = None
 
     def _logs_this_step(self) -> bool:
         """Every ``log_every_n_steps`` optimizer steps and on the last one (as Lightning writes logs)."""
@@ -236,6 +289,7 @@ class LitTinyGPT(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )
+        self._schedule = (optimizer, schedule, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -253,45 +307,49 @@ class LitTinyGPT(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the tokenizer (``self.tokenizer``, else the data module's) and the schedule's length
+        beside the weights, under ``checkpoint["lit_xf"]``. While fitting, refuse to write non-finite
+        weights, or after a non-finite step not yet read (on_nonfinite="stop"): the last good
+        checkpoint stays."""
+        extra = checkpoint.setdefault("lit_xf", {})
+        if self._schedule is not None:
+            extra["schedule_steps"] = self._schedule[2]
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if state := tokenizer_state(self.tokenizer or getattr(datamodule, "tokenizer", None)):
+            extra["tokenizer"] = state
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        bad, finite = int(self._guard.pending(self.trainer)), weights_finite(self.parameters())
+        # non-finite weights are never written, whatever on_nonfinite says
+        self._guard.after_read(max(bad, not finite), self.global_step, self.trainer, self.hparams.lr, stop=not finite)
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs
+    ) -> LitTinyGPT:
+        """Lightning's ``load_from_checkpoint``, reading the file as weights only whatever the path:
+        a local file, an ``http(s)://`` or other fsspec URL (fetched first), or a file object
+        (see ``lit_xf.checkpoints``). Unreadable files raise ``CheckpointError`` (a ``ValueError``)."""
+        refuse_unsafe(weights_only)
+        source = checkpoint_source(checkpoint_path) if isinstance(checkpoint_path, str | Path) else checkpoint_path
+        load = super().load_from_checkpoint
+        with checkpoint_errors(checkpoint_path):
+            return load(source, map_location, hparams_file, strict, weights_only=True, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with the differences named, a checkpoint whose weights don't fit this model.
 
         Checkpoints saved before ``GPTConfig`` hold the architecture as flat hyperparameters
         (``d_model``, ``n_layers``, ... beside ``lr``). Loaded without ``arch=``, this model has the
         default architecture: unless every field agrees, the error gives the ``arch=GPTConfig(...)``
-        to load them with."""
-        saved_hp = checkpoint.get("hyper_parameters", {})
-        # load_from_checkpoint(path, arch=...) has replaced the saved "arch" with the one given
-        mine = _resolved(self.hparams.get("arch") or self.model.config)
-        flat = flat_arch(saved_hp)
-        if flat is not None and "arch" not in saved_hp:
-            if differ := _differences(flat, mine, FIELD_NAMES):  # all: a window or a kernel changes results too
-                raise ValueError(
-                    f"checkpoint keeps its architecture as flat hyperparameters (saved before GPTConfig) and it "
-                    f"differs from this model's ({'; '.join(differ)}); load it with LitTinyGPT.load_from_checkpoint("
-                    f"path, arch={_config_call(flat)}), or resume training with a model of that arch"
-                )
-        hp_diff = _differences(flat or saved_hp.get("arch") or {}, mine, WEIGHT_FIELDS)
-        # A sharded (FSDP) checkpoint has no "state_dict": the strategy loads the shards itself.
-        saved = checkpoint.get("state_dict")
-        mine = self.state_dict() if saved is not None else {}
-        saved = saved or {}
-        shape_diff = [
-            f"{k}: checkpoint {list(v.shape)} vs model {list(mine[k].shape)}"
-            for k, v in saved.items()
-            if k in mine and v.shape != mine[k].shape
-        ]
-        missing, unexpected = mine.keys() - saved.keys(), saved.keys() - mine.keys()
-        if hp_diff or shape_diff or missing or unexpected:
-            what = (
-                hp_diff
-                + shape_diff[:3]
-                + [f"{len(s)} {name} weights" for s, name in ((missing, "missing"), (unexpected, "unexpected")) if s]
-            )
-            raise ValueError(
-                f"checkpoint was saved by a model of another configuration ({'; '.join(what)}); "
-                "LitTinyGPT.load_from_checkpoint(path) without overrides rebuilds its own model"
-            )
+        to load them with (``lit_xf.resume.check_checkpoint_fits``). Reads the tokenizer and the
+        schedule's length stored beside the weights."""
+        extra = checkpoint.get("lit_xf", {})
+        self._saved_schedule_steps = extra.get("schedule_steps")
+        if "tokenizer" in extra:
+            self.tokenizer = tokenizer_from_state(extra["tokenizer"])
+        check_checkpoint_fits(checkpoint, self.hparams.get("arch") or self.model.config, self.state_dict)
 
     # -- accounting --------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
@@ -314,6 +372,20 @@ class LitTinyGPT(L.LightningModule):
         return 3 * (2 * matmul * real_tokens + per_pair * pairs)
 
     # -- sampling ----------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
+        """``generate`` on a prompt batch (``lit_xf.generate.prompt_batches``): ``prompt_ids [B, T0]``
+        with ``max_new_tokens``, ``temperature``, ``top_k``, ``eos_id`` and ``seed`` (of the sampling
+        generator); returns ``[B, T0 + n]``."""
+        generator = torch.Generator(device=self.device).manual_seed(int(batch["seed"]))
+        return self.generate(
+            batch["prompt_ids"],
+            int(batch["max_new_tokens"]),
+            float(batch["temperature"]),
+            batch["top_k"],
+            batch["eos_id"],
+            generator,
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -329,6 +401,10 @@ class LitTinyGPT(L.LightningModule):
         ``eos_id``. Returns ``[B, T0 + n]``."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt_ids.shape[-1] == 0:
+            raise ValueError("the prompt is empty: generation continues at least one token id")
         ids = prompt_ids[None] if prompt_ids.ndim == 1 else prompt_ids
         ids = ids.to(self.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -405,39 +481,3 @@ def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
-
-
-def _norm(value):
-    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
-
-
-def flat_arch(hparams: Mapping) -> dict | None:
-    """The architecture fields that hyperparameters saved before ``GPTConfig`` hold flat (beside
-    ``lr``), or None where there are none."""
-    found = {k: hparams[k] for k in FIELD_NAMES if k in hparams}
-    return found or None
-
-
-def _resolved(fields: Mapping | GPTConfig) -> dict:
-    """The fields (of a config or a dict of them) with ``n_kv_heads`` null resolved to ``n_heads``."""
-    fields = fields.to_dict() if isinstance(fields, GPTConfig) else dict(fields)
-    if fields.get("n_kv_heads") is None and "n_heads" in fields:
-        fields["n_kv_heads"] = fields["n_heads"]
-    return fields
-
-
-def _differences(saved: Mapping | GPTConfig, mine: dict, keys: tuple[str, ...]) -> list[str]:
-    """``"key: checkpoint a vs model b"`` for each of ``keys`` that ``saved`` holds with another value."""
-    saved = _resolved(saved)
-    return [
-        f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}"
-        for k in keys
-        if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])
-    ]
-
-
-def _config_call(fields: Mapping) -> str:
-    """``GPTConfig(...)`` source for ``fields``, listing only the values that differ from the defaults."""
-    default = GPTConfig().to_dict()
-    args = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in default and v != default[k])
-    return f"GPTConfig({args})"
