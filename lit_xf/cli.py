@@ -5,16 +5,20 @@
     lit-xf env                                      # versions, device, attention kernels that run here
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
 
-``LitXfCLI`` is a plain ``LightningCLI`` over ``LitTinyGPT`` and ``TextDataModule`` with two links:
-``data.seq_len`` sets ``model.arch.max_seq_len`` when the config is parsed, and the data module's
-``vocab_size`` sets ``model.arch.vocab_size`` when the classes are instantiated (so neither is given
-twice). The architecture is ``model.arch`` (``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
+``LitXfCLI`` (``lit_xf.lightning_cli``) is a plain ``LightningCLI`` over ``LitTinyGPT`` and
+``TextDataModule`` with two links: ``data.seq_len`` sets ``model.arch.max_seq_len`` when the config is
+parsed, and the data module's ``vocab_size`` sets ``model.arch.vocab_size`` when the classes are
+instantiated (so neither is given twice). The architecture is ``model.arch``
+(``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
 
 Errors raised while building or setting up the run (``ValueError``, ``FileNotFoundError``: an
 impossible model, a missing corpus; Lightning's ``MisconfigurationException``: e.g. fp16 AMP on a
 CPU) print as one ``lit-xf: error: ...`` message and exit with 1;
 ``LIT_XF_DEBUG=1`` shows the traceback instead. Argument and config-file errors are jsonargparse's
 (one message, exit 2).
+
+Importing this module imports neither torch nor Lightning (the usage prints at once): ``LitXfCLI``,
+Lightning and torch are imported by the subcommands that use them.
 """
 
 from __future__ import annotations
@@ -24,61 +28,39 @@ import importlib
 import logging
 import os
 import platform
-import re
 import sys
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
-
-import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lit_xf.config import FIELD_NAMES
-from lit_xf.data import TextDataModule
-from lit_xf.module import LitTinyGPT
+from typing import Any
 
 DEBUG_ENV = "LIT_XF_DEBUG"
 PROG = "lit-xf"
 
 
-class _Parser(LightningArgumentParser):
-    def print_usage(self, file=None) -> None:
-        # argparse prints the whole usage before an error; with a few hundred options that buries the
-        # error line. jsonargparse's error already adds "run --help for the accepted options".
-        return None
+class _LazyModule:
+    """A module imported when one of its attributes is first read; it then replaces this stand-in in
+    ``lit_xf.cli``'s globals. ``lit-xf --help`` and the usage never import torch; ``env`` does."""
 
-    def error(self, message: str, ex: Exception | None = None):
-        # Configs written before GPTConfig set the architecture flat under model: say where it went.
-        moved = sorted(set(re.findall(r"\bmodel\.(\w+)", message)) & set(FIELD_NAMES))
-        if moved:
-            message += f" (the architecture's fields are under model.arch: model.arch.{moved[0]})"
-        return super().error(message, ex)
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
 
 
-class LitXfCLI(LightningCLI):
-    """``LightningCLI`` for ``LitTinyGPT`` on a ``TextDataModule``, with sequence length and
-    vocabulary size taken from the data."""
+torch = _LazyModule("torch")
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("model_class", LitTinyGPT)
-        kwargs.setdefault("datamodule_class", TextDataModule)
-        kwargs.setdefault("seed_everything_default", 0)
-        # Each run logs to a new versioned folder; overwriting only matters for loggerless runs
-        # (fast_dev_run), which all write config.yaml to the same default_root_dir.
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"prog": PROG})
-        kwargs.setdefault("parser_class", _Parser)
-        super().__init__(*args, **kwargs)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.seq_len", "model.arch.max_seq_len")
-        parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+def __getattr__(name: str) -> Any:
+    """``LitXfCLI`` (``lit_xf.lightning_cli``, which imports torch and Lightning) on first use."""
+    if name == "LitXfCLI":
+        from lit_xf.lightning_cli import LitXfCLI
 
-    def before_instantiate_classes(self) -> None:
-        # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
-        if torch.cuda.is_available():
-            torch.set_float32_matmul_precision("high")
+        return LitXfCLI
+    raise AttributeError(f"module 'lit_xf.cli' has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "bench":
         return _bench_main(args[1:])
     setup_logging()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lit_xf.lightning_cli import LitXfCLI
+
     try:
         LitXfCLI(args=None if argv is None else args)
     except SystemExit as exit_:  # --help, --print_config, parse errors

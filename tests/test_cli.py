@@ -102,6 +102,34 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "lit-xf env" in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [[], ["--help"]], ids=["no_subcommand", "help"])
+def test_usage_imports_neither_torch_nor_lightning(argv):
+    """The usage prints without torch or Lightning (seconds of imports): only the subcommands that
+    need them import them."""
+    code = (
+        "import sys; from lit_xf.cli import main; status = main(sys.argv[1:]); "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'xformers'}); "
+        "print('HEAVY', heavy); sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (0 if argv else 2), proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    usage = proc.stdout if argv else proc.stderr
+    assert all(name in usage for name in ("fit", "validate", "test", "predict", "env", "bench")), usage
+
+
+def test_package_names_resolve_on_first_use():
+    """``from lit_xf import LitTinyGPT`` still works; ``import lit_xf`` alone imports no torch."""
+    code = (
+        "import sys, lit_xf; assert 'torch' not in sys.modules; "
+        "from lit_xf import GPTConfig, LitTinyGPT, TinyGPT; from lit_xf.cli import LitXfCLI; "
+        "assert LitTinyGPT.__module__ == 'lit_xf.module' and 'torch' in sys.modules; "
+        "assert {'GPTConfig', 'LitTinyGPT', 'TinyGPT'} <= set(dir(lit_xf)); print('OK')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
 def test_no_subcommand_prints_usage_and_fails(capsys):
     assert cli.main([]) == 2
     assert "usage: lit-xf" in capsys.readouterr().err
