@@ -6,17 +6,26 @@ those subcommands: torch and Lightning take seconds to import, ``lit-xf --help``
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shlex
+import time
+from collections.abc import Sequence
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_xf.cli import PROG
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.module import LitTinyGPT
 
-__all__ = ["LitXfCLI"]
+__all__ = ["LitXfCLI", "fit_summary"]
+
+log = logging.getLogger(__name__)
 
 
 class _Parser(LightningArgumentParser):
@@ -35,7 +44,10 @@ class _Parser(LightningArgumentParser):
 
 class LitXfCLI(LightningCLI):
     """``LightningCLI`` for ``LitTinyGPT`` on a ``TextDataModule``, with sequence length and
-    vocabulary size taken from the data."""
+    vocabulary size taken from the data.
+
+    After ``fit`` (rank zero, runs with a logger) it logs :func:`fit_summary`: how the run ended,
+    the last metrics, the checkpoint, the log directory and the commands that evaluate it."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("model_class", LitTinyGPT)
@@ -56,3 +68,59 @@ class LitXfCLI(LightningCLI):
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.is_global_zero and trainer.loggers:
+            seconds = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+            for line in fit_summary(trainer, seconds, config_files=self.config["fit"].get("config") or ()):
+                log.info(line)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def fit_summary(trainer: Trainer, seconds: float, config_files: Sequence[str] = ()) -> list[str]:
+    """Lines that close a ``fit``: how it ended, the last logged metrics (``train/*`` from the last
+    logged step, ``val/*`` from the last validation), the checkpoint(s), the log directory with the
+    ``tensorboard`` command, and the ``validate`` / ``test`` commands for the checkpoint.
+
+    The evaluation commands name the run's own ``config.yaml`` (the resolved fit config, command-line
+    overrides included) when the run saved one, else the config files the fit was given."""
+    step = trainer.global_step
+    ended = f"fit interrupted at step {step}" if trainer.interrupted else f"fit finished: {step} steps"
+    lines = [f"{ended} in {_duration(seconds)}"]
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1}
+    for prefix in dict.fromkeys(k.split("/", 1)[0] for k in metrics):
+        values = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(prefix + "/"))
+        lines.append(f"  {values}")
+    ckpt = None
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor and callback.best_model_path:
+            lines.append(
+                f"  best checkpoint ({callback.monitor} {float(callback.best_model_score):.4g}): "
+                f"{callback.best_model_path}"
+            )
+        elif callback.best_model_path:
+            lines.append(f"  checkpoint: {callback.best_model_path}")
+        if callback.last_model_path and callback.last_model_path != callback.best_model_path:
+            lines.append(f"  last checkpoint: {callback.last_model_path}")
+        ckpt = ckpt or callback.last_model_path or callback.best_model_path
+    if trainer.log_dir:
+        lines.append(f"  logs: {trainer.log_dir}")
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(logger.save_dir))}")
+            break
+    if ckpt:
+        saved = os.path.join(trainer.log_dir, "config.yaml") if trainer.log_dir else None
+        configs = [saved] if saved and os.path.isfile(saved) else [str(c) for c in config_files]
+        args = "".join(f" --config {shlex.quote(c)}" for c in configs) + f" --ckpt_path {shlex.quote(ckpt)}"
+        lines.append(f"  evaluate: {PROG} validate{args}")
+        lines.append(f"            {PROG} test{args}")
+    return lines

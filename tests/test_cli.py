@@ -17,9 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a ``lit-xf`` child: this checkout's lit_xf first, no LIT_XF_DEBUG."""
+    env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, **extra}
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
-    full_env.update(env or {})
+    full_env = cli_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
@@ -214,7 +220,7 @@ def bad_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("bad_input")
     (cwd / "bad_key.yaml").write_text("model:\n  arch:\n    d_modle: 64\n")
     (cwd / "flat_key.yaml").write_text("model:\n  n_heads: 4\n")
-    env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
+    env = cli_env()
     cases = {name: (args, extra) for name, (args, extra, _, _) in BAD_INPUTS.items()}
     cases["debug"] = (["fit", "--data.corpus", "missing.txt"], {"LIT_XF_DEBUG": "1"})
     procs = {
@@ -273,3 +279,42 @@ def test_readme_python_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+# -- a run's end: the summary, and evaluating its checkpoint -------------------------------------
+TINY_RUN = [
+    *("--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"),
+    *("--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"),
+    *("--trainer.enable_model_summary", "false", "--model.arch.n_layers", "1", "--data.seq_len", "64"),
+]
+
+
+def summary_lines(stderr: str) -> list[str]:
+    """The lines after ``fit finished`` that lit_xf logged, without the ``[lit_xf]`` prefix."""
+    lines = [line.removeprefix("[lit_xf] ") for line in stderr.splitlines() if line.startswith("[lit_xf] ")]
+    starts = [i for i, line in enumerate(lines) if line.startswith("fit finished")]
+    return lines[starts[-1] :] if starts else []
+
+
+def test_fit_ends_with_a_summary(tmp_path):
+    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), *TINY_RUN, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summary_lines(proc.stderr)
+    assert summary and summary[0].startswith("fit finished: 2 steps in "), proc.stderr[-3000:]
+    text = "\n".join(summary)
+    for needle in ("train/loss ", "train/acc ", "val/loss ", "val/ppl ", "val/acc "):
+        assert needle in text, text
+    ckpt = "runs/default/version_0/checkpoints/epoch=0-step=2.ckpt"
+    assert f"checkpoint: {ckpt}" in text and (tmp_path / ckpt).is_file()
+    assert "logs: runs/default/version_0" in text and "TensorBoard: tensorboard --logdir runs" in text
+    config = "runs/default/version_0/config.yaml"
+    assert f"evaluate: lit-xf validate --config {config} --ckpt_path {ckpt}" in text
+    assert f"lit-xf test --config {config} --ckpt_path {ckpt}" in text
+
+
+def test_a_run_without_logger_prints_no_summary(tmp_path):
+    proc = run_cli(
+        "fit", *TINY_RUN, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`max_steps=2` reached" in proc.stderr and "fit finished" not in proc.stderr
