@@ -279,11 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env_main(args[1:])
     if args and args[0] == "bench":
         return _bench_main(args[1:])
-    setup_logging()
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from lit_xf.lightning_cli import LitXfCLI
 
+    setup_logging()  # after Lightning's import, which makes the handlers it filters
     try:
         LitXfCLI(args=None if argv is None else args)
     except SystemExit as exit_:  # --help, --print_config, parse errors

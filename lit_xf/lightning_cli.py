@@ -10,14 +10,18 @@ import logging
 import os
 import re
 import shlex
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_xf.callbacks import StepMonitor
 from lit_xf.cli import PROG
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
@@ -26,6 +30,11 @@ from lit_xf.module import LitTinyGPT
 __all__ = ["LitXfCLI", "fit_summary"]
 
 log = logging.getLogger(__name__)
+
+#: Subcommands that evaluate a model: they write no run folder unless the command line names a logger.
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: Callbacks that only act on training steps, left out of evaluation runs.
+_TRAINING_ONLY = (StepMonitor, LearningRateMonitor, Checkpoint)
 
 
 class _Parser(LightningArgumentParser):
@@ -47,7 +56,13 @@ class LitXfCLI(LightningCLI):
     vocabulary size taken from the data.
 
     After ``fit`` (rank zero, runs with a logger) it logs :func:`fit_summary`: how the run ended,
-    the last metrics, the checkpoint, the log directory and the commands that evaluate it."""
+    the last metrics, the checkpoint, the log directory and the commands that evaluate it.
+
+    ``validate``, ``test`` and ``predict`` print their results and write nothing: no logger (the
+    configs' loggers are for ``fit``; a ``--trainer.logger...`` argument on the command line keeps
+    one, and the run's config.yaml with it), and without the callbacks that act on training steps
+    only: the monitors and the checkpoint callback (restored from ``--ckpt_path``, it would only warn
+    that its folder has changed). A failed evaluation then leaves nothing behind either."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("model_class", LitTinyGPT)
@@ -58,6 +73,8 @@ class LitXfCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": PROG})
         kwargs.setdefault("parser_class", _Parser)
+        argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        self._argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -68,6 +85,22 @@ class LitXfCLI(LightningCLI):
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+        if self.subcommand in EVALUATION_SUBCOMMANDS:
+            if not self._names_a_logger():
+                self.config[self.subcommand].trainer.logger = False
+                self.save_config_callback = None  # it would write config.yaml into the working directory
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand in EVALUATION_SUBCOMMANDS:
+            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, _TRAINING_ONLY)]
+            # ... whose states in the checkpoint Lightning would otherwise ask for
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+
+    def _names_a_logger(self) -> bool:
+        """Whether the command line sets ``--trainer.logger`` or one of its arguments."""
+        return any(
+            a == "--trainer.logger" or a.startswith(("--trainer.logger=", "--trainer.logger.")) for a in self._argv
+        )
 
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_xf import cli
 
@@ -296,20 +298,67 @@ def summary_lines(stderr: str) -> list[str]:
     return lines[starts[-1] :] if starts else []
 
 
-def test_fit_ends_with_a_summary(tmp_path):
-    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), *TINY_RUN, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step ``lit-xf fit`` of the main job's config, shrunk: (its folder, the finished process)."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), *TINY_RUN, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_fit_ends_with_a_summary(tiny_run):
+    cwd, proc = tiny_run
     summary = summary_lines(proc.stderr)
     assert summary and summary[0].startswith("fit finished: 2 steps in "), proc.stderr[-3000:]
     text = "\n".join(summary)
     for needle in ("train/loss ", "train/acc ", "val/loss ", "val/ppl ", "val/acc "):
         assert needle in text, text
     ckpt = "runs/default/version_0/checkpoints/epoch=0-step=2.ckpt"
-    assert f"checkpoint: {ckpt}" in text and (tmp_path / ckpt).is_file()
+    assert f"checkpoint: {ckpt}" in text and (cwd / ckpt).is_file()
     assert "logs: runs/default/version_0" in text and "TensorBoard: tensorboard --logdir runs" in text
     config = "runs/default/version_0/config.yaml"
     assert f"evaluate: lit-xf validate --config {config} --ckpt_path {ckpt}" in text
     assert f"lit-xf test --config {config} --ckpt_path {ckpt}" in text
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_a_checkpoint_writes_nothing_and_warns_nothing(subcommand, tiny_run):
+    """The summary's evaluation commands: they print their metrics, create no run folder (the
+    checkpoint's own run stays the only one) and no config.yaml, and warn about no checkpoint folder."""
+    cwd, fit = tiny_run
+    command = next(line for line in summary_lines(fit.stderr) if f"lit-xf {subcommand} " in line)
+    args = shlex.split(command.split("lit-xf ", 1)[1])
+    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    proc = run_cli(*args, "--trainer.limit_test_batches", "3", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prefix = "val" if subcommand == "validate" else "test"
+    assert all(f"{prefix}/{name}" in proc.stdout for name in ("loss", "ppl", "acc")), proc.stdout
+    for warning in ("dirpath has changed", "Be aware that when using `ckpt_path`", "PeakMemoryMonitor"):
+        assert warning not in proc.stderr, proc.stderr
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before
+
+
+def test_evaluation_logs_where_the_command_line_says(tiny_run):
+    cwd, fit = tiny_run
+    ckpt = "runs/default/version_0/checkpoints/epoch=0-step=2.ckpt"
+    proc = run_cli(
+        *("test", "--config", "runs/default/version_0/config.yaml", "--ckpt_path", ckpt),
+        *("--trainer.limit_test_batches", "2", "--trainer.logger.name", "default_test"),
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = cwd / "runs" / "default_test" / "version_0"
+    assert (run_dir / "config.yaml").is_file()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert {"test/loss", "test/ppl", "test/acc"} <= set(events.Tags()["scalars"])
+
+
+def test_a_failed_evaluation_leaves_nothing(tmp_path):
+    proc = run_cli("test", "--config", str(DEFAULT_CONFIG), *TINY_RUN, "--data.test_fraction", "0", cwd=tmp_path)
+    assert_one_clear_error(proc, "lit-xf: error:", "test_fraction=0: there is no test split")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_without_logger_prints_no_summary(tmp_path):
