@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_xf.callbacks import StepMonitor
+from lit_xf.callbacks import LearningRateLogger, StepMonitor
 from lit_xf.cli import PROG
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: Subcommands that evaluate a model: they write no run folder unless the command line names a logger.
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
 #: Callbacks that only act on training steps, left out of evaluation runs.
-_TRAINING_ONLY = (StepMonitor, LearningRateMonitor, Checkpoint)
+_TRAINING_ONLY = (StepMonitor, LearningRateLogger, LearningRateMonitor, Checkpoint)
 
 
 class _Parser(LightningArgumentParser):

@@ -298,13 +298,47 @@ def summary_lines(stderr: str) -> list[str]:
     return lines[starts[-1] :] if starts else []
 
 
+# The main job's monitors, with KernelTimer's profiler on every step (its CPU console lines are checked)
+PROFILED_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lit_xf.callbacks.PeakMemoryMonitor
+    - class_path: lit_xf.callbacks.KernelTimer
+      init_args: {profile_every_n_steps: 1}
+    - class_path: lit_xf.callbacks.ThroughputMonitor
+    - class_path: lit_xf.callbacks.LearningRateLogger
+"""
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 2-step ``lit-xf fit`` of the main job's config, shrunk: (its folder, the finished process)."""
+    """A 2-step ``lit-xf fit`` of the main job's config, shrunk and profiled: (its folder, the process)."""
     cwd = tmp_path_factory.mktemp("tiny_run")
-    proc = run_cli("fit", "--config", str(DEFAULT_CONFIG), *TINY_RUN, cwd=cwd)
+    (cwd / "profiled.yaml").write_text(PROFILED_CALLBACKS)
+    args = ["fit", "--config", str(DEFAULT_CONFIG), "--config", "profiled.yaml", *TINY_RUN]
+    proc = run_cli(*args, "--trainer.log_every_n_steps", "1", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
+
+
+def test_tensorboard_opens_on_throughput_or_memory_with_one_lr_curve(tiny_run):
+    """TensorBoard's time series show tag groups (the part before the first '/') in sorted order:
+    no ``epoch`` card first, no ``lr-AdamW/pg1|pg2`` pair; on CPU, run/info says which tags are missing."""
+    cwd, proc = tiny_run
+    run_dir = cwd / "runs" / "default" / "version_0"
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "epoch" not in tags and not any(t.startswith("lr-") for t in tags), tags
+    assert [t for t in tags if "lr" in t.split("/")[-1]] == ["train/lr"]
+    assert {"train/loss", "val/loss", "throughput/tokens_per_s", "time/step_ms", "time/attention_share"} <= tags
+    groups = sorted({t.split("/", 1)[0] for t in tags})
+    assert groups[0] == ("memory" if __import__("torch").cuda.is_available() else "throughput"), groups
+    info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
+    if not __import__("torch").cuda.is_available():
+        assert "| memory/* | not logged: the device is cpu" in info, info
+        assert "| throughput/mfu | not logged: no peak FLOP/s known for cpu" in info, info
+    assert "USDT" not in proc.stderr and "profiler_stop" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_fit_ends_with_a_summary(tiny_run):
