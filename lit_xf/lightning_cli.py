@@ -104,6 +104,12 @@ class LitXfCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()
+        if slow_bf16_on_cpu(self.trainer):
+            log.warning(
+                "precision=%s on a CPU without bf16 instructions (AVX-512 BF16 / AMX) is emulated: steps are "
+                "many times slower than in fp32 (configs/gqa_alibi.yaml: 26x); --trainer.precision 32-true",
+                self.trainer.precision,
+            )
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -111,6 +117,13 @@ class LitXfCLI(LightningCLI):
             seconds = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
             for line in fit_summary(trainer, seconds, config_files=self.config["fit"].get("config") or ()):
                 log.info(line)
+
+
+def slow_bf16_on_cpu(trainer: Trainer) -> bool:
+    """Whether ``trainer`` computes in bf16 on a CPU whose oneDNN has no bf16 kernels (AVX2-only x86)."""
+    if trainer.strategy.root_device.type != "cpu" or "bf16" not in str(trainer.precision):
+        return False
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _duration(seconds: float) -> str:
@@ -126,7 +139,9 @@ def fit_summary(trainer: Trainer, seconds: float, config_files: Sequence[str] = 
     The evaluation commands name the run's own ``config.yaml`` (the resolved fit config, command-line
     overrides included) when the run saved one, else the config files the fit was given."""
     step = trainer.global_step
-    ended = f"fit interrupted at step {step}" if trainer.interrupted else f"fit finished: {step} steps"
+    ended = (
+        f"fit interrupted at step {step}" if trainer.interrupted else f"fit finished: {step} step{'s' * (step != 1)}"
+    )
     lines = [f"{ended} in {_duration(seconds)}"]
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1}
     for prefix in dict.fromkeys(k.split("/", 1)[0] for k in metrics):
@@ -144,6 +159,10 @@ def fit_summary(trainer: Trainer, seconds: float, config_files: Sequence[str] = 
         if callback.last_model_path and callback.last_model_path != callback.best_model_path:
             lines.append(f"  last checkpoint: {callback.last_model_path}")
         ckpt = ckpt or callback.last_model_path or callback.best_model_path
+    if trainer.checkpoint_callbacks and not ckpt:
+        lines.append(
+            "  checkpoint: none saved (no validation ran; with val_check_interval set, it is saved after validations)"
+        )
     if trainer.log_dir:
         lines.append(f"  logs: {trainer.log_dir}")
     for logger in trainer.loggers:

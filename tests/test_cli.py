@@ -395,6 +395,25 @@ def test_a_failed_evaluation_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bf16_on_a_cpu_without_bf16_kernels_says_use_fp32(tmp_path):
+    """oneDNN limited to AVX2 (as on CPUs without AVX-512): bf16-mixed is emulated, many times slower."""
+    isa = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    args = [
+        "fit",
+        *TINY_RUN,
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "false",
+    ]
+    proc = run_cli(*args, "--trainer.enable_checkpointing", "false", cwd=tmp_path, env=isa)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision=bf16-mixed on a CPU without bf16 instructions" in proc.stderr
+    assert "--trainer.precision 32-true" in proc.stderr
+
+
 def test_a_run_without_logger_prints_no_summary(tmp_path):
     proc = run_cli(
         "fit", *TINY_RUN, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", cwd=tmp_path
