@@ -6,16 +6,20 @@
     lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
 
-``LitXfCLI`` is a plain ``LightningCLI`` over ``LitTinyGPT`` and ``TextDataModule`` with two links:
-``data.seq_len`` sets ``model.arch.max_seq_len`` when the config is parsed, and the data module's
-``vocab_size`` sets ``model.arch.vocab_size`` when the classes are instantiated (so neither is given
-twice). The architecture is ``model.arch`` (``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
+``LitXfCLI`` (``lit_xf.lightning_cli``) is a plain ``LightningCLI`` over ``LitTinyGPT`` and
+``TextDataModule`` with two links: ``data.seq_len`` sets ``model.arch.max_seq_len`` when the config
+is parsed, and the data module's ``vocab_size`` sets ``model.arch.vocab_size`` when the classes are
+instantiated (so neither is given twice). The architecture is ``model.arch``
+(``lit_xf.config.GPTConfig``), e.g. ``--model.arch.d_model 256``.
 
 Errors raised while building or running (``ValueError``, ``OSError``: an impossible model, a
 missing corpus or checkpoint, an unwritable folder; Lightning's ``MisconfigurationException``: e.g.
 fp16 AMP on a CPU) print as one ``lit-xf: error: ...`` line and exit with 1; argument and
 config-file errors as one line too, exit 2 (``lit_xf.cli_guard``). A run that fails before its
 first optimizer step leaves no run folder behind. ``LIT_XF_DEBUG=1`` shows the traceback instead.
+
+Importing this module imports neither torch nor Lightning (the usage prints at once): ``LitXfCLI``,
+Lightning and torch are imported by the subcommands that use them.
 """
 
 from __future__ import annotations
@@ -25,127 +29,39 @@ import importlib
 import logging
 import os
 import platform
-import re
 import sys
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
-from pathlib import Path
-
-import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lit_xf.checkpoints import checkpoint_source, is_remote, load_checkpoint
-from lit_xf.cli_guard import check_training_kernel, error_message, one_line, removed_if_failed
-from lit_xf.config import FIELD_NAMES
-from lit_xf.data import TextDataModule
-from lit_xf.generate import GenerateOptions, add_generate_arguments, prompt_batches, write_texts
-from lit_xf.module import LitTinyGPT
-from lit_xf.resume import merge_resume_hparams
-from lit_xf.tokenizer_state import tokenizer_from_state
+from typing import Any
 
 DEBUG_ENV = "LIT_XF_DEBUG"
 PROG = "lit-xf"
-_log = logging.getLogger(__name__)
-# ckpt_path values the trainer resolves itself (Lightning's)
-_CKPT_KEYWORDS = ("best", "last", "hpc")
 
 
-class _Parser(LightningArgumentParser):
-    def print_usage(self, file=None) -> None:
-        # argparse prints the whole usage before an error; with a few hundred options that buries the
-        # error line. jsonargparse's error already adds "run --help for the accepted options".
-        return None
+class _LazyModule:
+    """A module imported when one of its attributes is first read; it then replaces this stand-in in
+    ``lit_xf.cli``'s globals. ``lit-xf --help`` and the usage never import torch; ``env`` does."""
 
-    def error(self, message: str, ex: Exception | None = None):
-        # Configs written before GPTConfig set the architecture flat under model: say where it went.
-        moved = sorted(set(re.findall(r"\bmodel\.(\w+)", message)) & set(FIELD_NAMES))
-        if moved:
-            message += f" (the architecture's fields are under model.arch: model.arch.{moved[0]})"
-        if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        print(f"{PROG}: error: {one_line(message)} (see `{prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
 
 
-class LitXfCLI(LightningCLI):
-    """``LightningCLI`` for ``LitTinyGPT`` on a ``TextDataModule``, with sequence length and
-    vocabulary size taken from the data."""
+torch = _LazyModule("torch")
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("model_class", LitTinyGPT)
-        kwargs.setdefault("datamodule_class", TextDataModule)
-        kwargs.setdefault("seed_everything_default", 0)
-        # Each run logs to a new versioned folder; overwriting only matters for loggerless runs
-        # (fast_dev_run), which all write config.yaml to the same default_root_dir.
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"prog": PROG})
-        kwargs.setdefault("parser_class", _Parser)
-        super().__init__(*args, **kwargs)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.seq_len", "model.arch.max_seq_len")
-        parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+def __getattr__(name: str) -> Any:
+    """``LitXfCLI`` (``lit_xf.lightning_cli``, which imports torch and Lightning) on first use."""
+    if name == "LitXfCLI":
+        from lit_xf.lightning_cli import LitXfCLI
 
-    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        self._args = args  # _parse_ckpt_path parses them again, without defaults
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        """Resume from ``--ckpt_path`` without dropping what was asked for: Lightning loads the
-        checkpoint's hyperparameters over the whole config; here the model keys given on the
-        command line or in a config file are refused by name where they would change the weights'
-        shapes and applied otherwise (``lit_xf.resume``). The file is read as weights only, and a
-        missing one is named before anything is built."""
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path or path in _CKPT_KEYWORDS or str(path).startswith("registry") or is_remote(str(path)):
-            return  # the trainer resolves and loads these (remote ones as weights only, without hparams)
-        if Path(path).is_dir():
-            return  # a sharded checkpoint: the strategy reads it
-        checkpoint_source(path)  # CheckpointError where it does not exist
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        self._ckpt_tokenizer = checkpoint.get("lit_xf", {}).get("tokenizer")
-        saved = checkpoint.get("hyper_parameters") or {}
-        if not saved:
-            return
-        given = self.parser.parse_args(self._args, defaults=False)[subcommand].get("model") or {}
-        merged, applied = merge_resume_hparams(str(path), saved, given)
-        self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
-        if applied:
-            _log.info(f"{subcommand} from {path} with {', '.join(applied)}")
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "predict":  # prompts and sampling (lit_xf.generate)
-            add_generate_arguments(parser)
-        return parser
-
-    def predict(self, model: LitTinyGPT, datamodule=None, ckpt_path=None, **kwargs) -> list[str]:
-        """``lit-xf predict``: continue the ``--prompt`` / ``--prompts_file`` prompts with the
-        trainer (``LitTinyGPT.predict_step``), encoded with the checkpoint's tokenizer (else the data
-        module's), printed or written to ``--output``."""
-        options = GenerateOptions.from_args(self.config[self.subcommand])
-        prompts = options.prompts()
-        state = getattr(self, "_ckpt_tokenizer", None)
-        tokenizer = tokenizer_from_state(state) if state else datamodule.tokenizer
-        loader = torch.utils.data.DataLoader(prompt_batches(tokenizer, prompts, options), batch_size=None)
-        outputs = self.trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=True)
-        return write_texts(tokenizer, prompts, outputs, options.output)
-
-    def before_instantiate_classes(self) -> None:
-        # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.
-        if torch.cuda.is_available():
-            torch.set_float32_matmul_precision("high")
-        if self.config.get("subcommand") == "fit":  # before the model checks inference only
-            check_training_kernel(self.config["fit"])
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        with removed_if_failed(self.trainer):  # a failed start leaves no empty run folder
-            super()._run_subcommand(subcommand)
+        return LitXfCLI
+    raise AttributeError(f"module 'lit_xf.cli' has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "generate":
         setup_logging()
         return importlib.import_module("lit_xf.generate").main(args[1:])
-    setup_logging()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lit_xf.cli_guard import error_message
+    from lit_xf.lightning_cli import LitXfCLI
+
+    setup_logging()  # after Lightning's import, which makes the handlers it filters
     try:
         LitXfCLI(args=None if argv is None else args)
     except SystemExit as exit_:  # --help, --print_config, parse errors

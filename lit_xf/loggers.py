@@ -46,6 +46,8 @@ class AsyncTensorBoardLogger(TensorBoardLogger):
             ``TensorBoardLogger``.
         batch_calls: ``log_metrics`` calls queued before they are sent to the child together.
         batch_seconds: a batch is also sent once this many seconds have passed since the last one.
+        log_epoch: keep the ``epoch`` scalar Lightning adds to every ``self.log`` call; the configs
+            turn it off (their runs count steps, and ``epoch`` would be TensorBoard's first chart).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class AsyncTensorBoardLogger(TensorBoardLogger):
         sub_dir: str | Path | None = None,
         batch_calls: int = 50,
         batch_seconds: float = 2.0,
+        log_epoch: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -74,12 +77,17 @@ class AsyncTensorBoardLogger(TensorBoardLogger):
         if batch_calls < 1 or not batch_seconds > 0:
             raise ValueError(f"batch_calls must be >= 1 and batch_seconds > 0, got {batch_calls}, {batch_seconds}")
         self.batch_calls, self.batch_seconds = batch_calls, batch_seconds
+        self.log_epoch = log_epoch
         self._tag_prefix = prefix + self.LOGGER_JOIN_CHAR if prefix else ""
         self._writer: ScalarEventProcess | None = None
         self._in_process = False  # remote directory, or the child failed: write here from now on
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.log_epoch and "epoch" in metrics:
+            metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+            if not metrics:
+                return
         writer = None if step is None else self._child()
         nested = {k: v for k, v in metrics.items() if isinstance(v, dict)}  # add_scalars: several runs
         if writer is None or nested:

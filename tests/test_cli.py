@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_xf import cli
 
@@ -17,9 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a ``lit-xf`` child: this checkout's lit_xf first, no LIT_XF_DEBUG."""
+    env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, **extra}
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
-    full_env.update(env or {})
+    full_env = cli_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "lit_xf.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
@@ -123,6 +131,34 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "lit-xf env" in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [[], ["--help"]], ids=["no_subcommand", "help"])
+def test_usage_imports_neither_torch_nor_lightning(argv):
+    """The usage prints without torch or Lightning (seconds of imports): only the subcommands that
+    need them import them."""
+    code = (
+        "import sys; from lit_xf.cli import main; status = main(sys.argv[1:]); "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'xformers'}); "
+        "print('HEAVY', heavy); sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (0 if argv else 2), proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    usage = proc.stdout if argv else proc.stderr
+    assert all(name in usage for name in ("fit", "validate", "test", "predict", "env", "bench")), usage
+
+
+def test_package_names_resolve_on_first_use():
+    """``from lit_xf import LitTinyGPT`` still works; ``import lit_xf`` alone imports no torch."""
+    code = (
+        "import sys, lit_xf; assert 'torch' not in sys.modules; "
+        "from lit_xf import GPTConfig, LitTinyGPT, TinyGPT; from lit_xf.cli import LitXfCLI; "
+        "assert LitTinyGPT.__module__ == 'lit_xf.module' and 'torch' in sys.modules; "
+        "assert {'GPTConfig', 'LitTinyGPT', 'TinyGPT'} <= set(dir(lit_xf)); print('OK')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
 def test_no_subcommand_prints_usage_and_fails(capsys):
     assert cli.main([]) == 2
     assert "usage: lit-xf" in capsys.readouterr().err
@@ -207,7 +243,7 @@ def bad_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("bad_input")
     (cwd / "bad_key.yaml").write_text("model:\n  arch:\n    d_modle: 64\n")
     (cwd / "flat_key.yaml").write_text("model:\n  n_heads: 4\n")
-    env = {k: v for k, v in os.environ.items() if k != "LIT_XF_DEBUG"}
+    env = cli_env()
     cases = {name: (args, extra) for name, (args, extra, _, _) in BAD_INPUTS.items()}
     cases["debug"] = (["fit", "--data.corpus", "missing.txt"], {"LIT_XF_DEBUG": "1"})
     procs = {
@@ -266,3 +302,144 @@ def test_readme_python_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+# -- a run's end: the summary, and evaluating its checkpoint -------------------------------------
+TINY_RUN = [
+    *("--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"),
+    *("--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"),
+    *("--trainer.enable_model_summary", "false", "--model.arch.n_layers", "1", "--data.seq_len", "64"),
+]
+
+
+def summary_lines(stderr: str) -> list[str]:
+    """The lines after ``fit finished`` that lit_xf logged, without the ``[lit_xf]`` prefix."""
+    lines = [line.removeprefix("[lit_xf] ") for line in stderr.splitlines() if line.startswith("[lit_xf] ")]
+    starts = [i for i, line in enumerate(lines) if line.startswith("fit finished")]
+    return lines[starts[-1] :] if starts else []
+
+
+# The main job's monitors, with KernelTimer's profiler on every step (its CPU console lines are checked)
+PROFILED_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lit_xf.callbacks.PeakMemoryMonitor
+    - class_path: lit_xf.callbacks.KernelTimer
+      init_args: {profile_every_n_steps: 1}
+    - class_path: lit_xf.callbacks.ThroughputMonitor
+    - class_path: lit_xf.callbacks.LearningRateLogger
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step ``lit-xf fit`` of the main job's config, shrunk and profiled: (its folder, the process)."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    (cwd / "profiled.yaml").write_text(PROFILED_CALLBACKS)
+    args = ["fit", "--config", str(DEFAULT_CONFIG), "--config", "profiled.yaml", *TINY_RUN]
+    proc = run_cli(*args, "--trainer.log_every_n_steps", "1", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_tensorboard_opens_on_throughput_or_memory_with_one_lr_curve(tiny_run):
+    """TensorBoard's time series show tag groups (the part before the first '/') in sorted order:
+    no ``epoch`` card first, no ``lr-AdamW/pg1|pg2`` pair; on CPU, run/info says which tags are missing."""
+    cwd, proc = tiny_run
+    run_dir = cwd / "runs" / "default" / "version_0"
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "epoch" not in tags and not any(t.startswith("lr-") for t in tags), tags
+    assert [t for t in tags if "lr" in t.split("/")[-1]] == ["train/lr"]
+    assert {"train/loss", "val/loss", "throughput/tokens_per_s", "time/step_ms", "time/attention_share"} <= tags
+    groups = sorted({t.split("/", 1)[0] for t in tags})
+    assert groups[0] == ("memory" if __import__("torch").cuda.is_available() else "throughput"), groups
+    info = events.Tensors("run/info/text_summary")[0].tensor_proto.string_val[0].decode()
+    if not __import__("torch").cuda.is_available():
+        assert "| memory/* | not logged: the device is cpu" in info, info
+        assert "| throughput/mfu | not logged: no peak FLOP/s known for cpu" in info, info
+    assert "USDT" not in proc.stderr and "profiler_stop" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fit_ends_with_a_summary(tiny_run):
+    cwd, proc = tiny_run
+    summary = summary_lines(proc.stderr)
+    assert summary and summary[0].startswith("fit finished: 2 steps in "), proc.stderr[-3000:]
+    text = "\n".join(summary)
+    for needle in ("train/loss ", "train/acc ", "val/loss ", "val/ppl ", "val/acc "):
+        assert needle in text, text
+    best = "runs/default/version_0/checkpoints/epoch=0-step=2.ckpt"
+    last = "runs/default/version_0/checkpoints/last.ckpt"  # every fit ends with one
+    assert f"checkpoint: {best}" in text and (cwd / best).is_file()
+    assert f"last checkpoint: {last}" in text and (cwd / last).is_file()
+    assert "logs: runs/default/version_0" in text and "TensorBoard: tensorboard --logdir runs" in text
+    config = "runs/default/version_0/config.yaml"
+    assert f"evaluate: lit-xf validate --config {config} --ckpt_path {last}" in text
+    assert f"lit-xf test --config {config} --ckpt_path {last}" in text
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_a_checkpoint_writes_nothing_and_warns_nothing(subcommand, tiny_run):
+    """The summary's evaluation commands: they print their metrics, create no run folder (the
+    checkpoint's own run stays the only one) and no config.yaml, and warn about no checkpoint folder."""
+    cwd, fit = tiny_run
+    command = next(line for line in summary_lines(fit.stderr) if f"lit-xf {subcommand} " in line)
+    args = shlex.split(command.split("lit-xf ", 1)[1])
+    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    proc = run_cli(*args, "--trainer.limit_test_batches", "3", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prefix = "val" if subcommand == "validate" else "test"
+    assert all(f"{prefix}/{name}" in proc.stdout for name in ("loss", "ppl", "acc")), proc.stdout
+    for warning in ("dirpath has changed", "Be aware that when using `ckpt_path`", "PeakMemoryMonitor"):
+        assert warning not in proc.stderr, proc.stderr
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before
+
+
+def test_evaluation_logs_where_the_command_line_says(tiny_run):
+    cwd, fit = tiny_run
+    ckpt = "runs/default/version_0/checkpoints/epoch=0-step=2.ckpt"
+    proc = run_cli(
+        *("test", "--config", "runs/default/version_0/config.yaml", "--ckpt_path", ckpt),
+        *("--trainer.limit_test_batches", "2", "--trainer.logger.name", "default_test"),
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = cwd / "runs" / "default_test" / "version_0"
+    assert (run_dir / "config.yaml").is_file()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert {"test/loss", "test/ppl", "test/acc"} <= set(events.Tags()["scalars"])
+
+
+def test_a_failed_evaluation_leaves_nothing(tmp_path):
+    proc = run_cli("test", "--config", str(DEFAULT_CONFIG), *TINY_RUN, "--data.test_fraction", "0", cwd=tmp_path)
+    assert_one_clear_error(proc, "lit-xf: error:", "test_fraction=0: there is no test split")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_says_use_fp32(tmp_path):
+    """oneDNN limited to AVX2 (as on CPUs without AVX-512): bf16-mixed is emulated, many times slower."""
+    isa = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    args = [
+        "fit",
+        *TINY_RUN,
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "false",
+    ]
+    proc = run_cli(*args, "--trainer.enable_checkpointing", "false", cwd=tmp_path, env=isa)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision=bf16-mixed on a CPU without bf16 instructions" in proc.stderr
+    assert "--trainer.precision 32-true" in proc.stderr
+
+
+def test_a_run_without_logger_prints_no_summary(tmp_path):
+    proc = run_cli(
+        "fit", *TINY_RUN, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`max_steps=2` reached" in proc.stderr and "fit finished" not in proc.stderr

@@ -36,6 +36,7 @@ from lit_xf.data import (
     sources,
     split_indices,
     split_long_documents,
+    train_val_test_indices,
 )
 from lit_xf.loss import IGNORE_INDEX
 
@@ -175,8 +176,8 @@ def test_user_text_file_folder_glob_jsonl(tmp_path):
     jl.write_text("\n".join(json.dumps({"id": i, "body": f"doc {i}"}) for i in range(5)) + "\n\n")
     assert load_text_corpus(str(jl), text_field="body") == [f"doc {i}" for i in range(5)]
 
-    dm = make_dm(corpus=str(jl), text_field="body", seq_len=16, batch_size=2, val_fraction=0.2)
-    assert len(dm.val_rows) == 1 and sum(len(r) for r in dm.train_rows) == 4
+    dm = make_dm(corpus=str(jl), text_field="body", seq_len=16, batch_size=2, val_fraction=0.2, test_fraction=0.2)
+    assert len(dm.val_rows) == len(dm.test_rows) == 1 and sum(len(r) for r in dm.train_rows) == 3
     batch = next(iter(dm.train_dataloader()))
     assert ByteTokenizer().decode(batch["input_ids"][0].tolist()).startswith("doc ")
 
@@ -226,6 +227,11 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
     one.write_text("only one document")
     with pytest.raises(ValueError, match="leaves none for training"):
         make_dm(corpus=str(one), val_fraction=0.5)
+    two = tmp_path / "two.txt"
+    two.write_text("one\n\ntwo")
+    with pytest.raises(ValueError, match="val_fraction=0.05 with test_fraction=0.05 leaves none for training"):
+        make_dm(corpus=str(two))
+    assert len(make_dm(corpus=str(two), test_fraction=0.0).train_rows) == 1
 
 
 @pytest.mark.parametrize(
@@ -236,6 +242,10 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
         ({"batch_mode": "ragged"}, r"batch_mode='ragged' is not one of \('padded', 'packed', 'concat'\)"),
         ({"tokenizer": "tiktoken"}, r"tokenizer='tiktoken' is not one of \('byte', 'bpe'\)"),
         ({"val_fraction": 1.0}, r"val_fraction=1.0 must be in \[0, 1\)"),
+        (
+            {"val_fraction": 0.5, "test_fraction": 0.5},
+            r"test_fraction=0.5 must be in \[0, 1 - val_fraction\) = \[0, 0.5\)",
+        ),
         ({"tokenizer": "bpe", "bpe_vocab_size": 200}, "bpe_vocab_size=200 must exceed 258"),
         ({"corpus": "counting", "tokenizer": "bpe"}, "own number tokenizer"),
         ({"corpus": "counting", "counting_min_length": 65}, r"counting_min_length=65 must be in \[1, "),
@@ -292,7 +302,7 @@ def test_bpe_trains_offline_saves_and_reloads(tmp_path, monkeypatch):
     assert path.is_file() and dm.tokenizer_path == path
     tok = dm.tokenizer
     assert isinstance(tok, Tokenizer) and 300 < tok.vocab_size <= 600
-    train_texts, val_texts = dm._texts()
+    train_texts, val_texts, _ = dm._texts()
     sample = val_texts[:20] + ["unseen: naïve Zürich 🙂 \t tabs"]
     for text in sample:
         assert tok.decode(tok.encode(text)) == text
@@ -330,9 +340,8 @@ def test_batches_follow_the_contract(mode, fortunes_packed, fortunes_padded):
         if i == 3:
             break
     assert any(len(row) > 1 for row in batch["doc_lens"]) == (mode == "packed")
-    val = next(iter(dm.val_dataloader()))
-    check_contract(val, 8, 512, dm.pad_id)
-    assert torch.equal(val["input_ids"], next(iter(dm.test_dataloader()))["input_ids"])
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        check_contract(next(iter(loader)), 8, 512, dm.pad_id)
 
 
 def test_concat_rows_cover_the_stream_with_every_label_once():
@@ -355,7 +364,7 @@ def test_concat_rows_cover_the_stream_with_every_label_once():
 
 def test_concat_batches_are_full_causal_rows_of_the_document_stream(caplog):
     dm = make_dm(corpus="fortunes", batch_mode="concat", seq_len=512, batch_size=8, drop_last=True)
-    docs, _ = dm._token_documents()
+    docs, _, _ = dm._token_documents()
     stream = [t for doc in docs for t in doc]
     assert [t for row in dm.train_rows for t in row[0][:-1]] + dm.train_rows[-1][0][-1:] == stream
     assert sum(doc[-1] == dm.eos_id for doc in docs) == len(docs)  # EOS between documents
@@ -377,6 +386,26 @@ def test_concat_batches_are_full_causal_rows_of_the_document_stream(caplog):
     assert "no EOS marks where one document ends" in caplog.text
 
 
+def test_test_split_is_held_out_by_document_and_leaves_val_as_it_was():
+    """Seeded, disjoint train / val / test documents; val is what it is without a test split."""
+    train, val, test = train_val_test_indices(1000, 0.05, 0.1, seed=3)
+    assert (len(train), len(val), len(test)) == (850, 50, 100)
+    assert sorted(train + val + test) == list(range(1000))
+    assert val == split_indices(1000, 0.05, seed=3)[1]
+    assert set(test) < set(split_indices(1000, 0.05, seed=3)[0])
+    assert (train, val, test) == train_val_test_indices(1000, 0.05, 0.1, seed=3)
+    assert test != train_val_test_indices(1000, 0.05, 0.1, seed=4)[2]
+    assert train_val_test_indices(1000, 0.05, 0.0, seed=3) == (*split_indices(1000, 0.05, seed=3), [])
+    assert [len(x) for x in train_val_test_indices(3, 0.01, 0.01, seed=0)] == [1, 1, 1]  # >= 1 when > 0
+
+
+def test_no_test_split_says_so():
+    dm = make_dm(corpus="counting", counting_documents=100, test_fraction=0.0)
+    assert dm.test_rows == []
+    with pytest.raises(ValueError, match="test_fraction=0: there is no test split"):
+        dm.test_dataloader()
+
+
 def test_counting_variable_lengths_each_document_once_per_epoch():
     dm = make_dm(
         corpus="counting",
@@ -390,7 +419,7 @@ def test_counting_variable_lengths_each_document_once_per_epoch():
         seed=5,
     )
     docs = counting_documents(3000, 100, 1000, seed=5, min_length=1)
-    train_idx, val_idx = split_indices(3000, 0.1, seed=5)
+    train_idx, val_idx, test_idx = train_val_test_indices(3000, 0.1, 0.05, seed=5)
     seen: Counter = Counter()
     for batch in dm.train_dataloader():
         check_contract(batch, len(batch["doc_lens"]), 128, dm.pad_id)
@@ -398,12 +427,14 @@ def test_counting_variable_lengths_each_document_once_per_epoch():
     assert seen == Counter(tuple(docs[i]) for i in train_idx)
     val_seen = Counter(d for batch in dm.val_dataloader() for d in batch_documents(batch))
     assert val_seen == Counter(tuple(docs[i]) for i in val_idx)
+    test_seen = Counter(d for batch in dm.test_dataloader() for d in batch_documents(batch))
+    assert test_seen == Counter(tuple(docs[i]) for i in test_idx)
     assert dm.efficiency() > 0.95
 
 
 def test_fortunes_each_document_once_per_epoch(fortunes_packed):
     dm = fortunes_packed
-    train_texts, _ = dm._texts()
+    train_texts, _, _ = dm._texts()
     expected, _ = split_long_documents(encode_documents(ByteTokenizer(), train_texts), 512)
     seen = Counter(d for batch in dm.train_dataloader() for d in batch_documents(batch))
     assert seen == Counter(map(tuple, expected))
@@ -436,7 +467,9 @@ def test_long_documents_are_split_and_logged_once(tmp_path, caplog):
     long_doc = "".join(chr(ord("a") + i % 26) for i in range(1000))
     path.write_text(f"{long_doc}\n\nshort one\n\n{long_doc[:300]}\n")
     with caplog.at_level(logging.INFO, logger="lit_xf.data"):
-        dm = make_dm(corpus=str(path), batch_mode="padded", seq_len=256, batch_size=4, val_fraction=0.0)
+        dm = make_dm(
+            corpus=str(path), batch_mode="padded", seq_len=256, batch_size=4, val_fraction=0.0, test_fraction=0.0
+        )
     assert [r.message for r in caplog.records].count(
         "split 2 document(s) longer than seq_len=256 into chunks of at most 256 tokens"
     ) == 1
@@ -554,7 +587,9 @@ def test_resume_through_a_lightning_checkpoint(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    kwargs = dict(corpus="counting", counting_documents=160, counting_vocab=997, seq_len=64, batch_size=16)
+    kwargs = dict(
+        corpus="counting", counting_documents=160, counting_vocab=997, seq_len=64, batch_size=16, test_fraction=0.0
+    )
     trainer_kwargs = dict(
         accelerator="cpu",
         logger=False,
@@ -618,6 +653,7 @@ def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
         seq_len=48,
         batch_size=3,
         val_fraction=0.0,
+        test_fraction=0.0,
     )
     batch = next(iter(dm.train_dataloader()))
     B, T = batch["input_ids"].shape

@@ -64,7 +64,7 @@ def make_model(vocab_size: int) -> LitTinyGPT:
 
 def train_documents(dm: TextDataModule) -> tuple[list[list[int]], list[list[int]]]:
     """(train documents, rows as document indices) of a set-up data module."""
-    docs, _ = dm._token_documents()
+    docs = dm._token_documents()[0]
     bins = pack_documents([len(d) for d in docs], dm.seq_len)
     assert dm.train_rows == [[docs[i] for i in b] for b in bins]  # rows are exactly these bins
     return docs, bins
@@ -129,10 +129,10 @@ def test_datamodule_validates_through_shard_sampler_in_one_process():
     """One process: the sampler is a ``ShardSampler`` of world 1, so the rows come in order."""
     dm = TextDataModule(**DATA)
     dm.setup()
-    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+    for loader, rows in ((dm.val_dataloader(), dm.val_rows), (dm.test_dataloader(), dm.test_rows)):
         assert isinstance(loader.sampler, ShardSampler)
         assert (loader.sampler.num_replicas, loader.sampler.rank) == (1, 0)
-        assert list(loader.sampler) == list(range(len(dm.val_rows)))
+        assert list(loader.sampler) == list(range(len(rows)))
 
 
 # ---- training in 2 processes ----

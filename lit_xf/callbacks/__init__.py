@@ -22,6 +22,9 @@ Scalar tags (one value per optimizer step, see :data:`TAGS`)::
     throughput/tflops               achieved TFLOP/s from ``flops_per_batch``, windowed
     throughput/mfu                  achieved FLOP/s / dense peak FLOP/s (when a peak is known)
 
+``LearningRateLogger`` (``learning_rate``) adds ``train/lr``, every ``log_every_n_steps`` steps:
+one curve per distinct rate, where Lightning's ``LearningRateMonitor`` draws one per parameter group.
+
 Text tags (TensorBoard only): ``run/info`` (kernel choices, library versions, device; once per fit,
 after the first training backward so a lazily resolved ``auto`` kernel shows its real choice,
 written by the first monitor in ``trainer.callbacks``) and ``time/top_kernels`` (the top kernels of
@@ -61,6 +64,7 @@ from lit_xf.callbacks.kernel_timer import (
     attention_share,
     top_kernels_table,
 )
+from lit_xf.callbacks.learning_rate import LR_TAG, LearningRateLogger, learning_rates
 from lit_xf.callbacks.memory import MEMORY_TAGS, PeakMemoryMonitor
 from lit_xf.callbacks.run_info import RUN_INFO_TAG, add_custom_scalars_layout, log_run_info
 from lit_xf.callbacks.throughput import THROUGHPUT_TAGS, ThroughputMonitor
@@ -75,6 +79,7 @@ TEXT_TAGS = (RUN_INFO_TAG, TOP_KERNELS_TAG)
 
 __all__ = [
     "ATTENTION_KERNEL_PATTERN",
+    "LR_TAG",
     "MEMORY_TAGS",
     "TAGS",
     "TEXT_TAGS",
@@ -82,12 +87,14 @@ __all__ = [
     "TIME_TAGS",
     "DeviceClock",
     "KernelTimer",
+    "LearningRateLogger",
     "PeakMemoryMonitor",
     "StepMonitor",
     "ThroughputMonitor",
     "add_custom_scalars_layout",
     "attention_share",
     "dense_peak_flops",
+    "learning_rates",
     "log_run_info",
     "precision_dtype",
     "resolve_peak_flops",

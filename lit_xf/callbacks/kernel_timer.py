@@ -3,6 +3,7 @@ periodic ``torch.profiler`` window giving the attention kernels' share and the t
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ TIME_TAGS = (
 )
 #: Text tag of the top kernels of each profiled step (TensorBoard only).
 TOP_KERNELS_TAG = "time/top_kernels"
+_KINETO_LOG_LEVEL = "KINETO_LOG_LEVEL"
 
 #: Kernel (or, on CPU, op) names counted as attention: xformers/PyTorch memory-efficient
 #: (``fmha_cutlassF/B``), FlashAttention 2/3/4 (``flash_*``), cuDNN SDPA (``*sdpa*``/``*fmha*``),
@@ -118,7 +120,10 @@ class KernelTimer(StepMonitor):
     (``time/top_kernels``). On CPU there are no kernels: the share is over ops' self CPU time (the
     SDPA CPU op matches the pattern), which keeps the tag meaningful and testable there. The profiled
     step is slower (the profiler syncs when it stops, and adds overhead); its ``time/*`` values
-    include that.
+    include that. On CPU, the profiler's library (kineto) would print a ``USDT: ... profiler_start``
+    and a ``... profiler_stop`` line per profiled step: ``setup`` sets ``KINETO_LOG_LEVEL=6`` unless
+    it is set (kineto reads it when it first profiles; its USDT level is above ERROR, so no level
+    keeps its errors but drops these lines: on CUDA, where they tell about CUPTI, it stays as it is).
 
     Args:
         profile_every_n_steps: profile one step every this many; 0 disables profiling.
@@ -150,6 +155,8 @@ class KernelTimer(StepMonitor):
         except re.error as err:
             raise ValueError(f"attention_pattern is not a valid regex: {err}") from err
         self._clock = DeviceClock(trainer.strategy.root_device)
+        if self.profile_every_n_steps and not self._clock.on_cuda:
+            os.environ.setdefault(_KINETO_LOG_LEVEL, "6")  # quiet: see the class docstring
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._mark(trainer, "batch_start", first=self._open(trainer))

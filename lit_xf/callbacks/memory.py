@@ -93,6 +93,13 @@ class PeakMemoryMonitor(StepMonitor):
                 "logged (they come from torch.cuda's caching-allocator statistics)."
             )
 
+    def run_facts(self) -> dict[str, str]:
+        if self._enabled:
+            return {}
+        device = getattr(self, "_device", None)
+        where = f"the device is {device.type}" if device is not None else "no CUDA device"
+        return {"memory/*": f"not logged: {where}, and they are CUDA caching-allocator statistics"}
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._open(trainer):
             self._update(trainer, step=None)

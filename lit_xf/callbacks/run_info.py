@@ -25,8 +25,8 @@ RUN_INFO_TAG = "run/info"
 # Chart title -> its tags, per category. The tags are the monitors' (``lit_xf.callbacks.TAGS``).
 _LAYOUT = {
     "lit_xf memory": {
-        "peak memory (MiB)": ("memory/peak_allocated_mib", "memory/peak_reserved_mib"),
-        "allocator retries and OOMs per step": ("memory/alloc_retries", "memory/ooms"),
+        "peak memory (MiB; CUDA only, empty on CPU)": ("memory/peak_allocated_mib", "memory/peak_reserved_mib"),
+        "allocator retries and OOMs per step (CUDA only)": ("memory/alloc_retries", "memory/ooms"),
     },
     "lit_xf time": {
         "step phases (ms)": ("time/forward_ms", "time/backward_ms", "time/optimizer_ms", "time/step_ms"),
@@ -36,7 +36,7 @@ _LAYOUT = {
         "tokens/s": ("throughput/tokens_per_s", "throughput/real_tokens_per_s"),
         "padding efficiency": ("throughput/padding_efficiency",),
         "TFLOP/s": ("throughput/tflops",),
-        "MFU": ("throughput/mfu",),
+        "MFU (needs a known peak FLOP/s, none on CPU: see run/info)": ("throughput/mfu",),
     },
 }
 

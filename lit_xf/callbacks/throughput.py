@@ -89,7 +89,10 @@ class ThroughputMonitor(StepMonitor):
 
     def run_facts(self) -> dict[str, str]:
         if self._peak_flops is None:
-            return {}
+            on = f" for {self._clock.device.type}" if self._clock is not None else ""
+            return {
+                "throughput/mfu": f"not logged: no peak FLOP/s known{on} (ThroughputMonitor(peak_flops=...) sets one)"
+            }
         return {"peak FLOP/s (MFU denominator)": f"{self._peak_flops:.4g}"}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

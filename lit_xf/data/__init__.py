@@ -18,6 +18,7 @@ from lit_xf.data.rows import (
     packing_efficiency,
     split_indices,
     split_long_documents,
+    train_val_test_indices,
 )
 from lit_xf.data.samplers import ResumableLoader, ResumableSampler, RowDataset, ShardSampler
 from lit_xf.data.sources import (
@@ -77,4 +78,5 @@ __all__ = [
     "split_documents",
     "split_indices",
     "split_long_documents",
+    "train_val_test_indices",
 ]

@@ -4,7 +4,7 @@ Every batch is the contract of ``docs/architecture.md``: ``input_ids``, ``labels
 (``LongTensor [B, T]``), ``doc_lens`` (``list[list[int]]``) and ``stats`` (``dict[str, int]``), with
 ``T == seq_len`` in every batch mode so shapes are static.
 
-Pipeline: corpus -> documents (``str``) -> train/val split by document (seeded) -> token ids (+ EOS
+Pipeline: corpus -> documents (``str``) -> train/val/test split by document (seeded) -> token ids (+ EOS
 for text) -> chunks of at most ``seq_len`` -> rows (one document per row when ``padded``; several,
 packed by best-fit decreasing, when ``packed``; for ``concat``, the documents joined into one stream
 cut into rows of ``seq_len`` tokens that overlap by one) -> seeded per-epoch row shuffle -> collation.
@@ -34,8 +34,8 @@ from lit_xf.data.rows import (
     build_rows,
     collate_rows,
     packing_efficiency,
-    split_indices,
     split_long_documents,
+    train_val_test_indices,
 )
 from lit_xf.data.samplers import ResumableLoader, ResumableSampler, RowDataset, ShardSampler
 from lit_xf.data.sources import (
@@ -79,7 +79,9 @@ class TextDataModule(LightningDataModule):
             corpus always uses its own number tokenizer.
         bpe_vocab_size: BPE vocabulary size, special tokens included (> 258).
         tokenizer_dir: where the BPE tokenizer lives; default ``./tokenizers/<hash of the data args>``.
-        val_fraction: fraction of documents held out for validation/test (split before packing).
+        val_fraction: fraction of documents held out for validation (split before packing).
+        test_fraction: fraction of documents held out for ``trainer.test`` (``lit-xf test``), disjoint
+            from train and val; 0: no test split (``test_dataloader`` raises).
         seed: seeds the split, the counting documents and the per-epoch shuffle.
         num_workers, pin_memory: DataLoader options; ``pin_memory=None`` pins when CUDA is available.
         text_field: JSON key of the document text in ``.jsonl`` corpora.
@@ -101,6 +103,7 @@ class TextDataModule(LightningDataModule):
         bpe_vocab_size: int = 4096,
         tokenizer_dir: str | None = None,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -123,6 +126,10 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        if not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise ValueError(
+                f"test_fraction={test_fraction} must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g})"
+            )
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         if tokenizer == "bpe" and bpe_vocab_size <= ByteTokenizer.vocab_size:
@@ -156,6 +163,7 @@ class TextDataModule(LightningDataModule):
         self.tokenizer_kind = tokenizer
         self.bpe_vocab_size = bpe_vocab_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -172,9 +180,10 @@ class TextDataModule(LightningDataModule):
             self._tokenizer = CountingTokenizer(counting_vocab)
         elif tokenizer == "byte":
             self._tokenizer = ByteTokenizer()
-        self._split_texts: tuple[list[str], list[str]] | None = None
+        self._split_texts: tuple[list[str], list[str], list[str]] | None = None
         self.train_rows: list[Row] | None = None
         self.val_rows: list[Row] | None = None
+        self.test_rows: list[Row] | None = None
         self._train_sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] | None = None
 
@@ -221,27 +230,27 @@ class TextDataModule(LightningDataModule):
             _ = self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize, split long documents (not for ``concat``), build the train/val rows (once; then no-ops)."""
+        """Tokenize, split long documents (not for ``concat``), build the train/val/test rows (once; then no-ops)."""
         if self.train_rows is not None:
             return
-        train_docs, val_docs = self._token_documents()
+        splits = self._token_documents()
         if self.batch_mode == "concat" and self.eos_id is None:
             log.warning("batch_mode='concat' on the %s corpus: no EOS marks where one document ends", self.corpus)
         if self.batch_mode != "concat":  # concat cuts the joined stream into rows instead
-            train_docs, n_train_split = split_long_documents(train_docs, self.seq_len)
-            val_docs, n_val_split = split_long_documents(val_docs, self.seq_len)
-            if n_train_split + n_val_split:
+            chunked = [split_long_documents(docs, self.seq_len) for docs in splits]
+            splits = [docs for docs, _ in chunked]
+            n_split = sum(n for _, n in chunked)
+            if n_split:
                 log.info(
                     "split %d document(s) longer than seq_len=%d into chunks of at most %d tokens",
-                    n_train_split + n_val_split,
+                    n_split,
                     self.seq_len,
                     self.seq_len,
                 )
-        self.train_rows = build_rows(train_docs, self.seq_len, self.batch_mode)
-        self.val_rows = build_rows(val_docs, self.seq_len, self.batch_mode)
+        self.train_rows, self.val_rows, self.test_rows = (build_rows(d, self.seq_len, self.batch_mode) for d in splits)
 
-    def _token_documents(self) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids of the train and val documents (text documents end in EOS)."""
+    def _token_documents(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """Token ids of the train, val and test documents (text documents end in EOS)."""
         if self.corpus == "counting":
             docs = counting_documents(
                 self.counting_documents,
@@ -250,18 +259,17 @@ class TextDataModule(LightningDataModule):
                 self.seed,
                 self.counting_min_length,
             )
-            train_idx, val_idx = split_indices(len(docs), self.val_fraction, self.seed)
-            return [docs[i] for i in train_idx], [docs[i] for i in val_idx]
-        train_texts, val_texts = self._texts()
+            split = train_val_test_indices(len(docs), self.val_fraction, self.test_fraction, self.seed)
+            return tuple([docs[i] for i in idx] for idx in split)
         tok = self.tokenizer
-        return encode_documents(tok, train_texts), encode_documents(tok, val_texts)
+        return tuple(encode_documents(tok, texts) for texts in self._texts())
 
-    def _texts(self) -> tuple[list[str], list[str]]:
-        """Train and val document texts (loaded once)."""
+    def _texts(self) -> tuple[list[str], list[str], list[str]]:
+        """Train, val and test document texts (loaded once)."""
         if self._split_texts is None:
             docs = load_text_corpus(self.corpus, self.text_field, self.doc_separator)
-            train_idx, val_idx = split_indices(len(docs), self.val_fraction, self.seed)
-            self._split_texts = [docs[i] for i in train_idx], [docs[i] for i in val_idx]
+            split = train_val_test_indices(len(docs), self.val_fraction, self.test_fraction, self.seed)
+            self._split_texts = tuple([docs[i] for i in idx] for idx in split)
         return self._split_texts
 
     def _load_or_train_bpe(self) -> BPETokenizer:
@@ -283,6 +291,8 @@ class TextDataModule(LightningDataModule):
         """Short hash of the arguments that determine a trained BPE tokenizer."""
         corpus = self.corpus if self.corpus in BUILTIN_CORPORA else os.path.abspath(self.corpus)
         key = [corpus, self.bpe_vocab_size, self.val_fraction, self.seed, self.text_field, self.doc_separator]
+        if self.test_fraction:  # the train split the tokenizer learns from; 0 keeps earlier hashes
+            key.append(self.test_fraction)
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
     # ---- loaders ----
@@ -343,20 +353,22 @@ class TextDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation rows in order, split over ranks without repeats (``ShardSampler``)."""
-        return self._eval_loader()
+        return self._eval_loader(self._built(self.val_rows))
 
     def test_dataloader(self) -> DataLoader:
-        """The validation split (there is no separate test split)."""
-        return self._eval_loader()
+        """Test rows (the ``test_fraction`` documents held out from train and val), as ``val_dataloader``."""
+        if not self.test_fraction:
+            raise ValueError("test_fraction=0: there is no test split (set data.test_fraction > 0, e.g. 0.05)")
+        return self._eval_loader(self._built(self.test_rows))
 
-    def _eval_loader(self) -> DataLoader:
-        rows = self._built(self.val_rows)
+    def _eval_loader(self, rows: list[Row]) -> DataLoader:
         return self._loader(rows, ShardSampler(RowDataset(rows)))
 
-    def efficiency(self, split: Literal["train", "val"] = "train") -> float:
+    def efficiency(self, split: Literal["train", "val", "test"] = "train") -> float:
         """Real-token fraction of one epoch of ``split`` (see `packing_efficiency`)."""
         self.setup()
-        return packing_efficiency(self.train_rows if split == "train" else self.val_rows, self.seq_len)
+        rows = {"train": self.train_rows, "val": self.val_rows, "test": self.test_rows}[split]
+        return packing_efficiency(rows, self.seq_len)
 
     # ---- resuming mid-epoch ----
 

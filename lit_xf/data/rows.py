@@ -21,14 +21,28 @@ Batch = dict[str, Any]
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Sorted train and val document indices: ``round(n * val_fraction)`` (>= 1 when > 0) random ones to val."""
+    train, val, _ = train_val_test_indices(n, val_fraction, 0.0, seed)
+    return train, val
+
+
+def train_val_test_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Sorted, disjoint train, val and test document indices from one seeded permutation of ``range(n)``.
+
+    Its first ``round(n * val_fraction)`` indices are val, the next ``round(n * test_fraction)`` test
+    (each >= 1 when its fraction is > 0), the rest train: the val split does not depend on
+    ``test_fraction`` (it is ``split_indices``'s), the test documents come out of training's.
+    """
     n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
-    if n - n_val < 1:
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    if n - n_val - n_test < 1:
         raise ValueError(
-            f"the corpus has {n} document(s); val_fraction={val_fraction} leaves none for training "
-            f"(use more documents or val_fraction=0)"
+            f"the corpus has {n} document(s); val_fraction={val_fraction} with test_fraction={test_fraction} "
+            f"leaves none for training (use more documents, or set val_fraction / test_fraction to 0)"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+    return sorted(perm[n_val + n_test :]), sorted(perm[:n_val]), sorted(perm[n_val : n_val + n_test])
 
 
 def split_long_documents(docs: Sequence[list[int]], seq_len: int) -> tuple[list[list[int]], int]:
