@@ -120,10 +120,11 @@ class KernelTimer(StepMonitor):
     (``time/top_kernels``). On CPU there are no kernels: the share is over ops' self CPU time (the
     SDPA CPU op matches the pattern), which keeps the tag meaningful and testable there. The profiled
     step is slower (the profiler syncs when it stops, and adds overhead); its ``time/*`` values
-    include that. On CPU, the profiler's library (kineto) would print a ``USDT: ... profiler_start``
-    and a ``... profiler_stop`` line per profiled step: ``setup`` sets ``KINETO_LOG_LEVEL=6`` unless
-    it is set (kineto reads it when it first profiles; its USDT level is above ERROR, so no level
-    keeps its errors but drops these lines: on CUDA, where they tell about CUPTI, it stays as it is).
+    include that. On CPU, the profiler's library (kineto) prints ``USDT: ... profiler_start`` and
+    ``... profiler_stop`` for each profiled step; ``setup`` silences them by setting
+    ``KINETO_LOG_LEVEL=6`` unless it is set (read when kineto first profiles). That level hides
+    kineto's errors too (USDT ranks above ERROR), so on CUDA, where they report CUPTI problems, it
+    is left alone.
 
     Args:
         profile_every_n_steps: profile one step every this many; 0 disables profiling.
