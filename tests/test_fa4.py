@@ -28,6 +28,7 @@ from attention_cases import (
 from lit_xf import attention as attn
 from lit_xf.attention import DocLayout
 from lit_xf.attention.fa4.ops import _fa4_varlen_kwargs
+from lit_xf.bench.packing import lognormal_doc_lens
 from lit_xf.model import TinyGPT
 
 
@@ -377,19 +378,10 @@ def test_fa4_groups_short_documents_only():
     """Grouping counts 128×128 tiles: it pays for short documents, not for long ones (a grouped
     sequence gets no causal tile skipping)."""
     assert attn.fa4_grouping_pays([34] * 960 + [128])  # BPE fortunes-like rows: ~4 documents a tile
-    assert attn.fa4_grouping_pays(attn_lognormal(256, 32))
-    assert not attn.fa4_grouping_pays(attn_lognormal(256, 422))  # anchors.md's packed workload
+    assert attn.fa4_grouping_pays(lognormal_doc_lens(256, 32, 2048))
+    assert not attn.fa4_grouping_pays(lognormal_doc_lens(256, 422, 2048))  # anchors.md's packed workload
     assert not attn.fa4_grouping_pays([2048] * 8)
     assert not attn.fa4_grouping_pays([100, 100, 100])  # no two fit a tile: nothing to gain
-
-
-def attn_lognormal(n_docs: int, mean: float, max_len: int = 2048, seed: int = 0) -> list[int]:
-    """Log-normal document lengths (σ = 1) of the given mean, clipped to [1, max_len] (the packing
-    benchmark's generator)."""
-    g = torch.Generator().manual_seed(seed)
-    mu = math.log(mean) - 0.5
-    lens = torch.exp(mu + torch.randn(n_docs, generator=g)).round().clamp(1, max_len)
-    return [int(n) for n in lens]
 
 
 # --------------------------------------------------------------------------------------------
