@@ -93,12 +93,35 @@ def _quack_device_problem(device: torch.device) -> str | None:
     if major < 9:
         return f"it needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
     try:
-        import quack.mlp  # noqa: F401
+        from quack.mlp import mlp_func
     except ImportError:
         return "quack-kernels is not installed (it comes with pip install 'lit_xf[fa4]')"
     except Exception as e:  # broken install
-        return f"quack-kernels failed to import ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return f"quack-kernels failed to import ({_first_line(e)})"
+    return quack_call_problem(mlp_func, device)
+
+
+def quack_call_problem(mlp_func: Callable, device: torch.device) -> str | None:
+    """Why one small fused MLP through ``mlp_func`` fails on ``device``, forward and backward, or
+    None. quack imports parts of itself at the first call (and some of its versions fail there with
+    some nvidia-cutlass-dsl versions), so importing it is not enough to know that it runs."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            x_MD, w1_FD, w2_DF = (torch.full(s, 0.01, device=device, dtype=torch.bfloat16) for s in _SMOKE_SHAPES)
+            x_MD.requires_grad_()
+            mlp_func(x_MD, w1_FD, w2_DF, "gelu_tanh_approx").float().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except Exception as e:
+        return f"quack-kernels failed a fused-MLP check on {device} ({_first_line(e)})"
     return None
+
+
+_SMOKE_SHAPES = ((128, 64), (128, 64), (64, 128))  # x [M, D], fc1 weight [F, D], fc2 weight [D, F]
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
 
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}

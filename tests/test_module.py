@@ -15,7 +15,7 @@ from lit_xf import GPTConfig, LitTinyGPT, TinyGPT
 from lit_xf.attention import SdpaAttention
 from lit_xf.data import TextDataModule, collate_rows, pack_documents
 from lit_xf.loss import compiled_token_cross_entropy, token_cross_entropy
-from lit_xf.model import GeluMLP, SwiGLU, quack_mlp_problem
+from lit_xf.model import GeluMLP, SwiGLU, quack_call_problem, quack_mlp_problem
 from lit_xf.module import adamw, attended_pairs, flat_arch
 
 TRAINER = dict(
@@ -162,6 +162,32 @@ def test_ffn_and_norm_swap_from_yaml():
 
     cfg = parser.parse_string(yaml.safe_dump({"model": {"arch": {"vocab_size": 50, "d_model": 32, "ffn": "swiglu"}}}))
     assert isinstance(parser.instantiate_classes(cfg).model.model.blocks[0].ffn, SwiGLU)
+
+
+def test_quack_call_problem_runs_one_fused_mlp_forward_and_backward():
+    """Importing quack is not enough (some versions fail at their first call): the probe runs one
+    small MLP through the given ``mlp_func`` with gradients on, even under ``no_grad`` or
+    inference mode, and reports the call's error, without touching the global RNG."""
+    calls = []
+
+    def working(x, w1, w2, activation):
+        calls.append((tuple(x.shape), tuple(w1.shape), tuple(w2.shape), activation, x.requires_grad))
+        return F.gelu(x @ w1.T, approximate="tanh") @ w2.T
+
+    def broken(x, w1, w2, activation):
+        raise TypeError("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>\nmore detail")
+
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        assert quack_call_problem(working, torch.device("cpu")) is None
+    with torch.no_grad():
+        problem = quack_call_problem(broken, torch.device("cpu"))
+    assert calls == [((128, 64), (128, 64), (64, 128), "gelu_tanh_approx", True)]
+    assert problem == (
+        "quack-kernels failed a fused-MLP check on cpu (TypeError: epilogue fn depends on "
+        "<ContextVar name='_LOC_TRANSFORMS'>)"
+    )
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_gelu_mlp_kernel_choice_off_gpu_and_its_errors(caplog):
