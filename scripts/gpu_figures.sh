@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures quoted in docs/ on one CUDA GPU (H200 for the committed numbers).
 # Usage, from the repository root:  scripts/gpu_figures.sh [OUTDIR] [STEP ...]
+# Exits with 1 where a figure regressed against docs/results beyond its noise band (lit-xf bench compare).
 # Steps (default: all): correctness tutorial causal packing train runs curves gputests fa4
 # (fa4 needs flash-attn-4 installed: pip install -e ".[gpu,fa4]"; the other steps then use it via auto too)
 set -uo pipefail
@@ -172,4 +173,6 @@ if has fa4 && $PY -c "import lit_xf.attention as a, sys; sys.exit(a.fa4_problem(
   has runs && run fit_gpt2_124m $CLI fit --config configs/gpt2_124m.yaml --trainer.enable_progress_bar false \
     --trainer.logger.init_args.save_dir "$OUT/runs"
 fi
-exit 0
+# every figure of this rerun against the committed results: exit 1 where one regressed beyond its band
+echo "== compare: $BENCH compare $OUT --against docs/results"
+$BENCH compare "$OUT" --against docs/results

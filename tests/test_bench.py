@@ -364,10 +364,10 @@ def test_queued_gpu_ms_times_the_gpu_not_the_host():
 
 
 def test_help_lists_every_command_in_plain_text(capsys):
-    """``lit-xf bench --help`` names all five commands, one line each, without RST markup."""
+    """``lit-xf bench --help`` names every command, one line each, without RST markup."""
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "`" not in out
     listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert listed == ["attention", "correctness", "packing", "train", "curves"]
+    assert listed == ["attention", "correctness", "packing", "train", "curves", "compare"]

@@ -1,4 +1,4 @@
-"""Benchmarks, one module per benchmark: ``lit-xf bench {attention,correctness,packing,train,curves}``
+"""Benchmarks, one module per benchmark: ``lit-xf bench {attention,correctness,packing,train,curves,compare}``
 (``python -m lit_xf.bench`` the same).
 
 - ``attention``: fwd+bwd time, TFLOP/s and peak memory per kernel across sequence lengths.
@@ -6,6 +6,7 @@
 - ``packing``: the same documents padded to the longest vs packed, per kernel.
 - ``train``: end-to-end steps, a hand-written loop vs Lightning vs lit_xf with its monitors.
 - ``curves``: TensorBoard runs' curves side by side.
+- ``compare``: a rerun's results files against the committed ones (exit 1 on a regression).
 
 Shared pieces: ``timing`` (device-synchronized timings, GPU time of queued calls, GC pauses),
 ``profile`` (a profiler window over training steps), ``output`` (tables, files, plots, environment)

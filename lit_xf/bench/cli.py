@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lit_xf.attention import ATTENTION_CHOICES
+from lit_xf.bench import compare
 from lit_xf.bench.attention import DTYPES, bench_attention
 from lit_xf.bench.correctness import bench_correctness
 from lit_xf.bench.curves import bench_curves
@@ -67,6 +68,14 @@ COMMANDS = {
         "TensorBoard runs' memory, time and throughput curves in a PNG",
         "Per-step peak memory, step time, throughput and attention share of several\n"
         "TensorBoard runs side by side in NAME.png, and each run's medians.",
+    ),
+    "compare": (
+        "a rerun's results against the committed ones; exit 1 on a regression",
+        "Every figure of the results files in NEW against the file of the same name\n"
+        "in --against (rows matched by kernel, variant, mode, dtype and shape): prints\n"
+        "each figure that moved beyond its noise band and exits with 1 where one got\n"
+        "worse (slower, more memory, a correctness case that no longer passes).\n"
+        "Writes no files.",
     ),
 }
 
@@ -245,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = command("curves", bench_curves)
     cv.add_argument("logdirs", nargs="+", help="TensorBoard run folders (e.g. runs/fortunes_packed/version_0)")
     outputs(cv, "curves")
+
+    compare.add_arguments(command("compare", compare.bench_compare))
     return p
 
 
@@ -252,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one benchmark; 1 if any row failed (status FAIL or error), else 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return args.run(args)
     if getattr(args, "window", None) and args.command == "attention" and not args.causal:
         parser.error("--window is a causal sliding window: add --causal")
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
