@@ -34,6 +34,8 @@ import os
 import pickle
 import re
 import shutil
+import struct
+import traceback
 import urllib.error
 import urllib.request
 import uuid
@@ -109,6 +111,14 @@ def checkpoint_errors(path: str | Path) -> Iterator[None]:
         raise CheckpointError(f"checkpoint {path} is corrupted or not a checkpoint ({reason})") from None
     except EOFError:
         raise CheckpointError(f"checkpoint {path} is empty or truncated") from None
+    except (IndexError, KeyError, ValueError, OverflowError, UnicodeDecodeError, struct.error) as err:
+        # bytes that are neither a zip archive nor a pickle: torch.load's legacy unpickler fails on
+        # whatever it read first; the same errors raised anywhere else are not about the file's bytes
+        if isinstance(err, CheckpointError) or not _raised_in_torch_load(err):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or not a checkpoint ({type(err).__name__}: {err})"
+        ) from None
     except OSError as err:  # torch's zip reader on a cut file: EINVAL
         if err.errno == errno.EINVAL:
             raise CheckpointError(
@@ -121,6 +131,15 @@ def checkpoint_errors(path: str | Path) -> Iterator[None]:
             raise
         reason = text.split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
+
+
+def _raised_in_torch_load(err: BaseException) -> bool:
+    return any(
+        frame.f_code.co_filename.endswith(_TORCH_SERIALIZATION) for frame, _ in traceback.walk_tb(err.__traceback__)
+    )
+
+
+_TORCH_SERIALIZATION = os.path.join("torch", "serialization.py")
 
 
 def refuse_unsafe(weights_only: bool | None) -> None:

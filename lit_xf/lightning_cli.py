@@ -134,6 +134,12 @@ class LitXfCLI(LightningCLI):
         module's), printed or written to ``--output``."""
         options = GenerateOptions.from_args(self.config[self.subcommand])
         prompts = options.prompts()
+        limit = self.trainer.limit_predict_batches  # one batch per prompt: a limit would drop prompts
+        if limit is not None and (limit < 1.0 if isinstance(limit, float) else limit < len(prompts)):
+            raise ValueError(
+                f"trainer.limit_predict_batches={limit} would skip prompts (lit-xf predict runs one batch per "
+                f"prompt, {len(prompts)} here): leave it out"
+            )
         state = getattr(self, "_ckpt_tokenizer", None)
         tokenizer = tokenizer_from_state(state) if state else datamodule.tokenizer
         loader = torch.utils.data.DataLoader(prompt_batches(tokenizer, prompts, options), batch_size=None)

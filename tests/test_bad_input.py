@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -209,7 +210,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     data = good.read_bytes()
     paths = {name: folder / f"{name}.ckpt" for name in ("truncated", "random", "empty", "evil", "list", "no_tokenizer")}
     paths["truncated"].write_bytes(data[: len(data) // 2])
-    paths["random"].write_bytes(os.urandom(4096))
+    paths["random"].write_bytes(random.Random(0).randbytes(4096))
     paths["empty"].write_bytes(b"")
     torch.save({"state_dict": {}, "payload": _Payload(folder / "MARKER")}, paths["evil"])
     torch.save([1, 2, 3], paths["list"])

@@ -9,6 +9,7 @@ import errno
 import functools
 import http.server
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lit_xf.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
     SafeCheckpointIO,
+    checkpoint_errors,
     load_checkpoint,
     save_checkpoint,
     use_safe_checkpoint_io,
@@ -221,3 +223,17 @@ def test_a_checkpoint_folder_that_is_a_file_is_named(tmp_path):
     (tmp_path / "runs").write_text("not a folder")
     with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*runs/x.ckpt \(File exists|Not a dir"):
         save_checkpoint({}, tmp_path / "runs" / "x.ckpt")
+
+
+def test_random_bytes_are_named_as_not_a_checkpoint(tmp_path):
+    """Whatever the legacy unpickler trips over first in bytes that are neither a zip archive nor a
+    pickle (an index, a key, a value, a struct), the error is one ``CheckpointError`` naming the file."""
+    rng = random.Random(0)
+    for i in range(40):
+        path = tmp_path / f"noise{i}.ckpt"
+        path.write_bytes(rng.randbytes(rng.choice([16, 256, 4096])))
+        with pytest.raises(CheckpointError, match=f"noise{i}.ckpt is (corrupted or not a|empty or truncated)"):
+            load_checkpoint(path)
+    with pytest.raises(ValueError, match="not about the bytes") as raised, checkpoint_errors("some.ckpt"):
+        raise ValueError("not about the bytes")  # raised outside torch.load: passed through as it is
+    assert type(raised.value) is ValueError

@@ -93,8 +93,13 @@ def test_predict_gives_generates_texts(counting_ckpt, tmp_path, monkeypatch, cap
     prompts = ["--prompt", "1 2 3", "--prompt", "9", "--max_new_tokens=6"]
     assert cli.main(["generate", f"--ckpt_path={counting_ckpt}", *prompts]) == 0
     generated = capsys.readouterr().out
-    assert cli.main(["predict", *TINY, f"--ckpt_path={counting_ckpt}", *prompts]) == 0
+    tiny = [a for a in TINY if not a.startswith("--trainer.limit_predict_batches")]
+    assert cli.main(["predict", *tiny, f"--ckpt_path={counting_ckpt}", *prompts]) == 0
     assert capsys.readouterr().out.endswith(generated)
+    # a predict-batch limit below the prompt count would drop prompts silently: refused
+    assert cli.main(["predict", *tiny, "--trainer.limit_predict_batches=1", f"--ckpt_path={counting_ckpt}", *prompts])
+    err = capsys.readouterr().err
+    assert "trainer.limit_predict_batches=1 would skip prompts" in err and "2 here" in err
 
 
 def test_module_generate_refuses_what_it_cannot_do(counting_ckpt):
