@@ -360,7 +360,7 @@ class LitTinyGPT(L.LightningModule):
         if self._flops_constants is None:  # (matmul weights, FLOPs per attended pair) of this model
             m = self.model
             matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            self._flops_constants = (matmul, 4 * m.config.n_layers * m.config.n_heads * m.config.head_dim)
+            self._flops_constants = (matmul, 4 * m.config.n_layers * m.config.n_heads * m.config.head_size)
         matmul, per_pair = self._flops_constants
         stats = batch.get("stats") or {}
         window = self.model.attention_window
