@@ -177,7 +177,9 @@ def _check_sizes(c: GPTConfig) -> None:
             raise ValueError(f"{name} must be a positive integer or None (the default width), got {value!r}")
     if c.d_model % c.n_heads and c.head_dim is None:
         divisor = max(h for h in range(1, min(c.n_heads, c.d_model) + 1) if c.d_model % h == 0)
-        raise ValueError(f"n_heads={c.n_heads} must divide d_model={c.d_model} (e.g. n_heads={divisor}), or set head_dim")
+        raise ValueError(
+            f"n_heads={c.n_heads} must divide d_model={c.d_model} (e.g. n_heads={divisor}), or set head_dim"
+        )
     if c.n_heads % c.kv_heads:
         divisors = [g for g in range(1, c.n_heads + 1) if c.n_heads % g == 0]
         raise ValueError(f"n_kv_heads={c.kv_heads} must divide n_heads={c.n_heads} (divisors: {divisors})")
