@@ -49,7 +49,10 @@ def _check_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], source:
     """The parameter count of a TinyGPT of ``config`` (built on the meta device) that ``state_dict`` fits."""
     with torch.device("meta"):
         model = TinyGPT(config)
-    check_fits(model, state_dict, source)
+    try:
+        check_fits(model, state_dict, source)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     return sum(p.numel() for p in model.parameters())
 
 

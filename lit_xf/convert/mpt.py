@@ -130,7 +130,7 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
         "layer_norm_epsilon": c.norm_eps or 1e-5,
         "no_bias": True,
         "tie_word_embeddings": True,
-        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0.0},
+        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0},
         "resid_pdrop": c.dropout,
         "dtype": dtype_name(dtype),
     }
