@@ -17,11 +17,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lit_xf.cli import main as cli_main  # noqa: E402
 from lit_xf.config import GPTConfig  # noqa: E402
 from lit_xf.convert import ConversionError, from_hf, load_model, to_hf  # noqa: E402
 from lit_xf.convert.hf_files import INDEX, read_tensors  # noqa: E402
 from lit_xf.module import LitTinyGPT  # noqa: E402
-from tests.test_cli import run_cli  # noqa: E402
+from tests.test_cli import ROOT, run_cli  # noqa: E402
 
 VOCAB = 320  # > the tokenizer's 300 ids: spare embedding rows, as real checkpoints have
 T = 24
@@ -194,7 +195,8 @@ def test_refused_architectures_are_named_and_nothing_is_written(hf_models, tmp_p
     weights = read_weights(lit)
     arch = weights.arch | {"norm": "layernorm", "norm_bias": False}  # Llama-style weights with LayerNorm: no HF family
     save_weights(tmp_path / "odd.safetensors", arch, weights.state_dict)
-    with pytest.raises(ConversionError, match=r"no Hugging Face family fits.*GPT-2.*positions='rope'.*norm='layernorm'"):
+    refused = r"no Hugging Face family fits.*GPT-2.*positions='rope'.*norm='layernorm'"
+    with pytest.raises(ConversionError, match=refused):
         to_hf(tmp_path / "odd.safetensors", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
     with pytest.raises(ConversionError, match="exists already"):
@@ -216,13 +218,13 @@ def test_head_dim_apart_from_d_model_on_every_cpu_kernel():
         assert rel_err(model(ids, doc_lens=[[16], [5, 11]]), want) < 1e-5, kernel
 
 
-def test_cli_converts_fine_tunes_on_packed_rows_and_converts_back(hf_models, tmp_path):
+def test_cli_converts_fine_tunes_on_packed_rows_and_converts_back(hf_models, tmp_path, capsys):
     _, folder, _ = hf_models["llama"]
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n\n".join(TEXT))
-    proc = run_cli("convert", "from-hf", str(folder), str(tmp_path / "lit"), "--seq_len", "32", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "llama (llama family" in proc.stdout
+    # lit-xf convert in this process (its own process costs seconds of imports), lit-xf fit in its own
+    assert cli_main(["convert", "from-hf", str(folder), str(tmp_path / "lit"), "--seq_len", "32"]) == 0
+    assert "llama (llama family" in capsys.readouterr().out
     args = [
         "fit",
         "--config",
@@ -245,8 +247,7 @@ def test_cli_converts_fine_tunes_on_packed_rows_and_converts_back(hf_models, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    proc = run_cli("convert", "to-hf", str(ckpt), str(tmp_path / "tuned"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert cli_main(["convert", "to-hf", str(ckpt), str(tmp_path / "tuned")]) == 0
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").eval()
     tuned_w, start_w = read_tensors(tmp_path / "tuned"), read_tensors(folder)
     assert tuned_w.keys() == start_w.keys()
@@ -255,5 +256,27 @@ def test_cli_converts_fine_tunes_on_packed_rows_and_converts_back(hf_models, tmp
     ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "tuned")(TEXT[0], return_tensors="pt").input_ids
     with torch.no_grad():
         assert rel_err(ours(ids), tuned(ids).logits) < 1e-5
-    bad = run_cli("convert", "from-hf", str(tmp_path), str(tmp_path / "x"), cwd=tmp_path)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "has no config.json" in bad.stderr
+    capsys.readouterr()
+    assert cli_main(["convert", "from-hf", str(tmp_path), str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "lit-xf: error:" in err and "has no config.json" in err
+
+
+def test_gpu_check_script_cpu_path(tmp_path):
+    """scripts/convert_gpu_check.py (run on the GPU in bf16) on its CPU path: sdpa, fp32."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_gpu_check", ROOT / "scripts" / "convert_gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "check.json"
+    assert (
+        script.main(
+            ["--device", "cpu", "--dtype", "float32", "--kernels", "sdpa", "--seq_len", "32", "--out", str(out)]
+        )
+        == 0
+    )
+    results = json.loads(out.read_text())["results"]
+    assert {r["model"] for r in results} == {"llama_gqa", "gpt2"} and all(r["ok"] for r in results)
+    assert all(0 < r["padded_rel"] < r["bound"] and 0 < r["packed_rel"] < r["bound"] for r in results)
+    assert script.tolerance(torch.bfloat16, 2) == pytest.approx(8 * 2**-8 * 3**0.5)
