@@ -112,7 +112,8 @@ def from_hf(
             f"# {model_type} from {src.absolute()}, converted by lit-xf convert ({parameters:,} parameters).\n"
             f"# Fine-tune it on packed rows of your text:\n"
             f"#   lit-xf fit --config {dest / FIT_CONFIG} --data.corpus my_text.txt\n"
-            f"# then back to Hugging Face: lit-xf convert to-hf <run>/checkpoints/last.ckpt <folder>\n"
+            f"# then back to Hugging Face:\n"
+            f"#   lit-xf convert to-hf lightning_logs/version_N/checkpoints/last.ckpt <folder>\n"
         )
         (tmp / FIT_CONFIG).write_text(header + yaml.safe_dump(fit, sort_keys=False), encoding="utf-8")
     return Converted(dest, name, str(model_type), parameters, tokenizer_file.is_file(), notes)
