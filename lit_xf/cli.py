@@ -5,6 +5,7 @@
     lit-xf env                                      # versions, device, attention kernels that run here
     lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
+    lit-xf convert from-hf HF_DIR OUT_DIR           # Hugging Face <-> lit_xf (lit_xf.convert)
 
 ``LitXfCLI`` (``lit_xf.lightning_cli``) is a plain ``LightningCLI`` over ``LitTinyGPT`` and
 ``TextDataModule`` with two links: ``data.seq_len`` sets ``model.arch.max_seq_len`` when the config
@@ -309,12 +310,14 @@ USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY V
        {PROG} env [--device DEVICE]
        {PROG} generate --ckpt_path CKPT --prompt TEXT [...]
        {PROG} bench COMMAND [...]
+       {PROG} convert {{from-hf,to-hf}} SRC DEST
 
   fit, validate, test, predict   LightningCLI over LitTinyGPT and TextDataModule
                                  (`{PROG} fit --help` lists every key; `--print_config` shows the result)
   env                            versions, device, and which attention kernels run here
   generate                       continue prompts with a checkpoint (`{PROG} generate --help`)
   bench                          benchmarks (`{PROG} bench --help`)
+  convert                        Hugging Face folders <-> lit_xf weights (`{PROG} convert --help`)
 
 Set {DEBUG_ENV}=1 to see the traceback behind a `{PROG}: error:` message.
 """
@@ -330,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env_main(args[1:])
     if args and args[0] == "bench":
         return _bench_main(args[1:])
+    if args and args[0] == "convert":
+        from lit_xf.convert.cli import main as convert_main  # imports torch only once it has parsed
+
+        return convert_main(args[1:])
     if args and args[0] == "generate":
         setup_logging()
         return importlib.import_module("lit_xf.generate").main(args[1:])

@@ -30,6 +30,8 @@ NormName = Literal["layernorm", "rmsnorm"]
 NORM_NAMES: tuple[str, ...] = get_args(NormName)
 MlpKernel = Literal["auto", "torch", "quack"]
 MLP_KERNELS: tuple[str, ...] = get_args(MlpKernel)
+GeluApprox = Literal["tanh", "exact"]
+GELU_APPROXES: tuple[str, ...] = get_args(GeluApprox)
 
 # Fields that fix the weights' shapes or meaning: a checkpoint must agree with the model on all of them.
 WEIGHT_FIELDS: tuple[str, ...] = (
@@ -42,6 +44,12 @@ WEIGHT_FIELDS: tuple[str, ...] = (
     "ffn",
     "norm",
     "tie_embeddings",
+    "head_dim",
+    "intermediate_size",
+    "qkv_bias",
+    "proj_bias",
+    "mlp_bias",
+    "norm_bias",
 )
 
 
@@ -54,7 +62,7 @@ class GPTConfig:
         vocab_size: number of token ids (under ``lit-xf``: the data's tokenizer sets it).
         d_model: width of the residual stream.
         n_layers: number of transformer blocks.
-        n_heads: query heads; divides ``d_model`` (head_dim = d_model / n_heads).
+        n_heads: query heads; divides ``d_model`` unless ``head_dim`` is given.
         n_kv_heads: key/value heads for grouped-query attention; divides ``n_heads``; null means
             ``n_heads``; 1 is multi-query.
         max_seq_len: longest row (tokens) the model accepts (under ``lit-xf``: ``data.seq_len``).
@@ -72,6 +80,17 @@ class GPTConfig:
             quack-kernels' GEMMs; CUDA, Hopper+, bf16/fp16) or ``auto`` (quack where it can run).
         attention_window: sliding-window attention: each token attends to at most this many most
             recent tokens of its document, itself included (null: all of them).
+        head_dim: width K of every query, key and value head (null: d_model / n_heads). The q/k/v
+            projection is d_model -> (H + 2G)·K, the output projection H·K -> d_model.
+        intermediate_size: hidden width of ``ffn: gelu`` / ``swiglu`` (null: 4·d_model).
+        qkv_bias: bias on the q/k/v projection (GPT-2, Qwen2).
+        proj_bias: bias on the attention output projection (GPT-2).
+        mlp_bias: biases in the FFN's two (SwiGLU: three) projections (null: gelu has them,
+            swiglu not).
+        norm_bias: LayerNorm's additive bias (null: yes; RMSNorm has none, so only null/false).
+        norm_eps: ε of every norm, x / sqrt(mean + ε) (null: LayerNorm 1e-5, RMSNorm the dtype's
+            ``finfo.eps``).
+        gelu: ``tanh`` (GPT-2's approximation, ``gelu_new``) or ``exact`` (erf) GELU in ``ffn: gelu``.
     """
 
     vocab_size: int = 258
@@ -89,12 +108,22 @@ class GPTConfig:
     rope_base: float = 10000.0
     mlp_kernel: MlpKernel = "torch"
     attention_window: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool | None = None
+    norm_bias: bool | None = None
+    norm_eps: float | None = None
+    gelu: GeluApprox = "tanh"
 
     def __post_init__(self) -> None:
         _check_sizes(self)
         _check_names(self)
-        _check_mlp_kernel(self.mlp_kernel, self.ffn)
+        _check_mlp_kernel(self.mlp_kernel, self.ffn, self.gelu)
         _check_window(self.attention_window, self.attention)
+        _check_ffn_options(self)
+        _check_norm_options(self)
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property
@@ -103,9 +132,14 @@ class GPTConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        """K = d_model / n_heads, the width of every query, key and value head."""
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """K, the width of every query, key and value head: ``head_dim``, or d_model / n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Hidden width of the named FFNs: ``intermediate_size``, or 4·d_model."""
+        return self.intermediate_size or 4 * self.d_model
 
     @property
     def q_per_kv(self) -> int:
@@ -137,14 +171,21 @@ def _check_sizes(c: GPTConfig) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if c.n_kv_heads is not None and (not isinstance(c.n_kv_heads, int) or c.n_kv_heads < 1):
         raise ValueError(f"n_kv_heads must be a positive integer or None (= n_heads), got {c.n_kv_heads!r}")
-    if c.d_model % c.n_heads:
+    for name in ("head_dim", "intermediate_size"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None (the default width), got {value!r}")
+    if c.d_model % c.n_heads and c.head_dim is None:
         divisor = max(h for h in range(1, min(c.n_heads, c.d_model) + 1) if c.d_model % h == 0)
-        raise ValueError(f"n_heads={c.n_heads} must divide d_model={c.d_model} (e.g. n_heads={divisor})")
+        raise ValueError(
+            f"n_heads={c.n_heads} must divide d_model={c.d_model} (e.g. n_heads={divisor}), or set head_dim"
+        )
     if c.n_heads % c.kv_heads:
         divisors = [g for g in range(1, c.n_heads + 1) if c.n_heads % g == 0]
         raise ValueError(f"n_kv_heads={c.kv_heads} must divide n_heads={c.n_heads} (divisors: {divisors})")
-    if c.head_dim % 2 and c.positions == "rope":
-        raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={c.head_dim}")
+    if c.head_size % 2 and c.positions == "rope":
+        what = f"head_dim={c.head_dim}" if c.head_dim else f"d_model/n_heads={c.head_size}"
+        raise ValueError(f"RoPE needs an even head dim, got {what} (it rotates pairs of dims)")
     if not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {c.dropout!r}")
     if not c.rope_base > 0:
@@ -164,13 +205,38 @@ def _check_names(c: GPTConfig) -> None:
         raise ValueError(f"unknown norm {c.norm!r}; choose one of {', '.join(NORM_NAMES)}")
 
 
-def _check_mlp_kernel(mlp_kernel, ffn) -> None:
+def _check_mlp_kernel(mlp_kernel, ffn, gelu) -> None:
     if mlp_kernel not in MLP_KERNELS:
         raise ValueError(f"unknown mlp_kernel {mlp_kernel!r}; choose one of {', '.join(MLP_KERNELS)}")
     if mlp_kernel == "quack" and ffn != "gelu":
         raise ValueError(
             f"mlp_kernel='quack' fuses the GELU MLP only (ffn='gelu'), not ffn={ffn!r}; use 'auto' or 'torch'"
         )
+    if mlp_kernel == "quack" and gelu != "tanh":
+        raise ValueError(
+            f"mlp_kernel='quack' fuses the tanh GELU only, not gelu={gelu!r}; use mlp_kernel 'auto' or 'torch'"
+        )
+
+
+def _check_ffn_options(c: GPTConfig) -> None:
+    if c.gelu not in GELU_APPROXES:
+        raise ValueError(f"unknown gelu {c.gelu!r}; choose one of {', '.join(GELU_APPROXES)}")
+    named = isinstance(c.ffn, str)
+    for name, value, default in (("intermediate_size", c.intermediate_size, None), ("mlp_bias", c.mlp_bias, None)):
+        if value != default and not named:
+            raise ValueError(
+                f"{name}={value!r} applies to ffn 'gelu' or 'swiglu', not to a factory (set it in the factory's "
+                "init_args instead)"
+            )
+    if c.gelu != "tanh" and c.ffn != "gelu":
+        raise ValueError(f"gelu={c.gelu!r} chooses ffn='gelu''s activation; ffn={c.ffn!r} has no GELU")
+
+
+def _check_norm_options(c: GPTConfig) -> None:
+    if c.norm_bias and c.norm == "rmsnorm":
+        raise ValueError("norm_bias=True: RMSNorm has no bias; use norm='layernorm' or leave norm_bias null")
+    if c.norm_eps is not None and not (isinstance(c.norm_eps, int | float) and 0 < c.norm_eps < 1):
+        raise ValueError(f"norm_eps must be a small positive number (e.g. 1e-5) or null, got {c.norm_eps!r}")
 
 
 def _check_window(window, attention) -> None:

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class SwiGLU(nn.Module):
-    """w3( silu(x W1) ⊙ x W2 ), with W1 and W2 fused into one ``w12`` matmul; hidden = mult·dim.
-    (xformers' fused SwiGLU only has an eager path in 0.0.35, so this is the same math in torch.)"""
+    """w3( silu(x W1) ⊙ x W2 ), with W1 and W2 fused into one ``w12`` matmul (W1's rows first);
+    hidden = ``hidden``, else mult·dim. (xformers' fused SwiGLU only has an eager path in 0.0.35, so
+    this is the same math in torch.)"""
 
-    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = False):
+    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = False, hidden: int | None = None):
         super().__init__()
-        hidden = int(hidden_mult * dim)
+        hidden = hidden or int(hidden_mult * dim)
         self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
         self.w3.is_residual_projection = True
@@ -40,26 +41,42 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """fc2( gelu_tanh(x fc1 + b1) ) + b2, hidden = mult·dim (GPT-2's MLP).
+    """fc2( gelu(x fc1 + b1) ) + b2, hidden = ``hidden``, else mult·dim (GPT-2's MLP). ``approximate``:
+    ``"tanh"`` (GPT-2's ``gelu_new``) or ``"none"`` (exact, erf).
 
     ``kernel``: ``"torch"`` runs two matmuls and the GELU between them (Inductor's kernel when
     compiled); ``"quack"`` runs quack-kernels' GEMMs with bias + GELU in the first one's epilogue
     and dGELU in the backward's, so no [tokens, hidden] pass of its own is left for the GELU
     (CUDA, Hopper or newer, bf16/fp16 compute); ``"auto"`` takes quack where it can run
-    (``quack_mlp_problem``), else torch. Same weights either way."""
+    (``quack_mlp_problem``), else torch (quack fuses the tanh GELU only). Same weights either way."""
 
-    def __init__(self, dim: int, hidden_mult: float = 4.0, bias: bool = True, kernel: MlpKernel = "torch"):
+    def __init__(
+        self,
+        dim: int,
+        hidden_mult: float = 4.0,
+        bias: bool = True,
+        kernel: MlpKernel = "torch",
+        hidden: int | None = None,
+        approximate: Literal["tanh", "none"] = "tanh",
+    ):
         super().__init__()
         if kernel not in MLP_KERNELS:
             raise ValueError(f"unknown mlp_kernel {kernel!r}; choose one of {', '.join(MLP_KERNELS)}")
-        hidden = int(hidden_mult * dim)
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"unknown GELU approximate={approximate!r}; choose 'tanh' or 'none' (exact)")
+        if kernel == "quack" and approximate != "tanh":
+            raise ValueError("mlp_kernel='quack' fuses the tanh GELU only; use 'torch' for the exact GELU")
+        hidden = hidden or int(hidden_mult * dim)
+        self.approximate = approximate
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.fc2.is_residual_projection = True
         self.kernel = kernel
 
     def quack_problem(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """``quack_mlp_problem`` for this MLP's widths."""
+        """``quack_mlp_problem`` for this MLP's widths and GELU."""
+        if self.approximate != "tanh":
+            return "it fuses the tanh GELU only, this MLP has the exact GELU"
         return quack_mlp_problem(torch.device(device), dtype, self.fc1.in_features, self.fc1.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +88,7 @@ class GeluMLP(nn.Module):
                 return mlp_func(x, self.fc1.weight, self.fc2.weight, "gelu_tanh_approx", self.fc1.bias, self.fc2.bias)
             if self.kernel == "quack":
                 raise RuntimeError(f"mlp_kernel='quack' can't run this call: {problem}; use 'auto' or 'torch'")
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 @torch.compiler.assume_constant_result  # compiled forwards take the answer as a constant
@@ -126,6 +143,26 @@ def _first_line(error: Exception) -> str:
 
 FFNS: dict[str, Callable[[int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+def ffn_factory(c: GPTConfig) -> Callable[[int], nn.Module]:
+    """``dim -> FFN`` for the config: its factory, or the named FFN with the config's width, biases,
+    GELU and MLP kernel."""
+    if not isinstance(c.ffn, str):
+        return c.ffn
+    options = {"hidden": c.ffn_hidden} | ({} if c.mlp_bias is None else {"bias": c.mlp_bias})
+    if c.ffn == "gelu":
+        options |= {"kernel": c.mlp_kernel, "approximate": "tanh" if c.gelu == "tanh" else "none"}
+    return functools.partial(FFNS[c.ffn], **options)
+
+
+def norm_factory(c: GPTConfig) -> Callable[[int], nn.Module]:
+    """``dim -> norm`` for the config: LayerNorm (ε 1e-5, bias unless ``norm_bias`` is false) or
+    RMSNorm (ε the dtype's ``finfo.eps``), ``norm_eps`` replacing either ε."""
+    options = {} if c.norm_eps is None else {"eps": c.norm_eps}
+    if c.norm == "layernorm" and c.norm_bias is False:
+        options["bias"] = False
+    return functools.partial(NORMS[c.norm], **options)
 CompileMode = Literal["blocks", "model", "cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
@@ -141,12 +178,12 @@ class SelfAttention(nn.Module):
     """Fused q/k/v projection (H query heads, G kv heads), optional RoPE, the shared kernel, output
     projection."""
 
-    def __init__(self, config: GPTConfig, bias: bool = False):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_size
         d_model, H, G, K = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        self.qkv = nn.Linear(d_model, (H + 2 * G) * K, bias=bias)
-        self.proj = nn.Linear(H * K, d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, (H + 2 * G) * K, bias=config.qkv_bias)  # rows: H q heads, G k, G v
+        self.proj = nn.Linear(H * K, d_model, bias=config.proj_bias)
         self.proj.is_residual_projection = True
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext, rope: tuple | None) -> torch.Tensor:
@@ -162,7 +199,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, ffn: nn.Module, norm: type[nn.Module]):
+    def __init__(self, config: GPTConfig, ffn: nn.Module, norm: Callable[[int], nn.Module]):
         super().__init__()
         self.norm1, self.attn = norm(config.d_model), SelfAttention(config)
         self.norm2, self.ffn = norm(config.d_model), ffn
@@ -188,22 +225,16 @@ class TinyGPT(nn.Module):
         self.config = c = config
         self.kernel = make_kernel(c.attention)
 
-        ffn_factory = FFNS[c.ffn] if isinstance(c.ffn, str) else c.ffn
-        if c.ffn == "gelu":
-            ffn_factory = functools.partial(GeluMLP, kernel=c.mlp_kernel)
-        norm = NORMS[c.norm]
+        ffn, norm = ffn_factory(c), norm_factory(c)
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(c, ffn_factory(c.d_model), norm) for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, ffn(c.d_model), norm) for _ in range(c.n_layers))
         self.norm_f = norm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        slopes = alibi_slopes(c.n_heads) if c.positions == "alibi" else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
-        # RoPE: θ_i = base^(−2i/K) for the K/2 pairs of a head
-        inv_freq = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
-        self.register_buffer("rope_inv_freq", inv_freq if c.positions == "rope" else None, persistent=False)
+        # ALiBi slopes per (device, dtype), built where first needed (``alibi_slopes_for``)
+        self._alibi_slopes: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.apply(lambda m: _init_weights(m, c.n_layers))
         self.compile_mode: str | None = None
         self._compiled_tokens: Callable | None = None
@@ -227,6 +258,31 @@ class TinyGPT(nn.Module):
     @property
     def positions(self) -> str:
         return self.config.positions
+
+    @property
+    def position_dtype(self) -> torch.dtype:
+        """The precision of RoPE angles and ALiBi slopes: float64 in a float64 model, else float32."""
+        return torch.float64 if self.tok_emb.weight.dtype == torch.float64 else torch.float32
+
+    def alibi_slopes_for(self, device: torch.device) -> torch.Tensor | None:
+        """ALiBi's head slopes ``[H]`` in ``position_dtype`` on ``device`` (None without ALiBi)."""
+        if self.positions != "alibi":
+            return None
+        key = (torch.device(device), self.position_dtype)
+        if key not in self._alibi_slopes:
+            self._alibi_slopes[key] = alibi_slopes(self.n_heads, dtype=key[1]).to(key[0])
+        return self._alibi_slopes[key]
+
+    def rope_angles(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) ``[B, T, 1, K]``: pair i of a head (dims i and i + K/2) turns by
+        pos·θ_i, θ_i = 1 / base^(2i/K), computed in ``position_dtype``."""
+        K, dtype = self.config.head_size, self.position_dtype
+        inv_freq_K2 = 1.0 / self.config.rope_base ** (
+            torch.arange(0, K, 2, dtype=dtype, device=position_ids_BT.device) / K
+        )
+        angles_BTK = position_ids_BT[..., None].to(dtype) * inv_freq_K2
+        angles_BT1K = torch.cat((angles_BTK, angles_BTK), dim=-1)[:, :, None, :]
+        return angles_BT1K.cos(), angles_BT1K.sin()
 
     @property
     def mlp_kernel(self) -> str:
@@ -300,14 +356,14 @@ class TinyGPT(nn.Module):
         ctx = self.kernel.prepare(
             layout,
             position_ids,
-            self.alibi_slopes,
+            self.alibi_slopes_for(device),
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             dtype=_compute_dtype(device, self.tok_emb.weight.dtype),
             device=device,
-            head_dim=self.config.head_dim,
+            head_dim=self.config.head_size,
             layers=len(self.blocks),
-            qkv_stacked=self.rope_inv_freq is None,  # SelfAttention calls attend_qkv without RoPE
+            qkv_stacked=self.positions != "rope",  # SelfAttention calls attend_qkv without RoPE
         )
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)
@@ -326,11 +382,7 @@ class TinyGPT(nn.Module):
         x_BTD = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(position_ids)
-        rope = None
-        if self.rope_inv_freq is not None:
-            angles_BTK = position_ids[..., None].float() * self.rope_inv_freq
-            angles_BTK = torch.cat((angles_BTK, angles_BTK), dim=-1)[:, :, None, :]
-            rope = (angles_BTK.cos(), angles_BTK.sin())
+        rope = self.rope_angles(position_ids) if self.positions == "rope" else None
         for block in self.blocks:
             x_BTD = block(x_BTD, ctx, rope)
         return self.norm_f(x_BTD)

@@ -46,6 +46,7 @@ from lit_xf.resume import (
     schedule_change,
 )
 from lit_xf.tokenizer_state import tokenizer_from_state, tokenizer_state
+from lit_xf.weights import load_weights, read_weights
 
 
 class LitTinyGPT(L.LightningModule):
@@ -68,6 +69,10 @@ class LitTinyGPT(L.LightningModule):
             ends training with an error naming the steps (read on the logged steps, no extra sync)
             and writes no checkpoint from the broken weights; ``"skip"`` skips those steps (the
             GradScaler's own skipping under ``16-mixed``; otherwise one host sync per step).
+        init_weights: start from these weights instead of random ones (``lit_xf.weights``): a
+            ``.safetensors`` file (``lit-xf convert``'s ``model.safetensors``), a folder holding one,
+            or a lit-xf checkpoint, all read without running code; every key and shape must fit
+            ``arch``. Resuming (``ckpt_path``) restores the checkpoint's weights over them.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class LitTinyGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         compile: bool | CompileMode = False,
         on_nonfinite: OnNonFinite = "stop",
+        init_weights: str | None = None,
     ):
         super().__init__()
         config = GPTConfig.from_dict(arch) if isinstance(arch, Mapping) else arch
@@ -104,6 +110,9 @@ class LitTinyGPT(L.LightningModule):
         self._schedule = None  # (AdamW, LambdaLR, total steps) from configure_optimizers
         self._saved_schedule_steps: int | None = None  # the total steps of a checkpoint's schedule
         self.model = TinyGPT(config)
+        if init_weights:
+            weights = read_weights(init_weights)
+            load_weights(self.model, weights.state_dict, source=f"init_weights {init_weights}")
         # Sums over the real target tokens of all validation batches (all ranks at compute): Σ nll,
         # Σ correct, count. Without torchmetrics' NaN check, which waits for the GPU on every batch
         # (a NaN loss shows as NaN); MeanMetric drops its weights without it (torchmetrics#3434).
@@ -334,6 +343,7 @@ class LitTinyGPT(L.LightningModule):
         refuse_unsafe(weights_only)
         source = checkpoint_source(checkpoint_path) if isinstance(checkpoint_path, str | Path) else checkpoint_path
         load = super().load_from_checkpoint
+        kwargs.setdefault("init_weights", None)  # the checkpoint's weights replace them anyway
         with checkpoint_errors(checkpoint_path):
             return load(source, map_location, hparams_file, strict, weights_only=True, **kwargs)
 
@@ -360,7 +370,7 @@ class LitTinyGPT(L.LightningModule):
         if self._flops_constants is None:  # (matmul weights, FLOPs per attended pair) of this model
             m = self.model
             matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            self._flops_constants = (matmul, 4 * m.config.n_layers * m.config.n_heads * m.config.head_dim)
+            self._flops_constants = (matmul, 4 * m.config.n_layers * m.config.n_heads * m.config.head_size)
         matmul, per_pair = self._flops_constants
         stats = batch.get("stats") or {}
         window = self.model.attention_window

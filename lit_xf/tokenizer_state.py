@@ -3,6 +3,7 @@
     {"kind": "byte"}                        ByteTokenizer
     {"kind": "counting", "vocab": 64}       CountingTokenizer(64)
     {"kind": "bpe", "json": "<tokenizer.json text>"}   BPETokenizer: HF tokenizers' whole file
+    {"kind": "file", "json": "...", "eos_id": 2, "pad_id": 2}   FileTokenizer (any tokenizer.json)
 
 ``LitTinyGPT`` stores ``tokenizer_state(...)`` under ``checkpoint["lit_xf"]["tokenizer"]`` and
 rebuilds it with :func:`tokenizer_from_state` when the checkpoint is loaded, so that generating
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lit_xf.data import BPETokenizer, ByteTokenizer, CountingTokenizer, Tokenizer
+from lit_xf.data import BPETokenizer, ByteTokenizer, CountingTokenizer, FileTokenizer, Tokenizer
 
 
 def tokenizer_state(tokenizer: Tokenizer | None) -> dict[str, Any] | None:
@@ -26,6 +27,8 @@ def tokenizer_state(tokenizer: Tokenizer | None) -> dict[str, Any] | None:
         return {"kind": "counting", "vocab": tokenizer.vocab}
     if isinstance(tokenizer, BPETokenizer):
         return {"kind": "bpe", "json": tokenizer.hf.to_str()}
+    if isinstance(tokenizer, FileTokenizer):
+        return {"kind": "file", "json": tokenizer.hf.to_str(), "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
     return None
 
 
@@ -42,4 +45,6 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
             path = Path(folder) / "tokenizer.json"
             path.write_text(state["json"], encoding="utf-8")
             return BPETokenizer(path)
-    raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (known: byte, counting, bpe)")
+    if kind == "file":
+        return FileTokenizer.from_json(state["json"], state.get("eos_id"), state.get("pad_id"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (known: byte, counting, bpe, file)")

@@ -240,7 +240,10 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),
         ({"seq_len": 1}, "seq_len=1 must be >= 2"),
         ({"batch_mode": "ragged"}, r"batch_mode='ragged' is not one of \('padded', 'packed', 'concat'\)"),
-        ({"tokenizer": "tiktoken"}, r"tokenizer='tiktoken' is not one of \('byte', 'bpe'\)"),
+        ({"tokenizer": "tiktoken"}, r"tokenizer='tiktoken' is not one of \('byte', 'bpe', 'file'\)"),
+        ({"tokenizer": "file"}, r"tokenizer='file' reads <tokenizer_dir>/tokenizer.json: set tokenizer_dir"),
+        ({"eos_id": 3}, r"eos_id=3 applies to tokenizer='file'"),
+        ({"model_vocab_size": 100}, r"model_vocab_size=100 is smaller than the tokenizer's 258 ids"),
         ({"val_fraction": 1.0}, r"val_fraction=1.0 must be in \[0, 1\)"),
         (
             {"val_fraction": 0.5, "test_fraction": 0.5},

@@ -116,7 +116,8 @@ def test_checkpoint_with_flat_architecture_hyperparameters(tmp_path):
 
 def test_gpt_config_derives_sizes_and_refuses_what_cannot_be_built():
     config = GPTConfig(d_model=96, n_heads=6, n_kv_heads=2)
-    assert (config.head_dim, config.kv_heads, config.q_per_kv) == (16, 2, 3)
+    assert (config.head_size, config.kv_heads, config.q_per_kv) == (16, 2, 3)
+    assert (GPTConfig(d_model=96, n_heads=5, head_dim=8).head_size, config.ffn_hidden) == (8, 384)
     assert GPTConfig().kv_heads == 8 and GPTConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GPTConfig field.*d_modle"):
         GPTConfig.from_dict({"d_modle": 64})
@@ -131,6 +132,15 @@ def test_gpt_config_derives_sizes_and_refuses_what_cannot_be_built():
         (dict(norm="batchnorm"), r"unknown norm 'batchnorm'"),
         (dict(dropout=1.0), r"dropout must be a probability"),
         (dict(attention="fa4:grouped", attention_window=8), r"has no sliding window"),
+        (dict(head_dim=5, positions="rope"), r"RoPE needs an even head dim.*got head_dim=5"),
+        (dict(head_dim=0), r"head_dim must be a positive integer or None"),
+        (dict(intermediate_size=-3), r"intermediate_size must be a positive integer"),
+        (dict(norm="rmsnorm", norm_bias=True), r"RMSNorm has no bias"),
+        (dict(norm_eps=0.0), r"norm_eps must be a small positive number"),
+        (dict(gelu="erf"), r"unknown gelu 'erf'; choose one of tanh, exact"),
+        (dict(gelu="exact"), r"ffn='swiglu' has no GELU"),
+        (dict(ffn="gelu", gelu="exact", mlp_kernel="quack"), r"fuses the tanh GELU only"),
+        (dict(ffn=lambda d: torch.nn.Identity(), intermediate_size=64), r"intermediate_size=64 applies to ffn"),
     ):
         with pytest.raises(ValueError, match=message):
             GPTConfig(**bad)

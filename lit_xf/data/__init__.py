@@ -40,6 +40,7 @@ from lit_xf.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     CountingTokenizer,
+    FileTokenizer,
     Tokenizer,
     encode_documents,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ByteTokenizer",
     "CorpusNotFoundError",
     "CountingTokenizer",
+    "FileTokenizer",
     "ResumableLoader",
     "ResumableSampler",
     "Row",

@@ -50,6 +50,7 @@ from lit_xf.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     CountingTokenizer,
+    FileTokenizer,
     Tokenizer,
     encode_documents,
 )
@@ -76,9 +77,13 @@ class TextDataModule(LightningDataModule):
             has B rows: a compiled model (and its CUDA graphs) then never meets a second shape.
         tokenizer: ``"byte"`` (258 ids, offline) or ``"bpe"`` (byte-level BPE trained on the train
             split, saved as ``<tokenizer_dir>/tokenizer.json`` and reused when present). The counting
-            corpus always uses its own number tokenizer.
+            corpus always uses its own number tokenizer. ``"file"``: ``<tokenizer_dir>/tokenizer.json``
+            as it is (any HF ``tokenizers`` file, e.g. a converted model's: ``lit-xf convert``).
         bpe_vocab_size: BPE vocabulary size, special tokens included (> 258).
         tokenizer_dir: where the BPE tokenizer lives; default ``./tokenizers/<hash of the data args>``.
+        eos_id: ``tokenizer: file``'s id appended after each document (null: none); pads use it too.
+        model_vocab_size: the model's vocabulary when it is larger than the tokenizer's (a converted
+            model's embedding often has spare rows); null: the tokenizer's.
         val_fraction: fraction of documents held out for validation (split before packing).
         test_fraction: fraction of documents held out for ``trainer.test`` (``lit-xf test``), disjoint
             from train and val; 0: no test split (``test_dataloader`` raises).
@@ -99,7 +104,7 @@ class TextDataModule(LightningDataModule):
         seq_len: int = 512,
         batch_size: int = 8,
         drop_last: bool = False,
-        tokenizer: Literal["byte", "bpe"] = "byte",
+        tokenizer: Literal["byte", "bpe", "file"] = "byte",
         bpe_vocab_size: int = 4096,
         tokenizer_dir: str | None = None,
         val_fraction: float = 0.05,
@@ -113,6 +118,8 @@ class TextDataModule(LightningDataModule):
         counting_length: int = 64,
         counting_min_length: int | None = None,
         counting_documents: int = 32768,
+        eos_id: int | None = None,
+        model_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -180,6 +187,17 @@ class TextDataModule(LightningDataModule):
             self._tokenizer = CountingTokenizer(counting_vocab)
         elif tokenizer == "byte":
             self._tokenizer = ByteTokenizer()
+        elif tokenizer == "file":
+            if tokenizer_dir is None:
+                raise ValueError("tokenizer='file' reads <tokenizer_dir>/tokenizer.json: set tokenizer_dir")
+            self._tokenizer = FileTokenizer(self.tokenizer_path, eos_id=eos_id)
+        if eos_id is not None and tokenizer != "file":
+            raise ValueError(f"eos_id={eos_id} applies to tokenizer='file'; the {tokenizer!r} tokenizer has its own")
+        self.model_vocab_size = model_vocab_size
+        if model_vocab_size is not None and model_vocab_size < self._tokenizer_vocab():
+            raise ValueError(
+                f"model_vocab_size={model_vocab_size} is smaller than the tokenizer's {self._tokenizer_vocab()} ids"
+            )
         self._split_texts: tuple[list[str], list[str], list[str]] | None = None
         self.train_rows: list[Row] | None = None
         self.val_rows: list[Row] | None = None
@@ -191,15 +209,23 @@ class TextDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Embedding rows the model needs (BPE: the requested size, an upper bound on its ids)."""
+        """Embedding rows the model needs: ``model_vocab_size``, else the tokenizer's (BPE: the
+        requested size, an upper bound on its ids)."""
+        return self.model_vocab_size or self._tokenizer_vocab()
+
+    def _tokenizer_vocab(self) -> int:
         if self.corpus == "counting":
             return self.counting_vocab + 1
+        if self.tokenizer_kind == "file":
+            return self._tokenizer.vocab_size
         return self.bpe_vocab_size if self.tokenizer_kind == "bpe" else ByteTokenizer.vocab_size
 
     @property
     def pad_id(self) -> int:
         if self.corpus == "counting":
             return self.counting_vocab
+        if self.tokenizer_kind == "file":
+            return self._tokenizer.pad_id
         return BPETokenizer.pad_id if self.tokenizer_kind == "bpe" else ByteTokenizer.pad_id
 
     @property
@@ -207,6 +233,8 @@ class TextDataModule(LightningDataModule):
         """EOS id appended to text documents; ``None`` for the counting task."""
         if self.corpus == "counting":
             return None
+        if self.tokenizer_kind == "file":
+            return self._tokenizer.eos_id
         return BPETokenizer.eos_id if self.tokenizer_kind == "bpe" else ByteTokenizer.eos_id
 
     @property

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
-TOKENIZERS = ("byte", "bpe")
+TOKENIZERS = ("byte", "bpe", "file")
 
 
 @runtime_checkable
@@ -115,6 +115,45 @@ class BPETokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [enc.ids for enc in self.hf.encode_batch(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class FileTokenizer:
+    """Any HF ``tokenizers`` file (``tokenizer.json``, e.g. one that came with a converted model) used
+    as it is: ``eos_id`` is appended to documents (None: nothing), ``pad_id`` fills rows past their
+    documents (default ``eos_id``, else 0; pads are never labels, so any id will do)."""
+
+    def __init__(self, path: str | Path, eos_id: int | None = None, pad_id: int | None = None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {str(self.path)!r} (a tokenizers tokenizer.json)")
+        self.hf = HFTokenizer.from_file(str(self.path))
+        self.vocab_size = self.hf.get_vocab_size()
+        for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name}={value} is not an id of {str(self.path)!r} (0..{self.vocab_size - 1})")
+        self.eos_id = eos_id
+        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+
+    @classmethod
+    def from_json(cls, text: str, eos_id: int | None = None, pad_id: int | None = None) -> FileTokenizer:
+        """The tokenizer whose ``tokenizer.json`` text is ``text``."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "tokenizer.json"
+            path.write_text(text, encoding="utf-8")
+            return cls(path, eos_id, pad_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
