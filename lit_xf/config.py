@@ -30,6 +30,8 @@ NormName = Literal["layernorm", "rmsnorm"]
 NORM_NAMES: tuple[str, ...] = get_args(NormName)
 MlpKernel = Literal["auto", "torch", "quack"]
 MLP_KERNELS: tuple[str, ...] = get_args(MlpKernel)
+Checkpointing = Literal["none", "selective", "full"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 
 # Fields that fix the weights' shapes or meaning: a checkpoint must agree with the model on all of them.
 WEIGHT_FIELDS: tuple[str, ...] = (
@@ -72,6 +74,11 @@ class GPTConfig:
             quack-kernels' GEMMs; CUDA, Hopper+, bf16/fp16) or ``auto`` (quack where it can run).
         attention_window: sliding-window attention: each token attends to at most this many most
             recent tokens of its document, itself included (null: all of them).
+        activation_checkpointing: recompute blocks' activations in the backward instead of keeping
+            them (``torch.utils.checkpoint``, non-reentrant): ``none``; ``selective``, the
+            even-numbered blocks (about half the activations kept, a third more block compute on
+            the checkpointed ones); ``full``, every block (only each block's input kept). See
+            docs/memory.md.
     """
 
     vocab_size: int = 258
@@ -89,12 +96,18 @@ class GPTConfig:
     rope_base: float = 10000.0
     mlp_kernel: MlpKernel = "torch"
     attention_window: int | None = None
+    activation_checkpointing: Checkpointing = "none"
 
     def __post_init__(self) -> None:
         _check_sizes(self)
         _check_names(self)
         _check_mlp_kernel(self.mlp_kernel, self.ffn)
         _check_window(self.attention_window, self.attention)
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"unknown activation_checkpointing {self.activation_checkpointing!r}; "
+                f"choose one of {', '.join(CHECKPOINTING)}"
+            )
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property

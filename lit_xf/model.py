@@ -16,9 +16,11 @@ from typing import Literal, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lit_xf.attention import AttentionContext, DocLayout, alibi_slopes, make_kernel
 from lit_xf.config import MLP_KERNELS, GPTConfig, MlpKernel
+from lit_xf.memory_estimate import checkpointed_layers
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,9 @@ class TinyGPT(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(c, ffn_factory(c.d_model), norm) for _ in range(c.n_layers))
+        #: Blocks whose activations are recomputed in the backward (``activation_checkpointing``);
+        #: emptied when a sharded strategy checkpoints them instead (``LitTinyGPT.configure_model``).
+        self.checkpoint_layers = frozenset(checkpointed_layers(c.activation_checkpointing, c.n_layers))
         self.norm_f = norm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -308,8 +313,13 @@ class TinyGPT(nn.Module):
             angles_BTK = position_ids[..., None].float() * self.rope_inv_freq
             angles_BTK = torch.cat((angles_BTK, angles_BTK), dim=-1)[:, :, None, :]
             rope = (angles_BTK.cos(), angles_BTK.sin())
-        for block in self.blocks:
-            x_BTD = block(x_BTD, ctx, rope)
+        for i, block in enumerate(self.blocks):
+            if i in self.checkpoint_layers and torch.is_grad_enabled():
+                # Non-reentrant: the recompute reuses this forward's ctx (no plan rebuilt) and
+                # replays the RNG state, so dropout draws the same masks.
+                x_BTD = checkpoint(block, x_BTD, ctx, rope, use_reentrant=False)
+            else:
+                x_BTD = block(x_BTD, ctx, rope)
         return self.norm_f(x_BTD)
 
     def compile_model(self, mode: CompileMode) -> None:
