@@ -5,6 +5,7 @@
     lit-xf env                                      # versions, device, attention kernels that run here
     lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
+    lit-xf estimate --config configs/gpt2_124m.yaml --gpu h200   # predicted peak memory (lit_xf.memory_estimate)
 
 ``LitXfCLI`` (``lit_xf.lightning_cli``) is a plain ``LightningCLI`` over ``LitTinyGPT`` and
 ``TextDataModule`` with two links: ``data.seq_len`` sets ``model.arch.max_seq_len`` when the config
@@ -308,12 +309,14 @@ def setup_logging(level: int = logging.INFO) -> None:
 USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY VALUE ...]
        {PROG} env [--device DEVICE]
        {PROG} generate --ckpt_path CKPT --prompt TEXT [...]
+       {PROG} estimate --config FILE [--gpu h200] [--json] [--KEY VALUE ...]
        {PROG} bench COMMAND [...]
 
   fit, validate, test, predict   LightningCLI over LitTinyGPT and TextDataModule
                                  (`{PROG} fit --help` lists every key; `--print_config` shows the result)
   env                            versions, device, and which attention kernels run here
   generate                       continue prompts with a checkpoint (`{PROG} generate --help`)
+  estimate                       predicted peak memory of a config's training step (`{PROG} estimate --help`)
   bench                          benchmarks (`{PROG} bench --help`)
 
 Set {DEBUG_ENV}=1 to see the traceback behind a `{PROG}: error:` message.
@@ -330,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env_main(args[1:])
     if args and args[0] == "bench":
         return _bench_main(args[1:])
+    if args and args[0] == "estimate":
+        return importlib.import_module("lit_xf.estimate_cli").main(args[1:])
     if args and args[0] == "generate":
         setup_logging()
         return importlib.import_module("lit_xf.generate").main(args[1:])
@@ -351,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"{PROG}: error: {error_message(err)}", file=sys.stderr)
+        return 1
+    except sys.modules["torch"].OutOfMemoryError as err:  # explained by LitXfCLI (lit_xf.memory_report)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        report = getattr(err, "lit_xf_report", None) or " ".join(str(err).split())
+        print(f"{PROG}: error: {report}", file=sys.stderr)
         return 1
     return 0
 

@@ -188,6 +188,7 @@ class TinyGPT(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq if c.positions == "rope" else None, persistent=False)
         self.apply(lambda m: _init_weights(m, c.n_layers))
         self.compile_mode: str | None = None
+        self.record_plan_bytes, self.last_plan_bytes = False, 0
         self._compiled_tokens: Callable | None = None
         # An explicit kernel that can't run on this machine fails now, not mid-step.
         self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
@@ -291,6 +292,8 @@ class TinyGPT(nn.Module):
             layers=len(self.blocks),
             qkv_stacked=self.rope_inv_freq is None,  # SelfAttention calls attend_qkv without RoPE
         )
+        if self.record_plan_bytes:  # for lit_xf.callbacks.MemoryBreakdown's memory/attention_plan_mib
+            self.last_plan_bytes = ctx.plan.nbytes() if ctx.plan is not None else 0
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)
         else:
