@@ -121,7 +121,10 @@ def report(dims, run, gpu: str | None) -> tuple[str, dict]:
         result.update({"gpu": gpu, "capacity_bytes": capacity, "headroom": HEADROOM, "largest": sizes})
         lines = [f"largest batch_size within {HEADROOM:.0%} of {gpu} ({run.seq_len}-token rows):"]
         for mode, found in sizes.items():
-            lines.append(f"  activation_checkpointing {mode:<9}  {found['batch_size']:>6}  ({found['tokens_per_step']} tokens/step)")
+            lines.append(
+                f"  activation_checkpointing {mode:<9}  {found['batch_size']:>6}"
+                f"  ({found['tokens_per_step']} tokens/step)"
+            )
         text += "\n\n" + "\n".join(lines)
     return text, result
 

@@ -28,8 +28,8 @@ from lit_xf.cli import DEBUG_ENV, PROG
 from lit_xf.cli_guard import check_training_kernel, one_line, removed_if_failed
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
-from lit_xf.memory_facts import oom_report
 from lit_xf.generate import GenerateOptions, add_generate_arguments, prompt_batches, write_texts
+from lit_xf.memory_facts import oom_report
 from lit_xf.module import LitTinyGPT
 from lit_xf.resume import merge_resume_hparams
 from lit_xf.tokenizer_state import tokenizer_from_state

@@ -13,11 +13,12 @@ What one block's forward saves for its backward (per token unless said):
 residual in, mid       r·D each (norm1 and norm2 save their inputs) + norm statistics
                        (mean and rstd, fp32: 8; RMSNorm rstd only: 4), per norm
 norm outputs           s·D each, the 16-bit copies the next linear saves (fp32: itself)
-qkv                    s·(H+2G)·K (the kernel keeps views of the projection's output)
-RoPE                   s·(H+G)·K: the rotated q and k
+qkv                    s·(H+2G)·K (the kernel keeps views of the projection's output);
+                       naive: s·3H·K, its batched matmuls' copies of q, k and v
+RoPE                   s·(H+G)·K: the rotated q and k (naive: within its copies)
 attention              s·H·K output (the output projection saves the same tensor) +
-                       4·H log-sum-exp; naive: + softmax probabilities s·H·T and the
-                       output's [B,T,H·K] copy instead of the view; sdpa with a dense
+                       4·H log-sum-exp; naive: softmax probabilities s·H·T instead of
+                       the log-sum-exp (and the output's copy, not a view); sdpa with a dense
                        boolean mask (packed rows, windows): + the float bias it builds
                        per call, s·B·T·⌈T/16⌉·16 per layer; xformers with GQA: +2·s·H·K
                        for the repeated K/V
@@ -146,7 +147,8 @@ class RunShape:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {self.batch_size} and {self.seq_len}")
         if self.activation_checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(
-                f"activation_checkpointing={self.activation_checkpointing!r}: use one of {', '.join(CHECKPOINTING_MODES)}"
+                f"activation_checkpointing={self.activation_checkpointing!r}: "
+                f"use one of {', '.join(CHECKPOINTING_MODES)}"
             )
         if self.batch_mode not in ("padded", "packed", "concat"):
             raise ValueError(f"batch_mode={self.batch_mode!r}: use padded, packed or concat")
@@ -255,13 +257,12 @@ def _block_parts(m: ModelDims, run: RunShape, kind: str) -> dict[str, int]:
         "attention out": N * (s * H * K + 4 * H),
         "ffn": N * s * F * (4 if m.ffn == "swiglu" else 2),
     }
-    if m.positions == "rope":
+    if m.positions == "rope" and kind != "scores":
         parts["rope q/k"] = N * s * (H + G) * K
     if kind == "scores":
         parts["attention scores"] = B * H * T * T * s
-        parts["attention out"] += N * s * H * K - N * 4 * H  # the reshape's copy, no log-sum-exp
-        if G != H:
-            parts["qkv"] += N * s * 2 * H * K  # repeat_kv copies
+        parts["attention out"] -= N * 4 * H  # no log-sum-exp (the projection saves the reshape's copy)
+        parts["qkv"] = N * s * 3 * H * K  # the batched matmuls' copies of q, k, v (K/V repeated to H heads)
     if kind == "dense_mask":
         parts["attention mask"] = B * T * (-(-T // 16) * 16) * s
     if run.attention.split(":")[0] == "xformers" and G != H:
@@ -416,4 +417,3 @@ def gpu_capacity(gpu: str) -> int:
             except ValueError:
                 break
     raise ValueError(f"unknown GPU {gpu!r}; use one of {', '.join(GPUS)} or a size like 80GiB")
-

@@ -91,9 +91,9 @@ def run_shape(trainer, module) -> RunShape:
     module, precision and accumulation from the trainer, the kernel and checkpointing from the model."""
     data = trainer.datamodule
     config = module.model.config
-    fused = any(
-        getattr(opt, "defaults", {}).get("fused") for opt in getattr(trainer, "optimizers", []) or []
-    ) or (trainer.strategy.root_device.type == "cuda" and not trainer.optimizers)
+    fused = any(getattr(opt, "defaults", {}).get("fused") for opt in getattr(trainer, "optimizers", []) or []) or (
+        trainer.strategy.root_device.type == "cuda" and not trainer.optimizers
+    )
     return RunShape(
         batch_size=int(getattr(data, "batch_size", 1)),
         seq_len=int(getattr(data, "seq_len", config.max_seq_len)),

@@ -76,7 +76,12 @@ def oom_message(
         f"CUDA out of memory at step {step} ({asked}{held}{card})",
         f"estimated peak {format_bytes(est.peak)} at the {est.phase}, largest: {largest}",
     ]
-    if suggestions:
+    if capacity and est.peak <= HEADROOM * capacity:
+        parts.append(
+            "that fits the card: memory outside this step's tensors is short (another process, the allocator's "
+            "fragmentation: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), the snapshot shows what was live"
+        )
+    elif suggestions:
         parts.append("would fit: " + " | ".join(suggestions))
     else:
         parts.append("nothing the estimate knows fits: a smaller model (d_model, n_layers) or more devices")

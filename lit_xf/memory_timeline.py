@@ -43,7 +43,11 @@ def timeline(snapshot: dict, device: int | None = None) -> dict:
     Returns ``{"bytes": [...], "peak_index", "peak_bytes", "ooms": [(index, event)], "live_at_peak":
     [(size, frames)] largest first}``."""
     events = _events(snapshot, device)
-    net = sum(e["size"] if e["action"] == "alloc" else -e["size"] for e in events if e["action"] in ("alloc", "free_completed"))
+    net = sum(
+        e["size"] if e["action"] == "alloc" else -e["size"]
+        for e in events
+        if e["action"] in ("alloc", "free_completed")
+    )
     level = max(_live_at_end(snapshot) - net, 0)
     series, ooms = [], []
     peak_index, peak = -1, level
@@ -80,7 +84,9 @@ def _gib(n: float) -> str:
 def _frames(frames: list, n: int = 4) -> str:
     """The innermost ``n`` frames outside torch's own files, 'file:line name' each."""
     own = [f for f in frames if "/torch/" not in str(f.get("filename", ""))] or frames
-    return "<br>".join(html.escape(f"{f.get('filename', '?')}:{f.get('line', '?')} {f.get('name', '')}") for f in own[:n])
+    return "<br>".join(
+        html.escape(f"{f.get('filename', '?')}:{f.get('line', '?')} {f.get('name', '')}") for f in own[:n]
+    )
 
 
 def timeline_html(snapshot: dict, title: str = "CUDA memory", top: int = 25, device: int | None = None) -> str:

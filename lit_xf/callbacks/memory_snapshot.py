@@ -221,5 +221,7 @@ class MemorySnapshot(Callback):
         log.info("memory snapshot (%s): %s", what, text)
         for logger in tensorboard_loggers(trainer):
             rows = "\n".join(f"| {k} | `{v}` |" for k, v in paths.items())
-            logger.experiment.add_text(SNAPSHOT_TAG, f"{what}\n\n| file | path |\n|---|---|\n{rows}", trainer.global_step)
+            logger.experiment.add_text(
+                SNAPSHOT_TAG, f"{what}\n\n| file | path |\n|---|---|\n{rows}", trainer.global_step
+            )
         return paths
