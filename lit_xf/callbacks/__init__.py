@@ -35,7 +35,8 @@ Text tags (TensorBoard only): ``run/info`` (kernel choices, library versions, de
 after the first training backward so a lazily resolved ``auto`` kernel shows its real choice,
 written by the first monitor in ``trainer.callbacks``) and ``time/top_kernels`` (the top kernels of
 each profiled step); ``memory/snapshot`` (``MemorySnapshot``: the paths of a snapshot's files).
-The first monitor also writes ready-made charts of the scalars to TensorBoard's "Custom Scalars" tab (:func:`add_custom_scalars_layout`).
+The first monitor also writes ready-made charts of the scalars to TensorBoard's "Custom Scalars"
+tab (:func:`add_custom_scalars_layout`).
 
 Logging. Every value belongs to the optimizer step it measures: the step index is
 ``trainer.global_step`` read when that step's first micro-batch starts, which is the index
