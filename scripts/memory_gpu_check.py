@@ -255,6 +255,8 @@ def forced_oom(out: Path, device: str, quick: bool) -> dict:
         "2",
         "--model.compile",
         "false",
+        "--model.arch.attention",
+        "sdpa",  # auto would time its kernels at the first batch, where the OOM is meant to happen
         "--trainer.callbacks+=lit_xf.callbacks.MemorySnapshot",
         f"--trainer.logger.init_args.save_dir={run_dir}",
         "--trainer.enable_checkpointing",
