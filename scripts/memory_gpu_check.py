@@ -367,20 +367,26 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     capacity = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else GPUS["h200"]
+    import lightning
+
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.device} (no GPU)"
     results: dict = {
+        # meta in scripts/results_reference.py's form (MEMORY_SECTION renders this file)
         "meta": {
+            "gpu": gpu,
             "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-            "total_memory_bytes": capacity,
+            "lightning": lightning.__version__,
+            "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(["python", *sys.argv]),
-        }
+        },
+        "run": {"python": platform.python_version(), "device": args.device, "total_memory_bytes": capacity},
+        "rows": [],
     }
     started = time.perf_counter()
 
     def save():
-        results["meta"]["seconds"] = time.perf_counter() - started
+        results["run"]["seconds"] = time.perf_counter() - started
+        results["rows"] = result_rows(results)
         tmp = out / ".memory_gpu_check.json.tmp"
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out / "memory_gpu_check.json")
@@ -424,6 +430,27 @@ def main(argv=None) -> int:
         save()
     print(summary(results))
     return 0
+
+
+def result_rows(results: dict) -> list[dict]:
+    """One row per estimate-vs-measured case, for the results reference's table."""
+    rows = []
+    for group in ("configs", "sizes"):
+        for name, r in (results.get(group) or {}).items():
+            measured = r.get("measured_bytes")
+            rows.append(
+                {
+                    "case": name,
+                    "group": group,
+                    "kernel": r.get("kernel"),
+                    "estimate_gib": r["estimate_bytes"] / 2**30,
+                    "measured_gib": measured / 2**30 if measured else None,
+                    "ratio": r.get("ratio"),
+                    "dominant": r.get("dominant"),
+                    "oom": r.get("oom"),
+                }
+            )
+    return rows
 
 
 def summary(results: dict) -> str:

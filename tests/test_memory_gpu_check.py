@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,36 @@ def test_summary_prints_ratios_and_ooms():
     table = check.summary(results).splitlines()
     assert table[1].split()[:6] == ["1B", "packed", "fa4", "2.00", "1.94", "1.030"]
     assert "OOM: CUDA out of memory" in table[2]
+
+
+def test_its_results_file_renders_as_a_results_reference_section(tmp_path):
+    spec_rr = importlib.util.spec_from_file_location("results_reference", SCRIPT.parent / "results_reference.py")
+    rr = importlib.util.module_from_spec(spec_rr)
+    spec_rr.loader.exec_module(rr)
+    results = {
+        "meta": {"gpu": "cpu (no GPU)", "torch": torch.__version__, "date": "2026-12-03", "command": "python x"},
+        "sizes": {
+            "124M packed": {
+                "kernel": "sdpa",
+                "estimate_bytes": 3 * 2**30,
+                "measured_bytes": 3 * 2**30,
+                "ratio": 1.0,
+                "dominant": "block activations",
+            }
+        },
+        "largest": [
+            {
+                "size": "1B",
+                "seq_len": 8192,
+                "checkpointing": "full",
+                "predicted_batch_size": 5,
+                "largest_trained_batch_size": 5,
+                "largest_tokens_per_step": 40960,
+            }
+        ],
+    }
+    results["rows"] = check.result_rows(results)
+    (tmp_path / "memory_gpu_check.json").write_text(json.dumps(results))
+    text = "\n\n".join(rr.render_section(rr.Results(tmp_path), rr.MEMORY_SECTION, set()))
+    assert "| 124M packed | sdpa | 3.00 | 3.00 | 1.000 | block activations |" in text
+    assert "checkpointing `full`: 40960 tokens" in text and "python x" in text
