@@ -219,3 +219,30 @@ def test_estimate_command_prints_a_table_and_json(capsys):
     assert result["tokens_per_step"] == 8 * 2048 and result["peak_bytes"] == sum(result["terms_bytes"].values())
     assert cli.main(["estimate", "--config", "configs/gpt2_124m.yaml", "--model.arch.attention", "bogus"]) == 1
     assert "unknown attention kernel 'bogus'" in capsys.readouterr().err
+
+
+GPU_RUNS = [
+    "train_gpt2_124m_b32.json",
+    "train_gpt2_124m_b16_machine_a.json",
+    "train_gpt2_124m_eager_vs_compiled_200.json",
+]
+
+
+@pytest.mark.parametrize("name", GPU_RUNS)
+def test_estimate_is_within_a_tenth_of_committed_h200_peaks(name):
+    """The H200 benchmark runs of configs/gpt2_124m.yaml in docs/results/ (peak_mib: max_memory_allocated
+    over the timed steps), eager and compiled: the estimate of the same shape is within 10%."""
+    from pathlib import Path
+
+    from lit_xf.estimate_cli import load_config, shapes_from_config
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "docs" / "results" / name).read_text())["rows"]
+    for row in (r for r in rows if r["variant"] in ("lit_xf", "lit_xf+compile")):
+        tokens = row["tokens_per_s"] * row["ms_per_step"] / 1e3
+        batch = round(tokens / 2048)
+        assert abs(tokens - batch * 2048) < 0.01 * tokens  # whole 2048-token rows
+        overrides = [("data.batch_size", str(batch)), ("model.arch.attention", row["attention"])]
+        dims, run = shapes_from_config(load_config([str(root / "configs" / "gpt2_124m.yaml")], overrides))
+        ratio = estimate(dims, run).peak / (row["peak_mib"] * 2**20)
+        assert 0.9 <= ratio <= 1.1, (name, row["variant"], batch, ratio)
