@@ -5,7 +5,8 @@ and what the snapshot's recording costs.
     python scripts/memory_gpu_check.py --out /tmp/memory_check           # H200: a few minutes
     python scripts/memory_gpu_check.py --out /tmp/x --device cpu --quick  # the plumbing, on a CPU
 
-Writes ``<out>/memory_gpu_check.json`` (every case, the ratios, versions) and prints a table last.
+Writes ``<out>/memory_gpu_check.json`` (every case, the ratios, versions) and prints a table last;
+a second call with other ``--parts`` into the same folder adds its parts to that file.
 Measured peaks are ``torch.cuda.max_memory_allocated`` over the steps after ``--warmup`` (statistics
 reset after warm-up), training on synthetic batches of the config's shape (``synthetic_batch``):
 the estimate depends on shapes only. Each case is a fresh ``Trainer`` in this process.
@@ -382,6 +383,11 @@ def main(argv=None) -> int:
         "run": {"python": platform.python_version(), "device": args.device, "total_memory_bytes": capacity},
         "rows": [],
     }
+    previous = out / "memory_gpu_check.json"
+    if previous.exists():  # a run of other --parts into the same folder: keep its parts, name both commands
+        old = json.loads(previous.read_text())
+        results.update({k: v for k, v in old.items() if k not in ("meta", "run", "rows")})
+        results["meta"]["command"] = old.get("meta", {}).get("command", "") + " && " + results["meta"]["command"]
     started = time.perf_counter()
 
     def save():
