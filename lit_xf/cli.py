@@ -6,6 +6,7 @@
     lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
     lit-xf convert from-hf HF_DIR OUT_DIR           # Hugging Face <-> lit_xf (lit_xf.convert)
+    lit-xf estimate --config configs/gpt2_124m.yaml --gpu h200   # predicted peak memory (lit_xf.memory_estimate)
 
 ``LitXfCLI`` (``lit_xf.lightning_cli``) is a plain ``LightningCLI`` over ``LitTinyGPT`` and
 ``TextDataModule`` with two links: ``data.seq_len`` sets ``model.arch.max_seq_len`` when the config
@@ -309,6 +310,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY VALUE ...]
        {PROG} env [--device DEVICE]
        {PROG} generate --ckpt_path CKPT --prompt TEXT [...]
+       {PROG} estimate --config FILE [--gpu h200] [--json] [--KEY VALUE ...]
        {PROG} bench COMMAND [...]
        {PROG} convert {{from-hf,to-hf}} SRC DEST
 
@@ -316,6 +318,7 @@ USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY V
                                  (`{PROG} fit --help` lists every key; `--print_config` shows the result)
   env                            versions, device, and which attention kernels run here
   generate                       continue prompts with a checkpoint (`{PROG} generate --help`)
+  estimate                       predicted peak memory of a config's training step (`{PROG} estimate --help`)
   bench                          benchmarks (`{PROG} bench --help`)
   convert                        Hugging Face folders <-> lit_xf weights (`{PROG} convert --help`)
 
@@ -337,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lit_xf.convert.cli import main as convert_main  # imports torch only once it has parsed
 
         return convert_main(args[1:])
+    if args and args[0] == "estimate":
+        return importlib.import_module("lit_xf.estimate_cli").main(args[1:])
     if args and args[0] == "generate":
         setup_logging()
         return importlib.import_module("lit_xf.generate").main(args[1:])
@@ -358,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"{PROG}: error: {error_message(err)}", file=sys.stderr)
+        return 1
+    except sys.modules["torch"].OutOfMemoryError as err:  # explained by LitXfCLI (lit_xf.memory_report)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        report = getattr(err, "lit_xf_report", None) or " ".join(str(err).split())
+        print(f"{PROG}: error: {report}", file=sys.stderr)
         return 1
     return 0
 

@@ -121,13 +121,14 @@ def _first_missing(path: Path) -> Path | None:
 @contextlib.contextmanager
 def removed_if_failed(trainer) -> Iterator[None]:
     """Remove the run folders this run creates if it fails before its first optimizer step and
-    with no checkpoint in them."""
+    with no checkpoint or memory snapshot in them."""
     created = [top for top in map(_first_missing, _run_folders(trainer)) if top is not None]
     try:
         yield
     except BaseException:
         if trainer.global_step == 0:
             for top in created:
-                if top.is_dir() and not any(top.rglob("*.ckpt")):
+                # a checkpoint, or an out-of-memory snapshot (lit_xf.callbacks.MemorySnapshot), keeps it
+                if top.is_dir() and not any(top.rglob("*.ckpt")) and not any(top.rglob("memory_snapshot_*")):
                     shutil.rmtree(top, ignore_errors=True)
         raise

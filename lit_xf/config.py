@@ -32,6 +32,8 @@ MlpKernel = Literal["auto", "torch", "quack"]
 MLP_KERNELS: tuple[str, ...] = get_args(MlpKernel)
 GeluApprox = Literal["tanh", "exact"]
 GELU_APPROXES: tuple[str, ...] = get_args(GeluApprox)
+Checkpointing = Literal["none", "selective", "full"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 
 # Fields that fix the weights' shapes or meaning: a checkpoint must agree with the model on all of them.
 WEIGHT_FIELDS: tuple[str, ...] = (
@@ -91,6 +93,11 @@ class GPTConfig:
         norm_eps: ε of every norm, x / sqrt(mean + ε) (null: LayerNorm 1e-5, RMSNorm the dtype's
             ``finfo.eps``).
         gelu: ``tanh`` (GPT-2's approximation, ``gelu_new``) or ``exact`` (erf) GELU in ``ffn: gelu``.
+        activation_checkpointing: recompute blocks' activations in the backward instead of keeping
+            them (``torch.utils.checkpoint``, non-reentrant): ``none``; ``selective``, the
+            even-numbered blocks (about half the activations kept, a third more block compute on
+            the checkpointed ones); ``full``, every block (only each block's input kept). See
+            docs/memory.md.
     """
 
     vocab_size: int = 258
@@ -116,6 +123,7 @@ class GPTConfig:
     norm_bias: bool | None = None
     norm_eps: float | None = None
     gelu: GeluApprox = "tanh"
+    activation_checkpointing: Checkpointing = "none"
 
     def __post_init__(self) -> None:
         _check_sizes(self)
@@ -124,6 +132,11 @@ class GPTConfig:
         _check_window(self.attention_window, self.attention)
         _check_ffn_options(self)
         _check_norm_options(self)
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"unknown activation_checkpointing {self.activation_checkpointing!r}; "
+                f"choose one of {', '.join(CHECKPOINTING)}"
+            )
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property

@@ -29,6 +29,7 @@ from lit_xf.cli_guard import check_training_kernel, one_line, removed_if_failed
 from lit_xf.config import FIELD_NAMES
 from lit_xf.data import TextDataModule
 from lit_xf.generate import GenerateOptions, add_generate_arguments, prompt_batches, write_texts
+from lit_xf.memory_facts import oom_report
 from lit_xf.module import LitTinyGPT
 from lit_xf.resume import merge_resume_hparams
 from lit_xf.tokenizer_state import tokenizer_from_state
@@ -148,7 +149,14 @@ class LitXfCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         with removed_if_failed(self.trainer):  # a failed start leaves no empty run folder
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except torch.OutOfMemoryError as err:  # reported as one line by lit_xf.cli
+                try:
+                    err.lit_xf_report = oom_report(err, self.trainer, self.model)
+                except Exception as report_error:  # the report must never hide the OOM
+                    log.warning("could not explain the out-of-memory error: %s", report_error)
+                raise
 
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls for 32-true runs on GPUs that have them; no effect on CPU.

@@ -16,9 +16,11 @@ from typing import Literal, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lit_xf.attention import AttentionContext, DocLayout, alibi_slopes, make_kernel
 from lit_xf.config import MLP_KERNELS, GPTConfig, MlpKernel
+from lit_xf.memory_estimate import checkpointed_layers
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,8 @@ def norm_factory(c: GPTConfig) -> Callable[[int], nn.Module]:
     if c.norm == "layernorm" and c.norm_bias is False:
         options["bias"] = False
     return functools.partial(NORMS[c.norm], **options)
+
+
 CompileMode = Literal["blocks", "model", "cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
@@ -229,6 +233,9 @@ class TinyGPT(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(c, ffn(c.d_model), norm) for _ in range(c.n_layers))
+        #: Blocks whose activations are recomputed in the backward (``activation_checkpointing``);
+        #: emptied when a sharded strategy checkpoints them instead (``LitTinyGPT.configure_model``).
+        self.checkpoint_layers = frozenset(checkpointed_layers(c.activation_checkpointing, c.n_layers))
         self.norm_f = norm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -237,6 +244,7 @@ class TinyGPT(nn.Module):
         self._alibi_slopes: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.apply(lambda m: _init_weights(m, c.n_layers))
         self.compile_mode: str | None = None
+        self.record_plan_bytes, self.last_plan_bytes = False, 0
         self._compiled_tokens: Callable | None = None
         # An explicit kernel that can't run on this machine fails now, not mid-step.
         self.check_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=False)
@@ -365,6 +373,8 @@ class TinyGPT(nn.Module):
             layers=len(self.blocks),
             qkv_stacked=self.positions != "rope",  # SelfAttention calls attend_qkv without RoPE
         )
+        if self.record_plan_bytes:  # for lit_xf.callbacks.MemoryBreakdown's memory/attention_plan_mib
+            self.last_plan_bytes = ctx.plan.nbytes() if ctx.plan is not None else 0
         if self._compiled_tokens is None or eager or not ctx.traceable:
             x_BTD = self.forward_tokens(input_ids, position_ids, ctx)
         else:
@@ -383,8 +393,13 @@ class TinyGPT(nn.Module):
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(position_ids)
         rope = self.rope_angles(position_ids) if self.positions == "rope" else None
-        for block in self.blocks:
-            x_BTD = block(x_BTD, ctx, rope)
+        for i, block in enumerate(self.blocks):
+            if i in self.checkpoint_layers and torch.is_grad_enabled():
+                # Non-reentrant: the recompute reuses this forward's ctx (no plan rebuilt) and
+                # replays the RNG state, so dropout draws the same masks.
+                x_BTD = checkpoint(block, x_BTD, ctx, rope, use_reentrant=False)
+            else:
+                x_BTD = block(x_BTD, ctx, rope)
         return self.norm_f(x_BTD)
 
     def compile_model(self, mode: CompileMode) -> None:

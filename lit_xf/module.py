@@ -134,6 +134,7 @@ class LitTinyGPT(L.LightningModule):
         return self.model.mlp_kernel_name(self.device, precision_dtype(precision))
 
     def configure_model(self) -> None:
+        self._checkpoint_through_fsdp()
         mode = self.hparams.compile
         if not mode or self.model.compile_mode is not None:
             return
@@ -143,6 +144,25 @@ class LitTinyGPT(L.LightningModule):
             return
         self.model.compile_model("blocks" if mode is True else mode)
         self._cross_entropy = compiled_token_cross_entropy
+
+    def _checkpoint_through_fsdp(self) -> None:
+        """Under Lightning's ``FSDPStrategy`` the blocks ``activation_checkpointing`` names are
+        checkpointed by the strategy (its ``activation_checkpointing_policy``, applied after
+        sharding), not by ``TinyGPT``'s own loop, so that each is wrapped once. A policy given to the
+        strategy itself wins."""
+        if self._trainer is None or not self.model.checkpoint_layers:
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy):
+            return
+        if not strategy._activation_checkpointing_kwargs:
+            chosen = {id(self.model.blocks[i]) for i in self.model.checkpoint_layers}
+            strategy._activation_checkpointing_kwargs = {"check_fn": lambda module: id(module) in chosen}
+        else:
+            rank_zero_info("FSDPStrategy has its own activation_checkpointing_policy: it replaces model.arch's")
+        self.model.checkpoint_layers = frozenset()
 
     def setup(self, stage: str) -> None:
         # The device is known now: refuse a kernel that can't train here before the first step.

@@ -434,6 +434,39 @@ SECTIONS = [
     ),
 ]  # fmt: skip
 
+# Ready for SECTIONS once scripts/memory_gpu_check.py's results file is committed (it has no GPU figures
+# yet; tests/test_memory_gpu_check.py renders it from a CPU run's file).
+MEMORY = ["memory_gpu_check.json"]
+
+
+def memory_notes(R) -> list[str]:
+    raw = json.loads((R.folder / MEMORY[0]).read_text())
+    notes = [
+        f"largest {r['size']} step at {r['seq_len']} packed tokens per row, checkpointing `{r['checkpointing']}`: "
+        f"{r['largest_tokens_per_step']} tokens (the estimate's batch {r['predicted_batch_size']}, trained "
+        f"{r['largest_trained_batch_size']})"
+        for r in raw.get("largest", [])
+    ]
+    if "oom" in raw:
+        o = raw["oom"]
+        notes.append(
+            f"forced OOM: exit {o['returncode']}, {len(o['error_lines'])} error line(s), snapshot "
+            f"{o['snapshot_pickle']}, timeline page {o['timeline_html']}, PyTorch page {o['viz_html']}"
+        )
+    return notes
+
+
+MEMORY_SECTION = dict(
+    title="8. Estimated vs measured peak memory", files=MEMORY, items=lambda R: R.rows(MEMORY[0]),
+    cols=[("case", ("case", "")), ("kernel", ("kernel", "")), ("estimate GiB", ("estimate_gib", ".2f")),
+          ("measured GiB", ("measured_gib", ".2f")), ("estimate / measured", ("ratio", ".3f")),
+          ("dominant term", ("dominant", ""))],
+    q="How close is `lit-xf estimate` to the peak a training step allocates, for the shipped configs and three "
+    "model sizes, padded and packed, and how large a step trains with and without checkpointing?",
+    a="See the ratios (the goal: within a tenth either way) and the notes; docs/memory.md derives the estimate.",
+    notes=memory_notes,
+)  # fmt: skip
+
 HEADER = """\
 # Benchmarks
 
@@ -486,19 +519,26 @@ def sources(R, files, seen: set) -> tuple[str, str]:
 def render_doc(R: Results) -> str:
     out, seen = [HEADER], set()
     for s in SECTIONS:
-        words(s["title"].split(". ", 1)[-1])  # a section number is not a figure
-        out.append("#" * s.get("level", 2) + " " + s["title"])
-        src, measured = sources(R, s["files"], seen)
-        prose = words(f"**Question.** {s['q']} **Answer.** {s['a']}")
-        prose += (f" Workload: {s['workload'](R)}." if "workload" in s else "") + measured
-        if "image" in s:
-            prose += f" ![plot](results/{s['image']})"
-        out.append(textwrap.fill(prose, 120, break_on_hyphens=False, break_long_words=False))
-        out.append(table(s["cols"], s["items"](R)))
-        if "notes" in s:
-            out.append("\n".join(f"- {n}" for n in s["notes"](R)))
-        out.append(src)
+        out.extend(render_section(R, s, seen))
     return "\n\n".join(out) + "\n"
+
+
+def render_section(R: Results, s: dict, seen: set) -> list[str]:
+    """One section's heading, prose, table, notes and sources."""
+    out = []
+    words(s["title"].split(". ", 1)[-1])  # a section number is not a figure
+    out.append("#" * s.get("level", 2) + " " + s["title"])
+    src, measured = sources(R, s["files"], seen)
+    prose = words(f"**Question.** {s['q']} **Answer.** {s['a']}")
+    prose += (f" Workload: {s['workload'](R)}." if "workload" in s else "") + measured
+    if "image" in s:
+        prose += f" ![plot](results/{s['image']})"
+    out.append(textwrap.fill(prose, 120, break_on_hyphens=False, break_long_words=False))
+    out.append(table(s["cols"], s["items"](R)))
+    if "notes" in s:
+        out.append("\n".join(f"- {n}" for n in s["notes"](R)))
+    out.append(src)
+    return out
 
 
 def render_readme(R: Results) -> str:

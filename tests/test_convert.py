@@ -17,12 +17,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_cli import ROOT, run_cli  # noqa: E402
+
 from lit_xf.cli import main as cli_main  # noqa: E402
 from lit_xf.config import GPTConfig  # noqa: E402
 from lit_xf.convert import ConversionError, from_hf, load_model, to_hf  # noqa: E402
 from lit_xf.convert.hf_files import INDEX, read_tensors  # noqa: E402
 from lit_xf.module import LitTinyGPT  # noqa: E402
-from tests.test_cli import ROOT, run_cli  # noqa: E402
 
 VOCAB = 320  # > the tokenizer's 300 ids: spare embedding rows, as real checkpoints have
 T = 24

@@ -25,6 +25,33 @@ class AttentionPlan:
         """How the kernel runs this batch, where it has a choice worth reporting ('' otherwise)."""
         return ""
 
+    def nbytes(self) -> int:
+        """Device bytes this plan holds (masks, biases, block and sequence lists), each storage once."""
+        seen: dict[int, int] = {}
+        _collect_storages(self, seen, depth=0)
+        return sum(seen.values())
+
+
+def _collect_storages(obj, seen: dict[int, int], depth: int) -> None:
+    """Tensors reachable from ``obj`` through attributes, dataclass fields and sequences (3 levels)."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return
+    if depth > 3 or obj is None or isinstance(obj, (str, int, float, bool, type)):
+        return
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+        names = list(getattr(obj, "__dict__", {})) or list(getattr(obj, "__slots__", ()))
+        items = [getattr(obj, n, None) for n in names]
+    else:
+        return
+    for item in items:
+        _collect_storages(item, seen, depth + 1)
+
 
 P = TypeVar("P", bound=AttentionPlan)
 

@@ -11,6 +11,12 @@ Scalar tags (one value per optimizer step, see :data:`TAGS`)::
     memory/peak_reserved_mib        peak bytes reserved by the caching allocator, MiB  (CUDA only)
     memory/alloc_retries            cudaMalloc retries (cache flush + retry) in the step (CUDA only)
     memory/ooms                     out-of-memory errors raised in the step            (CUDA only)
+    memory/params_mib               parameters, each storage once           (MemoryBreakdown)
+    memory/grads_mib                gradients at the optimizer step         (MemoryBreakdown)
+    memory/optimizer_mib            optimizer state                         (MemoryBreakdown)
+    memory/forward_end_mib          allocated at the forward's end          (MemoryBreakdown, CUDA only)
+    memory/activations_mib          forward end − params − optimizer − grads (MemoryBreakdown, CUDA only)
+    memory/attention_plan_mib       the attention kernel's plan (masks)     (MemoryBreakdown)
     time/forward_ms                 batch start -> before backward, summed over micro-batches
     time/backward_ms                before -> after backward, summed over micro-batches
     time/optimizer_ms               last after-backward -> batch end (unscale, clipping, step)
@@ -28,8 +34,9 @@ one curve per distinct rate, where Lightning's ``LearningRateMonitor`` draws one
 Text tags (TensorBoard only): ``run/info`` (kernel choices, library versions, device; once per fit,
 after the first training backward so a lazily resolved ``auto`` kernel shows its real choice,
 written by the first monitor in ``trainer.callbacks``) and ``time/top_kernels`` (the top kernels of
-each profiled step). The first monitor also writes ready-made charts of the scalars to
-TensorBoard's "Custom Scalars" tab (:func:`add_custom_scalars_layout`).
+each profiled step); ``memory/snapshot`` (``MemorySnapshot``: the paths of a snapshot's files).
+The first monitor also writes ready-made charts of the scalars to TensorBoard's "Custom Scalars"
+tab (:func:`add_custom_scalars_layout`).
 
 Logging. Every value belongs to the optimizer step it measures: the step index is
 ``trainer.global_step`` read when that step's first micro-batch starts, which is the index
@@ -66,6 +73,8 @@ from lit_xf.callbacks.kernel_timer import (
 )
 from lit_xf.callbacks.learning_rate import LR_TAG, LearningRateLogger, learning_rates
 from lit_xf.callbacks.memory import MEMORY_TAGS, PeakMemoryMonitor
+from lit_xf.callbacks.memory_breakdown import BREAKDOWN_TAGS, MemoryBreakdown
+from lit_xf.callbacks.memory_snapshot import SNAPSHOT_TAG, MemorySnapshot
 from lit_xf.callbacks.run_info import RUN_INFO_TAG, add_custom_scalars_layout, log_run_info
 from lit_xf.callbacks.throughput import THROUGHPUT_TAGS, ThroughputMonitor
 
@@ -73,12 +82,16 @@ from lit_xf.callbacks.throughput import THROUGHPUT_TAGS, ThroughputMonitor
 from lit_xf.hardware import dense_peak_flops, precision_dtype, resolve_peak_flops
 
 #: Every scalar tag the monitors write (stable names; see the module docstring).
-TAGS = MEMORY_TAGS + TIME_TAGS + THROUGHPUT_TAGS
+TAGS = MEMORY_TAGS + BREAKDOWN_TAGS + TIME_TAGS + THROUGHPUT_TAGS
 #: Text tags written to TensorBoard loggers.
-TEXT_TAGS = (RUN_INFO_TAG, TOP_KERNELS_TAG)
+TEXT_TAGS = (RUN_INFO_TAG, TOP_KERNELS_TAG, SNAPSHOT_TAG)
 
 __all__ = [
     "ATTENTION_KERNEL_PATTERN",
+    "BREAKDOWN_TAGS",
+    "SNAPSHOT_TAG",
+    "MemoryBreakdown",
+    "MemorySnapshot",
     "LR_TAG",
     "MEMORY_TAGS",
     "TAGS",

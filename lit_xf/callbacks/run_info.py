@@ -27,6 +27,14 @@ _LAYOUT = {
     "lit_xf memory": {
         "peak memory (MiB; CUDA only, empty on CPU)": ("memory/peak_allocated_mib", "memory/peak_reserved_mib"),
         "allocator retries and OOMs per step (CUDA only)": ("memory/alloc_retries", "memory/ooms"),
+        "breakdown (MiB; MemoryBreakdown, activations CUDA only)": (
+            "memory/params_mib",
+            "memory/grads_mib",
+            "memory/optimizer_mib",
+            "memory/forward_end_mib",
+            "memory/activations_mib",
+            "memory/attention_plan_mib",
+        ),
     },
     "lit_xf time": {
         "step phases (ms)": ("time/forward_ms", "time/backward_ms", "time/optimizer_ms", "time/step_ms"),
