@@ -262,6 +262,8 @@ def forced_oom(out: Path, device: str, quick: bool) -> dict:
         f"--trainer.logger.init_args.save_dir={run_dir}",
         "--trainer.enable_checkpointing",
         "false",
+        "--trainer.val_check_interval",
+        "1",  # the batch is larger than the corpus's one training batch per epoch
     ]
     if device != "cuda":
         args += [
@@ -276,7 +278,7 @@ def forced_oom(out: Path, device: str, quick: bool) -> dict:
             "--trainer.max_steps",
             "1",
         ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lit-xf: error:")]
     files = sorted(str(p.relative_to(out)) for p in run_dir.rglob("memory_*")) if run_dir.exists() else []
