@@ -3,6 +3,7 @@
     {"kind": "byte"}                        ByteTokenizer
     {"kind": "counting", "vocab": 64}       CountingTokenizer(64)
     {"kind": "bpe", "json": "<tokenizer.json text>"}   BPETokenizer: HF tokenizers' whole file
+    {"kind": "hf", "json": "<tokenizer.json text>"}    HFTokenizerFile: a user's tokenizer.json
 
 ``LitTinyGPT`` stores ``tokenizer_state(...)`` under ``checkpoint["lit_xf"]["tokenizer"]`` and
 rebuilds it with :func:`tokenizer_from_state` when the checkpoint is loaded, so that generating
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lit_xf.data import BPETokenizer, ByteTokenizer, CountingTokenizer, Tokenizer
+from lit_xf.data import BPETokenizer, ByteTokenizer, CountingTokenizer, HFTokenizerFile, Tokenizer
 
 
 def tokenizer_state(tokenizer: Tokenizer | None) -> dict[str, Any] | None:
@@ -26,6 +27,8 @@ def tokenizer_state(tokenizer: Tokenizer | None) -> dict[str, Any] | None:
         return {"kind": "counting", "vocab": tokenizer.vocab}
     if isinstance(tokenizer, BPETokenizer):
         return {"kind": "bpe", "json": tokenizer.hf.to_str()}
+    if isinstance(tokenizer, HFTokenizerFile):
+        return {"kind": "hf", "json": tokenizer.hf.to_str()}
     return None
 
 
@@ -36,10 +39,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return ByteTokenizer()
     if kind == "counting":
         return CountingTokenizer(int(state["vocab"]))
-    if kind == "bpe":
-        # BPETokenizer reads (and checks) a file: hand it the stored one
+    if kind in ("bpe", "hf"):
+        # both read (and check) a file: hand them the stored one
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "tokenizer.json"
             path.write_text(state["json"], encoding="utf-8")
-            return BPETokenizer(path)
-    raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (known: byte, counting, bpe)")
+            return BPETokenizer(path) if kind == "bpe" else HFTokenizerFile(path)
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (known: byte, counting, bpe, hf)")

@@ -84,6 +84,10 @@ class DocLayout:
         """One document filling each row."""
         return cls([[seq_len]] * batch_size, seq_len, causal, window)
 
+    def fits(self, batch_size: int, seq_len: int, window: int | None, causal: bool = True) -> bool:
+        """This layout is the one a ``[batch_size, seq_len]`` call with ``window`` needs."""
+        return (self.batch_size, self.seq_len, self.window, self.causal) == (batch_size, seq_len, window, causal)
+
     @functools.cached_property
     def windowed(self) -> bool:
         """The window hides some key from some real query: a document is longer than it (what
@@ -161,3 +165,13 @@ class DocLayout:
             return bias.BlockDiagonalMask.from_seqlens(flat, device=device)
         mask = bias.BlockDiagonalCausalMask.from_seqlens(flat, device=device)
         return mask if self.window is None else mask.make_local_attention(self.window)
+
+
+def bias_on_device(bias, device) -> bool:
+    """The index tensors of an xformers bias (block-diagonal ones hold some) are on ``device``."""
+    device = torch.device(device)
+    for info in (getattr(bias, "q_seqinfo", None), getattr(bias, "k_seqinfo", None)):
+        seqstart = getattr(info, "seqstart", None)
+        if isinstance(seqstart, torch.Tensor) and seqstart.device.type != device.type:
+            return False
+    return True

@@ -1,7 +1,9 @@
-"""Tokenizers: bytes (258 ids), the counting task's, and a byte-level BPE trained with HF ``tokenizers``."""
+"""Tokenizers: bytes (258 ids), the counting task's, a byte-level BPE trained with HF ``tokenizers``,
+and any local HF ``tokenizer.json``."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -130,3 +132,59 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], append_eos: boo
         for doc in docs:
             doc.append(tokenizer.eos_id)
     return docs
+
+
+class HFTokenizerFile:
+    """Any HF ``tokenizers`` ``tokenizer.json`` a user points at. EOS: the first of ``EOS_TOKENS`` in
+    its vocabulary (None: documents get no EOS); pad: the first of ``PAD_TOKENS``, else the EOS id,
+    else 0 (pads never get a label, so any id serves)."""
+
+    EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+    PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer={str(path)!r} is not 'byte', 'bpe' nor an existing tokenizer.json file")
+        try:
+            self.hf = HFTokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises its own Exception type
+            raise ValueError(f"{str(self.path)!r} is not a HF tokenizers file ({err})") from None
+        ids = {tok: self.hf.token_to_id(tok) for tok in self.EOS_TOKENS + self.PAD_TOKENS}
+        self.eos_id = next((ids[t] for t in self.EOS_TOKENS if ids[t] is not None), None)
+        pad = next((ids[t] for t in self.PAD_TOKENS if ids[t] is not None), None)
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.vocab_size = self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What fixes the token ids: ``byte`` for the byte tokenizer, else the sha256 of its json file."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        raise TypeError(f"no fingerprint for tokenizer {type(tokenizer).__name__} (it has no file)")
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` or a tokenizer json path (a trained ``bpe`` file, or any HF ``tokenizer.json``)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not Path(spec).expanduser().is_file():
+        return HFTokenizerFile(spec)  # raises, naming what would work
+    try:
+        return BPETokenizer(Path(spec).expanduser())
+    except ValueError:  # not made by BPETokenizer.train: special ids elsewhere
+        return HFTokenizerFile(spec)
