@@ -450,7 +450,7 @@ class TextDataModule(LightningDataModule):
         """Every row of ``split`` in ``epoch`` (all ranks) with its tokens: for tests and small corpora."""
         self.setup()
         ds = self.dataset(split, num_replicas=1, rank=0)
-        return read_rows(ds.plan(epoch), ds.docs)
+        return [[doc.tolist() for doc in row] for row in read_rows(ds.plan(epoch), ds.docs)]
 
     def efficiency(self, split: Literal["train", "val", "test"] = "train") -> float:
         """Real-token fraction of epoch 0 of ``split`` (``RowPlan.efficiency``)."""

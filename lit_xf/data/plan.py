@@ -108,7 +108,7 @@ def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     total = int(counts.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
     return np.arange(total, dtype=np.int64) + offsets
 
 
@@ -116,7 +116,7 @@ def _pieces(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.nd
     """Documents ``order`` (lengths ``lengths``) cut into pieces of at most ``seq_len`` tokens."""
     n_chunks = (lengths + seq_len - 1) // seq_len
     doc = np.repeat(order, n_chunks)
-    first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
+    first = np.cumsum(n_chunks) - n_chunks
     k = np.arange(len(doc), dtype=np.int64) - np.repeat(first, n_chunks)
     start = k * seq_len
     length = np.minimum(seq_len, np.repeat(lengths, n_chunks) - start)

@@ -167,7 +167,7 @@ def make_batch(
     layout = DocLayout(batch["doc_lens"], seq_len, window=window)
     batch["attn_layout"] = layout
     if xformers_bias:
-        batch["attn_bias"] = layout.xformers_bias()
+        batch["attn_bias"] = layout.xformers_bias(torch.device("cpu"))  # never CUDA in a worker
     return batch
 
 
