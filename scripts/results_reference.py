@@ -263,6 +263,7 @@ GPT2 = ["train_gpt2_124m_b32.json", "train_gpt2_124m_b32_machine_a.json", "train
 GPT2 += ["train_gpt2_124m_concat_auto.json"]
 FITS = ["fit_gpt2_124m_b32_readback.json", "fit_gpt2_124m_concat_readback.json"]
 FITS += ["fit_gpt2_124m_window64_readback.json"]
+DATA = ["data_2000mb_byte.json"]
 MONITORS = ["monitors_overhead_default_abba.json", "monitors_overhead_counting_abba.json"]
 AUTO = ["auto_measured_16x2048.json"]  # auto as it chooses now: by timing the candidates on the first batch
 CORRECTNESS = ["correctness.json", "correctness_fa4.json", "correctness_window.json"]
@@ -427,6 +428,36 @@ SECTIONS = [
         "masks, MHA, GQA and MQA heads, with and without ALiBi, in fp16 and bf16?",
         a="Every case each kernel supports passes within tolerance (passed/cases); fa4 refuses ALiBi by design. Worst: "
         "the largest relative error over out, dq, dk and dv of any kernel. `correctness_window` adds a sliding window.",
+    ),
+    dict(
+        title="The token store and the streamed loader", files=DATA,
+        items=lambda R: [r for r in R.rows(DATA[0]) if r["bench"] == "prepare"],
+        cols=[("corpus", ("corpus", "")), ("input MB", ("input_mb", ".0f")), ("tokenizer", ("tokenizer", "")),
+              ("documents", ("documents", "")), ("tokens", ("tokens", "")), ("s", ("seconds", ".1f")),
+              ("MB/s", ("mb_per_s", ".1f")), ("MB/s per core", ("mb_per_s_per_core", ".1f")),
+              ("peak RSS MiB", ("peak_rss_mib", ".0f")), ("a worker's peak RSS MiB", ("worker_peak_rss_mib", ".0f"))],
+        workload=lambda R: "generated text (`lit_xf.bench.data.generate_corpus`), prepare in a fresh process, "
+        "one encoding process per core; machine: {c} cores, shared with other work (load average at the end: "
+        "{load})".format(c=R.meta(DATA[0])["cpu_count"], load=R.meta(DATA[0])["loadavg_at_end"]),
+        q="How fast does `lit-xf prepare` tokenize a corpus, and with how much memory?",
+        a="The throughput and the peak RSS of the main process and of one encoding worker are in the table; memory "
+        "stays flat as the corpus grows, since chunks stream through a bounded queue.",
+    ),
+    dict(
+        title="Loader, fit and packing", level=3, files=DATA,
+        items=lambda R: [r for r in R.rows(DATA[0]) if r["bench"] != "prepare"],
+        cols=[("bench", ("bench", "")), ("corpus", ("corpus", "")), ("workers", ("workers", "")),
+              ("tokens/s", ("tokens_per_s", "")), ("× a 124M model on one H200", ("x_consumer", ".1f")),
+              ("first batch s", ("first_batch_s", ".2f")), ("fit peak RSS MiB", ("peak_rss_mib", ".0f")),
+              ("T", ("seq_len", "")), ("streamed", ("streamed", "%")),
+              ("whole-split best fit", ("whole_split_best_fit", "%"))],
+        workload=lambda R: "loader: batches of the large store's training split; fit: a small model for a few steps "
+        "with loader workers (peak RSS of the whole process); packing: the streamed window vs best-fit decreasing "
+        "over the whole split",
+        q="Does the loader outrun what a 124M model consumes on one H200, does a fit's memory stay flat across store "
+        "sizes, and how close is the streamed packer to whole-split best fit?",
+        a="See the rows: tokens per second against the consumer's rate, the two fits' peak RSS side by side, the "
+        "time to the first batch, and the two packing efficiencies.",
     ),
 ]  # fmt: skip
 
