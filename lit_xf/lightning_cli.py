@@ -92,8 +92,6 @@ class LitXfCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.arch.max_seq_len")
-        # the batches' layout and xformers bias are built for the model's window
-        parser.link_arguments("model.arch.attention_window", "data.attention_window")
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:

@@ -140,6 +140,10 @@ class LitTinyGPT(L.LightningModule):
         self.model.check_kernel(self._root_device(), training=stage == "fit")
         # Before the trainer restores ckpt_path: load it as weights only (also http(s) URLs).
         use_safe_checkpoint_io(self.trainer.strategy)
+        # The loaders are made after this: their batches' layout and xformers bias use this model's window.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "attention_window"):
+            datamodule.attention_window = self.model.attention_window
 
     def _root_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device

@@ -92,8 +92,8 @@ class TextDataModule(LightningDataModule):
             from train and val; 0: no test split (``test_dataloader`` raises).
         seed: seeds the split, the counting documents and the per-epoch shuffle.
         num_workers, pin_memory: DataLoader options; ``pin_memory=None`` pins when CUDA is available.
-        attention_window: the model's sliding window (linked from ``model.arch.attention_window`` by
-            ``lit-xf``), so the batch's layout and bias are the ones the model needs.
+        attention_window: the model's sliding window, so the batch's layout and bias are the ones the
+            model needs (``LitTinyGPT.setup`` sets it from its model before the loaders are made).
         xformers_bias: put the batch's xformers bias in it (``attn_bias``), built in the loader
             workers; None: when CUDA is available and xformers imports.
         text_field: field / column of the document text in records files.
