@@ -2,6 +2,7 @@
 
     lit-xf fit --config configs/default.yaml        # also validate / test / predict (LightningCLI)
     lit-xf fit --config configs/default.yaml --print_config
+    lit-xf prepare --config configs/default.yaml    # tokenize the config's corpus into its token store
     lit-xf env                                      # versions, device, attention kernels that run here
     lit-xf generate --ckpt_path last.ckpt --prompt "Q: "   # text from a checkpoint (lit_xf.generate)
     lit-xf bench ...                                # benchmarks (lit_xf.bench)
@@ -264,6 +265,43 @@ def _env_main(argv: Sequence[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# lit-xf prepare
+# ------------------------------------------------------------------------------------------------
+def _prepare_main(argv: Sequence[str]) -> int:
+    """Build (or check) the token store of a config's ``data`` section; ``--data.KEY VALUE`` overrides."""
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} prepare",
+        description="Tokenize the corpus of a config's data section into its token store (reused when present).",
+    )
+    parser.add_argument("--config", action="append", default=[], help="a lit-xf fit config (repeatable)")
+    args, rest = parser.parse_known_args(list(argv))
+    data: dict[str, Any] = {}
+    for path in args.config:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        data.update((cfg.get("data") or {}).get("init_args", cfg.get("data") or {}))
+    it = iter(rest)
+    for key in it:
+        name, _, value = key.partition("=")
+        if not name.startswith("--data."):
+            parser.error(f"unrecognized argument {key!r}: only --config and --data.KEY VALUE apply")
+        data[name[len("--data.") :]] = yaml.safe_load(value if value else next(it, ""))
+    setup_logging()
+    from lit_xf.data import TextDataModule
+
+    dm = TextDataModule(**data)
+    if dm.corpus == "counting":
+        print("corpus=counting is generated in memory: nothing to prepare")
+        return 0
+    dm.prepare_data()
+    meta = dm._prepare().meta
+    print(f"{dm.store_path}: {meta['n_docs']} documents, {meta['n_tokens']} tokens ({meta['dtype']})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # lit-xf bench
 # ------------------------------------------------------------------------------------------------
 def _bench_main(argv: Sequence[str]) -> int:
@@ -308,6 +346,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY VALUE ...]
+       {PROG} prepare --config FILE [--data.KEY VALUE ...]
        {PROG} env [--device DEVICE]
        {PROG} generate --ckpt_path CKPT --prompt TEXT [...]
        {PROG} estimate --config FILE [--gpu h200] [--json] [--KEY VALUE ...]
@@ -316,6 +355,7 @@ USAGE = f"""usage: {PROG} {{fit,validate,test,predict}} [--config FILE] [--KEY V
 
   fit, validate, test, predict   LightningCLI over LitTinyGPT and TextDataModule
                                  (`{PROG} fit --help` lists every key; `--print_config` shows the result)
+  prepare                        tokenize a config's corpus once into its token store (lit_xf/data/store.py)
   env                            versions, device, and which attention kernels run here
   generate                       continue prompts with a checkpoint (`{PROG} generate --help`)
   estimate                       predicted peak memory of a config's training step (`{PROG} estimate --help`)
@@ -342,6 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return convert_main(args[1:])
     if args and args[0] == "estimate":
         return importlib.import_module("lit_xf.estimate_cli").main(args[1:])
+    if args and args[0] == "prepare":
+        try:
+            return _prepare_main(args[1:])
+        except (ValueError, OSError, TypeError) as err:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            from lit_xf.cli_guard import error_message
+
+            print(f"{PROG}: error: {error_message(err)}", file=sys.stderr)
+            return 1
     if args and args[0] == "generate":
         setup_logging()
         return importlib.import_module("lit_xf.generate").main(args[1:])

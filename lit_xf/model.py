@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lit_xf.attention import AttentionContext, DocLayout, alibi_slopes, make_kernel
+from lit_xf.attention import AttentionContext, DocLayout, alibi_slopes, bias_on_device, make_kernel
 from lit_xf.config import MLP_KERNELS, GPTConfig, MlpKernel
 from lit_xf.memory_estimate import checkpointed_layers
 
@@ -343,21 +343,32 @@ class TinyGPT(nn.Module):
         *,
         eager: bool = False,
         hidden: bool = False,
+        layout: DocLayout | None = None,
+        attn_bias=None,
     ) -> torch.Tensor:
         """``input_ids [B, T]`` → logits ``[B, T, V]``, or with ``hidden`` the final normed states
         ``[B, T, D]`` that ``lm_head`` projects (for a loss fused with it). ``doc_lens`` (documents
         per row, as in the batch contract) confines attention to each document; ``position_ids
         [B, T]`` default to positions inside each document. ``eager`` bypasses a whole-model
-        compilation (see ``compile_model``), e.g. for calls whose shapes change every time."""
+        compilation (see ``compile_model``), e.g. for calls whose shapes change every time.
+        ``layout`` (the batch's ``attn_layout``) is used instead of building one from ``doc_lens``
+        when it has this call's shape and window, and then ``attn_bias`` (the batch's xformers bias
+        for that layout) is handed to the kernel; otherwise both are ignored."""
         B, T = input_ids.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
         device = input_ids.device
         window = self.attention_window
-        if doc_lens is None:
+        if layout is None or not layout.fits(B, T, window):
+            layout, attn_bias = None, None  # the batch's facts are for another shape or window
+        if layout is not None:
+            pass  # the batch's, built in a loader worker
+        elif doc_lens is None:
             layout = DocLayout.full_rows(B, T, window=window)
         else:
             layout = DocLayout(doc_lens, T, window=window)
+        if attn_bias is not None and not bias_on_device(attn_bias, device):
+            attn_bias = None
         if position_ids is None:
             position_ids = layout.position_ids(device)
         # The bias is built here, outside any compiled region, once per forward for every layer.
@@ -372,6 +383,7 @@ class TinyGPT(nn.Module):
             head_dim=self.config.head_size,
             layers=len(self.blocks),
             qkv_stacked=self.positions != "rope",  # SelfAttention calls attend_qkv without RoPE
+            bias=attn_bias,
         )
         if self.record_plan_bytes:  # for lit_xf.callbacks.MemoryBreakdown's memory/attention_plan_mib
             self.last_plan_bytes = ctx.plan.nbytes() if ctx.plan is not None else 0

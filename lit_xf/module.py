@@ -169,18 +169,45 @@ class LitTinyGPT(L.LightningModule):
         self.model.check_kernel(self._root_device(), training=stage == "fit")
         # Before the trainer restores ckpt_path: load it as weights only (also http(s) URLs).
         use_safe_checkpoint_io(self.trainer.strategy)
+        # The loaders are made after this: their batches' layout and xformers bias use this model's window.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "attention_window"):
+            datamodule.attention_window = self.model.attention_window
 
     def _root_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
-    def forward(self, input_ids, position_ids=None, doc_lens=None, *, eager: bool = False, hidden: bool = False):
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        doc_lens=None,
+        *,
+        eager: bool = False,
+        hidden: bool = False,
+        layout=None,
+        attn_bias=None,
+    ):
         """``TinyGPT.forward``: logits ``[B, T, V]``, or with ``hidden`` the states ``lm_head`` projects."""
-        return self.model(input_ids, position_ids, doc_lens, eager=eager, hidden=hidden)
+        return self.model(
+            input_ids, position_ids, doc_lens, eager=eager, hidden=hidden, layout=layout, attn_bias=attn_bias
+        )
+
+    def _batch_forward(self, batch: dict, hidden: bool = False):
+        """``forward`` on a batch of the data contract, adopting its ``attn_layout`` / ``attn_bias``."""
+        return self(
+            batch["input_ids"],
+            batch.get("position_ids"),
+            batch.get("doc_lens"),
+            hidden=hidden,
+            layout=batch.get("attn_layout"),
+            attn_bias=batch.get("attn_bias"),
+        )
 
     # -- steps -------------------------------------------------------------------------------
     def _loss_parts(self, batch: dict) -> LossParts:
         """Σ nll, hits and real targets of a batch, the loss fused with the output projection."""
-        hidden_BTD = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"), hidden=True)
+        hidden_BTD = self._batch_forward(batch, hidden=True)
         return linear_cross_entropy(hidden_BTD, self.model.lm_head.weight, batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -282,7 +309,7 @@ class LitTinyGPT(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        logits_BTV = self(batch["input_ids"], batch.get("position_ids"), batch.get("doc_lens"))
+        logits_BTV = self._batch_forward(batch)
         hits, real = token_hits(logits_BTV, batch["labels"])
         self.val_nll.update(self._cross_entropy(logits_BTV, batch["labels"], reduction="sum"))
         self.val_correct.update(hits)

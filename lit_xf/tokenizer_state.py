@@ -40,7 +40,7 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     if kind == "counting":
         return CountingTokenizer(int(state["vocab"]))
     if kind == "bpe":
-        # BPETokenizer reads (and checks) a file: hand it the stored one
+        # it reads (and checks) a file: hand it the stored one
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "tokenizer.json"
             path.write_text(state["json"], encoding="utf-8")

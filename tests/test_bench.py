@@ -370,4 +370,13 @@ def test_help_lists_every_command_in_plain_text(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "`" not in out
     listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert listed == ["attention", "correctness", "packing", "train", "curves", "compare"]
+    assert listed == ["attention", "correctness", "packing", "train", "data", "curves", "compare"]
+
+
+def test_the_data_benchmark_corpus_is_deterministic(tmp_path):
+    from lit_xf.bench.data import generate_corpus
+
+    a = generate_corpus(tmp_path / "a.txt", 0.05, seed=3).read_bytes()
+    b = generate_corpus(tmp_path / "b.txt", 0.05, seed=3).read_bytes()
+    assert a == b and len(a) >= 50_000 and a.count(b"\n\n") > 5
+    assert generate_corpus(tmp_path / "c.txt", 0.05, seed=4).read_bytes() != a

@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from importlib import metadata
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,9 +21,9 @@ from lit_xf.data import (
     ByteTokenizer,
     CorpusNotFoundError,
     CountingTokenizer,
-    ResumableSampler,
-    RowDataset,
+    EpochBatches,
     TextDataModule,
+    TokenDocs,
     Tokenizer,
     build_rows,
     collate_rows,
@@ -41,12 +42,26 @@ from lit_xf.data import (
 from lit_xf.loss import IGNORE_INDEX
 
 CONTRACT_KEYS = {"input_ids", "labels", "position_ids", "doc_lens", "stats"}
+ATTENTION_KEYS = {"attn_layout", "attn_bias"}  # the batch's attention facts, beside the contract
 
 
 def make_dm(**kwargs) -> TextDataModule:
     dm = TextDataModule(**kwargs)
     dm.setup()
     return dm
+
+
+def split_texts(dm: TextDataModule) -> tuple[list[str], list[str], list[str]]:
+    """Train, val and test texts of a text corpus, read and split as the data module does."""
+    docs = load_text_corpus(dm.corpus, dm.text_field, dm.doc_separator)
+    return tuple(
+        [docs[i] for i in idx] for idx in train_val_test_indices(len(docs), dm.val_fraction, dm.test_fraction, dm.seed)
+    )
+
+
+def split_tokens(dm: TextDataModule, split: str = "train") -> list[list[int]]:
+    """Token ids of a split's documents, read back from the data module's store."""
+    return [dm._docs.doc(i).tolist() for i in dm._splits[split]]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +87,9 @@ def batch_documents(batch) -> list[tuple[int, ...]]:
 
 def check_contract(batch, batch_size: int, seq_len: int, pad_id: int) -> None:
     """Every property of the batch contract in docs/architecture.md, row by row."""
-    assert set(batch) == CONTRACT_KEYS
+    assert CONTRACT_KEYS <= set(batch) <= CONTRACT_KEYS | ATTENTION_KEYS
+    if "attn_layout" in batch:  # data module batches (collate_rows alone emits the contract)
+        assert batch["attn_layout"].doc_lens == tuple(map(tuple, batch["doc_lens"]))
     for key in ("input_ids", "labels", "position_ids"):
         assert batch[key].dtype == torch.long, key
         assert batch[key].shape == (batch_size, seq_len), key
@@ -177,7 +194,7 @@ def test_user_text_file_folder_glob_jsonl(tmp_path):
     assert load_text_corpus(str(jl), text_field="body") == [f"doc {i}" for i in range(5)]
 
     dm = make_dm(corpus=str(jl), text_field="body", seq_len=16, batch_size=2, val_fraction=0.2, test_fraction=0.2)
-    assert len(dm.val_rows) == len(dm.test_rows) == 1 and sum(len(r) for r in dm.train_rows) == 3
+    assert len(dm.rows("val")) == len(dm.rows("test")) == 1 and sum(len(r) for r in dm.rows("train")) == 3
     batch = next(iter(dm.train_dataloader()))
     assert ByteTokenizer().decode(batch["input_ids"][0].tolist()).startswith("doc ")
 
@@ -231,7 +248,7 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
     two.write_text("one\n\ntwo")
     with pytest.raises(ValueError, match="val_fraction=0.05 with test_fraction=0.05 leaves none for training"):
         make_dm(corpus=str(two))
-    assert len(make_dm(corpus=str(two), test_fraction=0.0).train_rows) == 1
+    assert len(make_dm(corpus=str(two), test_fraction=0.0).rows("train")) == 1
 
 
 @pytest.mark.parametrize(
@@ -242,7 +259,7 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
         ({"batch_mode": "ragged"}, r"batch_mode='ragged' is not one of \('padded', 'packed', 'concat'\)"),
         ({"tokenizer": "tiktoken"}, r"tokenizer='tiktoken' is not one of \('byte', 'bpe', 'file'\)"),
         ({"tokenizer": "file"}, r"tokenizer='file' reads <tokenizer_dir>/tokenizer.json: set tokenizer_dir"),
-        ({"eos_id": 3}, r"eos_id=3 applies to tokenizer='file'"),
+        ({"eos_id": 3}, r"eos_id=3 applies to a tokenizer.json"),
         ({"model_vocab_size": 100}, r"model_vocab_size=100 is smaller than the tokenizer's 258 ids"),
         ({"val_fraction": 1.0}, r"val_fraction=1.0 must be in \[0, 1\)"),
         (
@@ -305,7 +322,7 @@ def test_bpe_trains_offline_saves_and_reloads(tmp_path, monkeypatch):
     assert path.is_file() and dm.tokenizer_path == path
     tok = dm.tokenizer
     assert isinstance(tok, Tokenizer) and 300 < tok.vocab_size <= 600
-    train_texts, val_texts, _ = dm._texts()
+    train_texts, val_texts, _ = split_texts(dm)
     sample = val_texts[:20] + ["unseen: naïve Zürich 🙂 \t tabs"]
     for text in sample:
         assert tok.decode(tok.encode(text)) == text
@@ -367,9 +384,10 @@ def test_concat_rows_cover_the_stream_with_every_label_once():
 
 def test_concat_batches_are_full_causal_rows_of_the_document_stream(caplog):
     dm = make_dm(corpus="fortunes", batch_mode="concat", seq_len=512, batch_size=8, drop_last=True)
-    docs, _, _ = dm._token_documents()
+    docs = split_tokens(dm, "val")  # validation rows: the split's documents in corpus order
     stream = [t for doc in docs for t in doc]
-    assert [t for row in dm.train_rows for t in row[0][:-1]] + dm.train_rows[-1][0][-1:] == stream
+    val_rows = dm.rows("val")
+    assert [t for row in val_rows for t in row[0][:-1]] + val_rows[-1][0][-1:] == stream
     assert sum(doc[-1] == dm.eos_id for doc in docs) == len(docs)  # EOS between documents
     for i, batch in enumerate(dm.train_dataloader()):
         check_contract(batch, 8, 512, dm.pad_id)
@@ -404,7 +422,7 @@ def test_test_split_is_held_out_by_document_and_leaves_val_as_it_was():
 
 def test_no_test_split_says_so():
     dm = make_dm(corpus="counting", counting_documents=100, test_fraction=0.0)
-    assert dm.test_rows == []
+    assert dm.rows("test") == []
     with pytest.raises(ValueError, match="test_fraction=0: there is no test split"):
         dm.test_dataloader()
 
@@ -437,7 +455,7 @@ def test_counting_variable_lengths_each_document_once_per_epoch():
 
 def test_fortunes_each_document_once_per_epoch(fortunes_packed):
     dm = fortunes_packed
-    train_texts, _, _ = dm._texts()
+    train_texts, _, _ = split_texts(dm)
     expected, _ = split_long_documents(encode_documents(ByteTokenizer(), train_texts), 512)
     seen = Counter(d for batch in dm.train_dataloader() for d in batch_documents(batch))
     assert seen == Counter(map(tuple, expected))
@@ -448,10 +466,25 @@ def test_packing_efficiency_on_fortunes(fortunes_packed, fortunes_padded):
     print(f"\nfortunes seq_len=512 real-token fraction: packed {packed:.4f}, padded {padded:.4f}")
     assert packed >= 0.98
     assert padded < packed
-    assert packing_efficiency(fortunes_packed.train_rows, 512) == packed
-    # rows are as few as the token count allows (best-fit decreasing is near-optimal here)
-    n_tokens = sum(len(d) for row in fortunes_packed.train_rows for d in row)
-    assert len(fortunes_packed.train_rows) <= math.ceil(n_tokens / 512 * 1.002)
+    rows = fortunes_packed.rows("train")
+    assert packing_efficiency(rows, 512) == pytest.approx(packed, abs=1e-12)
+    # rows are as few as the token count allows (best fit within the window is near-optimal here)
+    n_tokens = sum(len(d) for row in rows for d in row)
+    assert len(rows) <= math.ceil(n_tokens / 512 * 1.002)
+    # and within 0.5 points of best-fit decreasing over the whole split at once
+    whole = EpochBatches(
+        fortunes_packed._docs,
+        fortunes_packed._splits["train"],
+        seq_len=512,
+        batch_mode="packed",
+        batch_size=8,
+        pad_id=0,
+        shuffle=False,
+        buffer=10**9,
+        num_replicas=1,
+        rank=0,
+    )
+    assert whole.plan(0).efficiency() - packed < 0.005
 
 
 def test_pack_documents_is_a_valid_near_optimal_packing():
@@ -476,9 +509,11 @@ def test_long_documents_are_split_and_logged_once(tmp_path, caplog):
     assert [r.message for r in caplog.records].count(
         "split 2 document(s) longer than seq_len=256 into chunks of at most 256 tokens"
     ) == 1
-    lens = [len(row[0]) for row in dm.train_rows]
-    assert lens == [256, 256, 256, 233, 10, 256, 45]  # 1000 + EOS, "short one" + EOS, 300 + EOS
-    chunks = [tok for row in dm.train_rows[:4] for tok in row[0]]
+    rows = dm.rows("train")  # documents in a shuffled order, each one's pieces in order
+    lens = [len(row[0]) for row in rows]
+    assert sorted(lens) == sorted([256, 256, 256, 233, 10, 256, 45])  # 1000 + EOS, "short one" + EOS, 300 + EOS
+    first = lens.index(233) - 3
+    chunks = [tok for row in rows[first : first + 4] for tok in row[0]]
     assert chunks == ByteTokenizer().encode(long_doc) + [ByteTokenizer.eos_id]
     for batch in dm.train_dataloader():
         check_contract(batch, len(batch["doc_lens"]), 256, dm.pad_id)
@@ -521,11 +556,17 @@ def test_shuffling_is_seeded_and_changes_per_epoch():
     assert not torch.equal(first_batches(other_seed, 1)[0], order_a[0])
 
 
-def test_sampler_shards_rows_across_ranks():
-    dataset = RowDataset([[[i]] for i in range(103)])
-    shards = [list(ResumableSampler(dataset, 4, seed=2, num_replicas=4, rank=r)) for r in range(4)]
-    assert all(len(s) == 26 for s in shards)
-    assert set().union(*shards) == set(range(103))
+def test_ranks_get_disjoint_equal_shares_and_leave_out_fewer_rows_than_ranks():
+    docs = TokenDocs.from_lists([[i + 1] for i in range(103)])  # one single-token document per row
+    ids = np.arange(103)
+    kwargs = dict(seq_len=4, batch_mode="padded", batch_size=4, pad_id=0, shuffle=True, seed=2, num_replicas=4)
+    for epoch in (0, 1):
+        shards = [EpochBatches(docs, ids, rank=r, **kwargs).share(epoch).doc.tolist() for r in range(4)]
+        assert all(len(s) == 25 for s in shards)  # 103 rows: the last 3 of the epoch are left out
+        seen = [d for s in shards for d in s]
+        assert len(set(seen)) == len(seen) == 100
+    one = EpochBatches(docs, ids, **kwargs | {"num_replicas": 1}, rank=0)
+    assert sorted(one.share(0).doc.tolist()) == list(range(103))  # one process: every row
 
 
 def test_resume_mid_epoch_skips_consumed_batches():
@@ -647,6 +688,10 @@ def dense_block_causal_mask(doc_lens: list[list[int]], seq_len: int) -> torch.Te
 
 def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
     fmha = pytest.importorskip("xformers.ops.fmha")
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from lit_xf.attention import make_kernel
+
     dm = make_dm(
         corpus="counting",
         counting_documents=64,
@@ -657,10 +702,13 @@ def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
         batch_size=3,
         val_fraction=0.0,
         test_fraction=0.0,
+        xformers_bias=True,
+        num_workers=1,  # built in a loader worker
     )
-    batch = next(iter(dm.train_dataloader()))
+    batches = list(dm.train_dataloader())
+    batch = next(b for b in batches if any(sum(r) < 48 for r in b["doc_lens"]))
     B, T = batch["input_ids"].shape
-    assert any(len(row) > 1 for row in batch["doc_lens"]) and any(sum(r) < T for r in batch["doc_lens"])
+    assert any(len(row) > 1 for row in batch["doc_lens"])
     seqlens = [n for lens in batch["doc_lens"] for n in lens + ([T - sum(lens)] if sum(lens) < T else [])]
     bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(seqlens)
     dense = dense_block_causal_mask(batch["doc_lens"], T)
@@ -670,6 +718,71 @@ def test_xformers_bias_of_a_packed_batch_is_the_document_mask():
     real = torch.cat([torch.arange(T) < sum(lens) for lens in batch["doc_lens"]])
     assert torch.equal(got[real], dense[real])  # every real query sees exactly its document's past
     assert torch.equal(got, dense)
+
+    # the batch's own bias (made in the worker) is the one the xformers kernel would build, and
+    # survives pinning (torch's traversal; tensors' pinning stubbed on this CPU) and the device move
+    carried = batch["attn_bias"]
+    assert isinstance(carried, fmha.attn_bias.BlockDiagonalCausalMask)
+    kernel = make_kernel("xformers")
+    built = kernel.prepare(
+        batch["attn_layout"], None, None, n_heads=2, n_kv_heads=2, dtype=torch.float16, device=torch.device("cpu")
+    )
+    assert torch.equal(built.plan.bias.materialize((B * T, B * T)), carried.materialize((B * T, B * T)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: t.clone())
+        pinned = pin_memory(batch)
+    moved = dm.transfer_batch_to_device(pinned, torch.device("cpu"), 0)
+    assert moved["attn_layout"] is batch["attn_layout"]
+    assert torch.equal(moved["attn_bias"].materialize((B * T, B * T)), dense)
+    adopted = kernel.prepare(
+        moved["attn_layout"],
+        None,
+        None,
+        n_heads=2,
+        n_kv_heads=2,
+        dtype=torch.float16,
+        device="cpu",
+        bias=moved["attn_bias"],
+    )
+    assert adopted.plan.bias is moved["attn_bias"] and adopted.plan.flat
+
+
+def test_the_model_adopts_the_batch_layout_only_when_it_fits(monkeypatch):
+    """TinyGPT uses the batch's DocLayout (and hands its bias to the kernel) for the same shape
+    and window; a model with another window builds its own."""
+    from lit_xf import GPTConfig
+    from lit_xf.model import TinyGPT
+
+    dm = make_dm(
+        corpus="counting",
+        counting_documents=64,
+        counting_min_length=2,
+        seq_len=64,
+        batch_size=2,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
+    batch = next(iter(dm.train_dataloader()))
+    seen = []
+    cfg = dict(vocab_size=dm.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=64, attention="sdpa")
+    model = TinyGPT(GPTConfig(**cfg))
+    original = model.kernel.prepare
+
+    def spy(layout, *args, **kwargs):
+        seen.append((layout, kwargs.get("bias")))
+        return original(layout, *args, **kwargs)
+
+    monkeypatch.setattr(model.kernel, "prepare", spy)
+    marker = object()
+    args = (batch["input_ids"], batch["position_ids"], batch["doc_lens"])
+    out = model(*args, layout=batch["attn_layout"], attn_bias=marker)
+    assert seen[-1][0] is batch["attn_layout"] and seen[-1][1] is marker
+    assert torch.allclose(out, model(*args))  # the same logits as with a layout built from doc_lens
+    assert seen[-1][0] == batch["attn_layout"] and seen[-1][0] is not batch["attn_layout"]
+    windowed = TinyGPT(GPTConfig(**cfg, attention_window=8))
+    monkeypatch.setattr(windowed.kernel, "prepare", spy)
+    windowed(*args, layout=batch["attn_layout"], attn_bias=marker)
+    assert seen[-1][0].window == 8 and seen[-1][1] is None
 
 
 def test_lightning_cli_can_build_the_datamodule_from_arguments():

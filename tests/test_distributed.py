@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -24,12 +25,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lit_xf import GPTConfig, LitTinyGPT
-from lit_xf.data import ResumableSampler, RowDataset, ShardSampler, TextDataModule, collate_rows, pack_documents
+from lit_xf.data import EpochBatches, TextDataModule, TokenDocs, collate_rows
 from lit_xf.loss import token_cross_entropy
 
 WORLD = 2
-# Counting documents of 10..24 tokens packed into rows of 32 (88% real tokens): 83 train rows, not a
-# multiple of 2 or 3, so the sampler pads; the ranks' first batches hold 46 and 53 real target tokens.
+# Counting documents of 10..24 tokens packed into rows of 32: an odd number of train rows, so the
+# remainder rule leaves one out of each epoch; the ranks' first batches hold different numbers of
+# real target tokens.
 DATA = dict(
     corpus="counting",
     batch_mode="packed",
@@ -62,77 +64,40 @@ def make_model(vocab_size: int) -> LitTinyGPT:
     return LitTinyGPT(GPTConfig(vocab_size=vocab_size, **MODEL), warmup_steps=10)
 
 
-def train_documents(dm: TextDataModule) -> tuple[list[list[int]], list[list[int]]]:
-    """(train documents, rows as document indices) of a set-up data module."""
-    docs = dm._token_documents()[0]
-    bins = pack_documents([len(d) for d in docs], dm.seq_len)
-    assert dm.train_rows == [[docs[i] for i in b] for b in bins]  # rows are exactly these bins
-    return docs, bins
-
-
 # ---- sharding: pure, no processes ----
 
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("epoch", [0, 1])
-def test_ranks_cover_every_document_and_repeat_only_the_padding_rows(world, epoch):
-    """``ResumableSampler`` is a ``DistributedSampler`` with ``drop_last=False``: the epoch's shuffled
-    rows are padded with its first ``pad = world·ceil(R/world) − R`` rows, then rank r takes every
-    world-th row from r. So every document is seen; the documents of those ``pad`` rows, and only
-    they, are seen twice; no rank sees a row twice."""
+def test_ranks_read_disjoint_equal_shares_of_the_epoch(world, epoch):
+    """Training: rank r takes rows r, r + world, … of the epoch's first world·⌊R/world⌋ rows, so the
+    ranks have equally many rows, no document is read twice, and fewer than ``world`` rows (their
+    documents) are left out of the epoch."""
     dm = TextDataModule(**DATA)
     dm.setup()
-    docs, bins = train_documents(dm)
-    n_rows = len(bins)
-    per_rank = -(-n_rows // world)
-    pad = world * per_rank - n_rows
-    assert pad > 0  # the data is chosen so that padding happens
-
-    shards = []
-    for rank in range(world):
-        sampler = ResumableSampler(
-            RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=world, rank=rank
-        )
-        sampler.set_epoch(epoch)
-        shards.append(list(sampler))
-    assert [len(s) for s in shards] == [per_rank] * world
-    assert all(len(set(s)) == len(s) for s in shards)
-
-    shuffled = torch.randperm(n_rows, generator=torch.Generator().manual_seed(dm.seed + epoch)).tolist()
-    row_count = Counter(i for s in shards for i in s)
-    assert set(row_count) == set(range(n_rows))
-    assert {i for i, c in row_count.items() if c > 1} == set(shuffled[:pad])
-    assert max(row_count.values()) == 2
-
-    doc_count = Counter(d for s in shards for i in s for d in bins[i])
-    padding_docs = {d for i in shuffled[:pad] for d in bins[i]}
-    assert set(doc_count) == set(range(len(docs)))
-    assert {d for d, c in doc_count.items() if c == 2} == padding_docs
-    assert {d for d, c in doc_count.items() if c == 1} == set(range(len(docs))) - padding_docs
-    assert sum(doc_count.values()) == len(docs) + len(padding_docs)
+    plan = dm.dataset("train", num_replicas=1, rank=0).plan(epoch)
+    shares = [dm.dataset("train", num_replicas=world, rank=r).share(epoch) for r in range(world)]
+    assert len({s.n_rows for s in shares}) == 1 and shares[0].n_rows == plan.n_rows // world
+    docs = [d for s in shares for d in s.doc.tolist()]
+    assert len(docs) == len(set(docs))
+    left = set(dm._splits["train"].tolist()) - set(docs)
+    assert len(left) == len(set(plan.doc.tolist()) - set(docs))
+    assert 0 < plan.n_rows % world  # the data leaves some rows out; their documents are exactly those missing
+    kept_rows = plan.take(np.arange(plan.n_rows // world * world))
+    assert set(kept_rows.doc.tolist()) == set(docs)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
-@pytest.mark.parametrize("n_rows", [0, 1, 5, 6])
-def test_validation_shards_hold_every_row_once(world, n_rows):
-    """``ShardSampler``: rank r takes rows r, r + world, … in order; over the ranks every row
-    appears exactly once (no padding repeats), and shard sizes differ by at most one."""
-    dataset = RowDataset([[[i]] for i in range(n_rows)])
-    shards = [list(ShardSampler(dataset, num_replicas=world, rank=r)) for r in range(world)]
-    assert sorted(i for s in shards for i in s) == list(range(n_rows))
-    assert all(s == sorted(s) for s in shards)
-    assert [len(ShardSampler(dataset, num_replicas=world, rank=r)) for r in range(world)] == [len(s) for s in shards]
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
-def test_datamodule_validates_through_shard_sampler_in_one_process():
-    """One process: the sampler is a ``ShardSampler`` of world 1, so the rows come in order."""
-    dm = TextDataModule(**DATA)
-    dm.setup()
-    for loader, rows in ((dm.val_dataloader(), dm.val_rows), (dm.test_dataloader(), dm.test_rows)):
-        assert isinstance(loader.sampler, ShardSampler)
-        assert (loader.sampler.num_replicas, loader.sampler.rank) == (1, 0)
-        assert list(loader.sampler) == list(range(len(rows)))
+@pytest.mark.parametrize("n_docs", [1, 5, 6])
+def test_validation_shares_hold_every_row_once(world, n_docs):
+    """Evaluation: rank r takes rows r, r + world, … in order; over the ranks every row appears
+    exactly once (no padding repeats), and share sizes differ by at most one."""
+    docs = TokenDocs.from_lists([[i + 1] * 3 for i in range(n_docs)])
+    kwargs = dict(seq_len=4, batch_mode="padded", batch_size=2, pad_id=0, shuffle=False, num_replicas=world)
+    shares = [EpochBatches(docs, np.arange(n_docs), rank=r, **kwargs).share(0).doc.tolist() for r in range(world)]
+    assert sorted(d for s in shares for d in s) == list(range(n_docs))
+    assert all(s == sorted(s) for s in shares)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 # ---- training in 2 processes ----
@@ -244,6 +209,28 @@ def _worker(local_rank: int, out: str, port: int) -> None:
     metrics = trainer.validate(make_model(dm.vocab_size), dm, verbose=False)[0]
     torch.save({"metrics": metrics, **seen.record}, out / f"validate_rank{local_rank}.pt")
 
+    # one training epoch with 2 loader workers per rank (ranks from the process group), gathered over gloo
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=local_rank, world_size=WORLD, timeout=TIMEOUT)
+    dm = TextDataModule(**DATA, num_workers=2)
+    dm.setup()
+    loader = dm.train_dataloader()
+    mine = [doc for batch in loader for doc in batch_documents(batch)]
+    gathered = [None] * WORLD
+    torch.distributed.all_gather_object(gathered, (loader.sampler.rank, loader.sampler.num_replicas, mine))
+    torch.save(gathered, out / f"epoch_rank{local_rank}.pt")
+
+
+def batch_documents(batch) -> list[tuple[int, ...]]:
+    """Every document of a batch, read back from input_ids with doc_lens."""
+    docs = []
+    for b, lens in enumerate(batch["doc_lens"]):
+        start = 0
+        for n in lens:
+            docs.append(tuple(batch["input_ids"][b, start : start + n].tolist()))
+            start += n
+    return docs
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -258,7 +245,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     ``runs["fsdp_checkpoint"]``: the FSDP run's step-2 checkpoint."""
     out = tmp_path_factory.mktemp("distributed")
     mp.start_processes(_worker, args=(str(out), _free_port()), nprocs=WORLD, start_method="spawn")
-    names = ("ddp", "ddp_resumed", "fsdp", "fsdp_resumed", "validate")
+    names = ("ddp", "ddp_resumed", "fsdp", "fsdp_resumed", "validate", "epoch")
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in range(WORLD)] for n in names}
     return {**runs, "fsdp_checkpoint": out / "fsdp" / "epoch=0-step=2.ckpt"}
 
@@ -270,27 +257,18 @@ def expected_batches() -> list[list[dict]]:
     dm.setup()
     out = []
     for rank in range(WORLD):
-        sampler = ResumableSampler(
-            RowDataset(dm.train_rows), dm.batch_size, seed=dm.seed, num_replicas=WORLD, rank=rank
-        )
-        sampler.set_epoch(0)
-        idx = list(sampler)
-        out.append(
-            [
-                collate_rows([dm.train_rows[i] for i in idx[k : k + dm.batch_size]], dm.seq_len, dm.pad_id)
-                for k in range(0, len(idx), dm.batch_size)
-            ]
-        )
+        ds = dm.dataset("train", num_replicas=WORLD, rank=rank)
+        out.append([ds[(0, k)] for k in range(ds.n_batches(0))])
     return out
 
 
 @pytest.mark.slow
 def test_ddp_trains_packed_rows_of_its_own_and_resumes(runs, expected_batches):
-    """Each rank keeps its ``ResumableSampler`` shard (Lightning does not replace it); the run resumed
+    """Each rank keeps its ``EpochSampler`` share (Lightning does not replace it); the run resumed
     from the step-2 checkpoint reads batches 2 and 3 of each rank's shard and repeats step 2 exactly."""
     for rank in range(WORLD):
         full, resumed = runs["ddp"][rank], runs["ddp_resumed"][rank]
-        assert full["sampler"] == resumed["sampler"] == ("ResumableSampler", WORLD, rank)
+        assert full["sampler"] == resumed["sampler"] == ("EpochSampler", WORLD, rank)
         assert (full["global_step"], resumed["global_step"]) == (3, 4)
         assert sorted(full["steps"]) == [0, 1, 2] and sorted(resumed["steps"]) == [2, 3]
         for record in (full, resumed):
@@ -345,7 +323,7 @@ def test_fsdp_on_cpu_gives_the_ddp_losses(runs):
     for rank in range(WORLD):
         fsdp, ddp = runs["fsdp"][rank], runs["ddp"][rank]
         assert fsdp["global_step"] == 3
-        assert fsdp["sampler"] == ("ResumableSampler", WORLD, rank)
+        assert fsdp["sampler"] == ("EpochSampler", WORLD, rank)
         assert fsdp["steps"].keys() == ddp["steps"].keys()
         for step in fsdp["steps"]:
             assert torch.equal(fsdp["steps"][step]["input_ids"], ddp["steps"][step]["input_ids"])
@@ -374,18 +352,19 @@ def test_ddp_validation_sees_every_row_once_and_reports_the_one_process_loss(run
     computes it. With the first row repeated, as ``DistributedSampler`` pads, the loss differs."""
     dm = TextDataModule(**DATA)
     dm.setup()
-    n_rows = len(dm.val_rows)
+    val_rows = dm.rows("val")
+    n_rows = len(val_rows)
     assert n_rows % WORLD  # the data is chosen so that a padding sampler would repeat a row
-    batch = collate_rows(dm.val_rows, dm.seq_len, dm.pad_id)
+    batch = collate_rows(val_rows, dm.seq_len, dm.pad_id)
     for rank, record in enumerate(runs["validate"]):
-        assert record["sampler"] == ("ShardSampler", WORLD, rank)
+        assert record["sampler"] == ("EpochSampler", WORLD, rank)
         expected = batch["input_ids"][rank::WORLD]
         assert torch.equal(torch.stack(record["input_ids"]), expected), rank
 
     model = make_model(dm.vocab_size).eval()
 
     def loss_over(rows: list[int]) -> float:
-        sub = collate_rows([dm.val_rows[i] for i in rows], dm.seq_len, dm.pad_id)
+        sub = collate_rows([val_rows[i] for i in rows], dm.seq_len, dm.pad_id)
         with torch.no_grad():
             logits = model(sub["input_ids"], sub["position_ids"], sub["doc_lens"])
         return token_cross_entropy(logits, sub["labels"]).item()
@@ -395,3 +374,21 @@ def test_ddp_validation_sees_every_row_once_and_reports_the_one_process_loss(run
         assert record["metrics"]["val/loss"] == pytest.approx(once, abs=1e-6)
     padded = loss_over([*range(n_rows), *range(WORLD - n_rows % WORLD)])
     assert abs(padded - once) > 1e-4, (padded, once)
+
+
+@pytest.mark.slow
+def test_an_epoch_over_2_ranks_x_2_workers_reads_each_training_document_once(runs):
+    """2 gloo processes, 2 DataLoader workers each: together they read every training document
+    once but those of the one row the remainder rule leaves out, and no validation document."""
+    gathered = runs["epoch"][0]
+    assert [(rank, world) for rank, world, _ in gathered] == [(0, WORLD), (1, WORLD)]
+    dm = TextDataModule(**DATA)
+    dm.setup()
+    tokens = [tuple(dm._docs.doc(i).tolist()) for i in range(dm._docs.n_docs)]
+    train = Counter(tokens[i] for i in dm._splits["train"])
+    plan = dm.dataset("train", num_replicas=1, rank=0).plan(0)
+    left_rows = plan.take(np.arange(plan.n_rows // WORLD * WORLD, plan.n_rows))
+    left = Counter(tokens[d] for d in left_rows.doc.tolist())
+    seen = Counter(doc for _, _, docs in gathered for doc in docs)
+    assert left_rows.n_rows == 1 and seen == train - left
+    assert not set(gathered[0][2]) & set(gathered[1][2]) - {d for d, c in train.items() if c > 1}

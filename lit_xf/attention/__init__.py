@@ -55,7 +55,7 @@ from lit_xf.attention.kernels import (
     kernel_report,
     make_kernel,
 )
-from lit_xf.attention.layout import DocLayout, attended_pairs, causal_window, check_window
+from lit_xf.attention.layout import DocLayout, attended_pairs, bias_on_device, causal_window, check_window
 from lit_xf.attention.naive import NaiveAttention, NaivePlan
 from lit_xf.attention.positions import POSITION_SCHEMES, PositionScheme, alibi_bias, alibi_slopes
 from lit_xf.attention.probes import fa4_problem, import_xformers_ops, xformers_problem
@@ -80,6 +80,7 @@ __all__ = [
     "AutoCase",
     "AutoChoice",
     "DocLayout",
+    "bias_on_device",
     "Fa4Attention",
     "Fa4Plan",
     "Fa4Varlen",

@@ -246,8 +246,10 @@ class AutoAttention(AttentionKernel):
         head_dim=None,
         layers=None,
         qkv_stacked=False,
+        bias=None,
     ):
-        """The chosen kernel's context: ``ctx.kernel`` is that kernel, ``ctx.plan`` its own plan."""
+        """The chosen kernel's context: ``ctx.kernel`` is that kernel, ``ctx.plan`` its own plan
+        (``bias``: the batch's prebuilt xformers bias, passed on to the chosen kernel)."""
         choice = self.choose(
             layout,
             position_ids,
@@ -262,7 +264,7 @@ class AutoAttention(AttentionKernel):
         )
         self.last_choice, self.last_reason = choice.kernel, choice.reason
         return self._kernels[choice.kernel].prepare(
-            layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype, device=device
+            layout, position_ids, slopes, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype, device=device, bias=bias
         )
 
     def choose(

@@ -10,7 +10,7 @@ that built it reads it; callers may ask it ``describe()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -66,6 +66,9 @@ class AttentionContext(Generic[P]):
     position_ids: torch.Tensor | None  # [B, T]
     slopes: torch.Tensor | None  # [H] ALiBi slopes or None
     plan: P | None = None  # the kernel's own plan, set by prepare
+    # A bias built for ``layout`` beforehand (the batch's ``attn_bias``, made in a loader worker);
+    # a kernel whose plan is that bias (xformers) adopts it instead of building one.
+    bias: Any = None
     # False: torch.compile must not trace the kernel call (its plan holds per-batch Python values,
     # which would be guarded on and recompile every batch); it runs eagerly between graphs.
     traceable: bool = True
@@ -126,17 +129,19 @@ class AttentionKernel(Generic[P]):
         head_dim: int | None = None,
         layers: int | None = None,
         qkv_stacked: bool = False,
+        bias: Any = None,
     ) -> AttentionContext[P]:
         """The per-batch context (the kernel's plan) for ``layout``. Hints for ``auto``'s measurement,
         ignored by the kernels: ``head_dim``; ``layers``, how many calls share the context; ``qkv_stacked``,
-        whether they go through ``attend_qkv`` (else ``kernel(q, k, v, ctx)``)."""
+        whether they go through ``attend_qkv`` (else ``kernel(q, k, v, ctx)``). ``bias``: an xformers
+        bias already built for exactly ``layout`` on ``device`` (the batch's ``attn_bias``), or None."""
         problem = self.dtype_problem(dtype)
         if problem is not None:
             raise ValueError(
                 f"attention={self.name!r} {problem}: train with precision 'bf16-mixed' or '16-mixed', "
                 "or choose attention='auto'"
             )
-        ctx = AttentionContext(self, layout, position_ids, slopes)
+        ctx = AttentionContext(self, layout, position_ids, slopes, bias=bias)
         ctx.plan = self._plan(ctx, n_heads=n_heads, dtype=dtype, device=device)
         ctx.traceable = self._traceable(ctx)
         return ctx

@@ -15,7 +15,6 @@ collate's pair count and the FLOP count all follow this rule. Cheap to import: t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,7 +50,6 @@ def attended_pairs(n, window: int | None = None, causal: bool = True):
     return int(pairs) if isinstance(n, int) else pairs
 
 
-@dataclass(frozen=True)
 class DocLayout:
     """Documents of each row: ``doc_lens[b]`` lists row b's document lengths in order; tokens past
     ``sum(doc_lens[b])`` are padding. Tokens attend within their document, causally unless
@@ -60,10 +58,32 @@ class DocLayout:
     being one more block. ``window`` (causal only): each query sees at most the ``window`` most
     recent keys of its block, itself included (sliding-window attention); None: all of them."""
 
+    # Immutable, compared and hashed by its four facts. Not a dataclass: a batch carries its layout,
+    # and Lightning's apply_to_collection (e.g. FSDP's input casting) refuses frozen dataclasses.
     doc_lens: tuple[tuple[int, ...], ...]
     seq_len: int
     causal: bool
     window: int | None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"DocLayout is immutable (tried to set {name!r})")
+
+    def _key(self) -> tuple:
+        return (self.doc_lens, self.seq_len, self.causal, self.window)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DocLayout) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"DocLayout(doc_lens={self.doc_lens}, seq_len={self.seq_len}, causal={self.causal}, window={self.window})"
+        )
+
+    def __reduce__(self):
+        return (DocLayout, self._key())
 
     def __init__(self, doc_lens, seq_len: int, causal: bool = True, window: int | None = None):
         check_window(window, causal)
@@ -83,6 +103,10 @@ class DocLayout:
     def full_rows(cls, batch_size: int, seq_len: int, causal: bool = True, window: int | None = None) -> DocLayout:
         """One document filling each row."""
         return cls([[seq_len]] * batch_size, seq_len, causal, window)
+
+    def fits(self, batch_size: int, seq_len: int, window: int | None, causal: bool = True) -> bool:
+        """This layout is the one a ``[batch_size, seq_len]`` call with ``window`` needs."""
+        return (self.batch_size, self.seq_len, self.window, self.causal) == (batch_size, seq_len, window, causal)
 
     @functools.cached_property
     def windowed(self) -> bool:
@@ -161,3 +185,13 @@ class DocLayout:
             return bias.BlockDiagonalMask.from_seqlens(flat, device=device)
         mask = bias.BlockDiagonalCausalMask.from_seqlens(flat, device=device)
         return mask if self.window is None else mask.make_local_attention(self.window)
+
+
+def bias_on_device(bias, device) -> bool:
+    """The index tensors of an xformers bias (block-diagonal ones hold some) are on ``device``."""
+    device = torch.device(device)
+    for info in (getattr(bias, "q_seqinfo", None), getattr(bias, "k_seqinfo", None)):
+        seqstart = getattr(info, "seqstart", None)
+        if isinstance(seqstart, torch.Tensor) and seqstart.device.type != device.type:
+            return False
+    return True

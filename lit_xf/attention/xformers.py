@@ -60,6 +60,8 @@ class XformersAttention(AttentionKernel[XformersPlan]):
                     "use attention='flex' (O(T) memory) or a smaller batch"
                 )
             return XformersPlan(dense_bias(layout, ctx.position_ids, ctx.slopes, n_heads, dtype, device, pad_to=8))
+        if ctx.bias is not None:  # built for this layout in a loader worker, moved with the batch
+            return XformersPlan(ctx.bias, flat=layout.block_diagonal)
         return XformersPlan(layout.xformers_bias(device), flat=layout.block_diagonal)
 
     def _traceable(self, ctx: AttentionContext[XformersPlan]) -> bool:

@@ -14,6 +14,7 @@ from lit_xf.bench import compare
 from lit_xf.bench.attention import DTYPES, bench_attention
 from lit_xf.bench.correctness import bench_correctness
 from lit_xf.bench.curves import bench_curves
+from lit_xf.bench.data import bench_data, machine_meta
 from lit_xf.bench.output import environment, markdown_table, plot_attention, write_outputs
 from lit_xf.bench.packing import bench_packing
 from lit_xf.bench.train import bench_train
@@ -63,6 +64,14 @@ COMMANDS = {
         "no document masking) and +fused (lit_xf's fused loss); lightning and lit_xf\n"
         "also with +tb (TensorBoardLogger), +atb (lit_xf's AsyncTensorBoardLogger),\n"
         "+memory +timer +throughput +noprofile.",
+    ),
+    "data": (
+        "token store prepare, loader token rate, fit memory, packing",
+        "On a generated text corpus (--size-mb, and --small-mb): prepare throughput\n"
+        "and peak RSS, the loader's tokens/s with N workers against what a 124M model\n"
+        "consumes on one H200, a short fit's peak RSS and time to its first batch on\n"
+        "both stores, and the streamed packer's efficiency against whole-split\n"
+        "best-fit decreasing (fortunes at 512, the large corpus at --seq-len).",
     ),
     "curves": (
         "TensorBoard runs' memory, time and throughput curves in a PNG",
@@ -251,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outputs(t, "train")
 
+    d = command("data", bench_data)
+    d.add_argument("--size-mb", type=float, default=2000, help="large generated corpus in MB (default: 2000)")
+    d.add_argument("--small-mb", type=float, default=100, help="small generated corpus in MB (default: 100)")
+    d.add_argument("--dir", default="bench_data", help="where corpora and stores go (default: bench_data)")
+    d.add_argument("--tokenizers", type=lambda t: t.split(","), default=["byte", "bpe"], help="default: byte,bpe")
+    d.add_argument("--workers", type=_ints, default=[0, 2], help="loader workers to time (default: 0,2)")
+    d.add_argument("--seq-len", type=int, default=2048, help="row length (default: 2048)")
+    d.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
+    d.add_argument("--loader-batches", type=int, default=200, help="batches timed per loader (default: 200)")
+    d.add_argument("--fit-steps", type=int, default=20, help="steps of each fit (default: 20)")
+    d.add_argument("--consumer-tokens-per-s", type=float, default=550e3, help="124M on one H200 (default: 550e3)")
+    d.add_argument("--seed", type=int, default=0, help="corpus generator seed (default: 0)")
+    outputs(d, "data")
+
     cv = command("curves", bench_curves)
     cv.add_argument("logdirs", nargs="+", help="TensorBoard run folders (e.g. runs/fortunes_packed/version_0)")
     outputs(cv, "curves")
@@ -270,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment() | {"command": "lit-xf bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# {meta}", flush=True)
     rows = args.run(args)
+    if args.command == "data":
+        meta |= machine_meta()
     name = args.name or args.command
     write_outputs(rows, args.out, name, meta)
     if args.command == "attention":

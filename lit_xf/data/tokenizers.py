@@ -1,7 +1,9 @@
-"""Tokenizers: bytes (258 ids), the counting task's, and a byte-level BPE trained with HF ``tokenizers``."""
+"""Tokenizers: bytes (258 ids), the counting task's, a byte-level BPE trained with HF ``tokenizers``,
+and any local HF ``tokenizer.json``."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -121,23 +123,39 @@ class BPETokenizer:
 
 
 class FileTokenizer:
-    """Any HF ``tokenizers`` file (``tokenizer.json``, e.g. one that came with a converted model) used
-    as it is: ``eos_id`` is appended to documents (None: nothing), ``pad_id`` fills rows past their
-    documents (default ``eos_id``, else 0; pads are never labels, so any id will do)."""
+    """Any HF ``tokenizers`` ``tokenizer.json`` (a user's, or one that came with a converted model:
+    ``lit-xf convert``), used as it is. ``eos_id``: the id appended after each document; default the
+    first of ``EOS_TOKENS`` in its vocabulary (none there: documents get no EOS). ``pad_id`` fills
+    rows past their documents; default the first of ``PAD_TOKENS``, else the EOS id, else 0 (pads
+    never get a label, so any id serves)."""
+
+    EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+    PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
     def __init__(self, path: str | Path, eos_id: int | None = None, pad_id: int | None = None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {str(self.path)!r} (a tokenizers tokenizer.json)")
-        self.hf = HFTokenizer.from_file(str(self.path))
+            raise FileNotFoundError(
+                f"no tokenizer file at {str(path)!r}: tokenizer takes 'byte', 'bpe', 'file' (with tokenizer_dir) "
+                "or the path of an existing tokenizer.json"
+            )
+        try:
+            self.hf = HFTokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises its own Exception type
+            raise ValueError(f"{str(self.path)!r} is not a HF tokenizers file ({err})") from None
         self.vocab_size = self.hf.get_vocab_size()
         for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name}={value} is not an id of {str(self.path)!r} (0..{self.vocab_size - 1})")
-        self.eos_id = eos_id
-        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        ids = {tok: self.hf.token_to_id(tok) for tok in self.EOS_TOKENS + self.PAD_TOKENS}
+        found_eos = next((ids[t] for t in self.EOS_TOKENS if ids[t] is not None), None)
+        found_pad = next((ids[t] for t in self.PAD_TOKENS if ids[t] is not None), None)
+        self.eos_id = eos_id if eos_id is not None else found_eos
+        if pad_id is None:
+            pad_id = found_pad if found_pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.pad_id = pad_id
 
     @classmethod
     def from_json(cls, text: str, eos_id: int | None = None, pad_id: int | None = None) -> FileTokenizer:
@@ -169,3 +187,25 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], append_eos: boo
         for doc in docs:
             doc.append(tokenizer.eos_id)
     return docs
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What fixes the token ids: ``byte`` for the byte tokenizer, else the sha256 of its json file."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        raise TypeError(f"no fingerprint for tokenizer {type(tokenizer).__name__} (it has no file)")
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` or a tokenizer json path (a trained ``bpe`` file, or any HF ``tokenizer.json``)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not Path(spec).expanduser().is_file():
+        return FileTokenizer(spec)  # raises, naming what would work
+    try:
+        return BPETokenizer(Path(spec).expanduser())
+    except ValueError:  # not made by BPETokenizer.train: special ids elsewhere
+        return FileTokenizer(spec)

@@ -1,0 +1,203 @@
+"""Row plans: which pieces of which documents make up each row of an epoch, computed from document
+lengths alone (``docs.idx``), so no token is read until a batch is collated.
+
+A *piece* is ``(doc, start, length)``: tokens ``start : start + length`` of document ``doc``.
+``packed`` and ``padded`` cut every document longer than ``T = seq_len`` into pieces of at most T
+tokens (each then a document of its own: its last token gets no label); ``concat`` joins the
+documents of the epoch into one stream and cuts it into rows of T tokens overlapping by one.
+
+- ``padded``: one piece per row.
+- ``packed``: best-fit decreasing (``pack_documents``) within a window of ``buffer`` pieces taken
+  in epoch order. After each pass the emptiest rows (free room > T/64) go back into the window, at
+  most ``buffer // 2`` of their pieces, to be packed with the next pieces; the last pass emits all.
+  With ``buffer`` >= the pieces of the split this is whole-split best-fit decreasing.
+- ``concat``: row r holds stream[r·(T-1) : r·(T-1) + T] (the last row may be shorter), as segments
+  of the documents it spans; the row is one causal sequence.
+
+Memory: 24 bytes per piece for the plan (documents shorter than T are one piece), nothing per token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BATCH_MODES = ("padded", "packed", "concat")
+RETURN_ROOM_DIVISOR = 64  # a packed row with more than T/64 free slots goes back into the window
+
+
+def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: indices of ``lengths`` grouped so each bin sums to <= capacity.
+
+    Items go longest first into the open bin with the least room that still fits them (a new bin
+    when none does). Deterministic; ties go to the earliest-opened bin.
+    """
+    lengths = [int(n) for n in lengths]
+    if any(n > capacity or n < 1 for n in lengths):
+        raise ValueError(f"every length must be in [1, {capacity}] to pack; got {min(lengths)}..{max(lengths)}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []  # sorted free space of the bins that still have some
+    room_bin: list[int] = []  # bin index of each room entry
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(room, n)
+        if j == len(room):
+            b, left = len(bins), capacity - n
+            bins.append([i])
+        else:
+            b, left = room_bin.pop(j), room.pop(j) - n
+            bins[b].append(i)
+        if left > 0:
+            k = bisect.bisect_left(room, left)
+            room.insert(k, left)
+            room_bin.insert(k, b)
+    return bins
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Rows as runs of pieces: row r is pieces ``row_start[r] : row_start[r + 1]``. ``joined``: the
+    pieces of a row form one sequence (``concat``), else each is a document of its own."""
+
+    doc: np.ndarray  # [P] int64 document index of each piece
+    start: np.ndarray  # [P] int64 first token of the piece within its document
+    length: np.ndarray  # [P] int64 tokens in the piece
+    row_start: np.ndarray  # [R + 1] int64
+    seq_len: int
+    joined: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_start) - 1
+
+    def efficiency(self) -> float:
+        """Fraction of the ``n_rows · T`` token slots that hold real tokens."""
+        return int(self.length.sum()) / (self.n_rows * self.seq_len) if self.n_rows else 0.0
+
+    def take(self, rows: np.ndarray) -> RowPlan:
+        """The plan of rows ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.row_start[rows + 1] - self.row_start[rows]
+        idx = _runs(self.row_start[rows], counts)
+        return RowPlan(
+            self.doc[idx],
+            self.start[idx],
+            self.length[idx],
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            self.seq_len,
+            self.joined,
+        )
+
+    def rows(self, r0: int, r1: int) -> list[list[tuple[int, int, int]]]:
+        """Rows ``r0 : r1`` as lists of ``(doc, start, length)`` pieces."""
+        out = []
+        for r in range(r0, min(r1, self.n_rows)):
+            a, b = int(self.row_start[r]), int(self.row_start[r + 1])
+            out.append(
+                list(zip(self.doc[a:b].tolist(), self.start[a:b].tolist(), self.length[a:b].tolist(), strict=True))
+            )
+        return out
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + c)`` for each (s, c)."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return np.arange(total, dtype=np.int64) + offsets
+
+
+def _pieces(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Documents ``order`` (lengths ``lengths``) cut into pieces of at most ``seq_len`` tokens."""
+    n_chunks = (lengths + seq_len - 1) // seq_len
+    doc = np.repeat(order, n_chunks)
+    first = np.cumsum(n_chunks) - n_chunks
+    k = np.arange(len(doc), dtype=np.int64) - np.repeat(first, n_chunks)
+    start = k * seq_len
+    length = np.minimum(seq_len, np.repeat(lengths, n_chunks) - start)
+    return doc.astype(np.int64), start.astype(np.int64), length.astype(np.int64)
+
+
+def _pack_window(length: np.ndarray, capacity: int, buffer: int, rng: np.random.Generator | None) -> list[list[int]]:
+    """Packed rows (lists of piece indices) from a window of ``buffer`` pieces in order (see module)."""
+    n = len(length)
+    lens = length.tolist()
+    rows: list[list[int]] = []
+    pending: list[int] = []
+    pos = 0
+    min_fill = capacity - capacity // RETURN_ROOM_DIVISOR
+    while True:
+        take = max(buffer - len(pending), 1)
+        pending.extend(range(pos, min(n, pos + take)))
+        pos = min(n, pos + take)
+        last = pos >= n
+        bins = [[pending[i] for i in b] for b in pack_documents([lens[i] for i in pending], capacity)]
+        keep: set[int] = set()
+        if not last:
+            fills = [sum(lens[i] for i in b) for b in bins]
+            kept_pieces = 0
+            for b in sorted(range(len(bins)), key=lambda b: (fills[b], b)):
+                if fills[b] >= min_fill or kept_pieces + len(bins[b]) > buffer // 2:
+                    break
+                keep.add(b)
+                kept_pieces += len(bins[b])
+        emit = [bins[b] for b in range(len(bins)) if b not in keep]
+        if rng is not None:
+            emit = [emit[i] for i in rng.permutation(len(emit))]
+        rows.extend(emit)
+        pending = [i for b in sorted(keep) for i in bins[b]]
+        if last:
+            return rows
+
+
+def plan_rows(
+    order: np.ndarray,
+    lengths: np.ndarray,
+    seq_len: int,
+    batch_mode: str,
+    buffer: int,
+    rng: np.random.Generator | None = None,
+) -> RowPlan:
+    """The rows of documents ``order`` (their token counts ``lengths``) in ``batch_mode``; ``rng``
+    shuffles the rows each packing pass emits (``packed``) or all rows (``concat``)."""
+    if batch_mode not in BATCH_MODES:
+        raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
+    order = np.asarray(order, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if batch_mode == "concat":
+        return _concat_rows(order, lengths, seq_len, rng)
+    doc, start, length = _pieces(order, lengths, seq_len)
+    if batch_mode == "padded":
+        return RowPlan(doc, start, length, np.arange(len(doc) + 1, dtype=np.int64), seq_len)
+    rows = _pack_window(length, seq_len, max(int(buffer), 1), rng)
+    idx = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(doc))
+    row_start = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return RowPlan(doc[idx], start[idx], length[idx], row_start, seq_len)
+
+
+def _concat_rows(order: np.ndarray, lengths: np.ndarray, seq_len: int, rng) -> RowPlan:
+    if seq_len < 2:
+        raise ValueError(f"batch_mode='concat' needs seq_len >= 2 (rows overlap by one token); got {seq_len}")
+    keep = lengths > 0
+    order, lengths = order[keep], lengths[keep]
+    cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(cum[-1])
+    row_lo = np.arange(0, max(total - 1, 1), seq_len - 1, dtype=np.int64) if total else np.zeros(0, np.int64)
+    if rng is not None:
+        row_lo = row_lo[rng.permutation(len(row_lo))]
+    row_hi = np.minimum(row_lo + seq_len, total)
+    first = np.searchsorted(cum, row_lo, side="right") - 1  # document holding each row's first token
+    last = np.searchsorted(cum, row_hi, side="left") - 1  # ... and its last
+    counts = last - first + 1
+    j = _runs(first, counts)  # document (position in order) of each segment
+    lo = np.repeat(row_lo, counts)
+    hi = np.repeat(row_hi, counts)
+    seg_start = np.maximum(lo, cum[j]) - cum[j]
+    seg_len = np.minimum(hi, cum[j + 1]) - cum[j] - seg_start
+    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return RowPlan(order[j], seg_start, seg_len, row_start, seq_len, joined=True)
