@@ -29,8 +29,18 @@ def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, reduc
 
 # Compiled, the fp32 upcast, log-softmax and its gradient fuse into passes over the 16-bit logits;
 # eagerly they materialize fp32 logits and an fp32 gradient (B·T·V·4 bytes each: 6.6 GB at 32k
-# tokens × 50k vocabulary).
-compiled_token_cross_entropy = torch.compile(token_cross_entropy)
+# tokens × 50k vocabulary). Compiled on first call: ``torch.compile`` imports dynamo and inductor
+# (seconds and tens of MiB), which a run that never calls it should not pay at import.
+@functools.cache
+def _compiled_cross_entropy():
+    return torch.compile(token_cross_entropy)
+
+
+def compiled_token_cross_entropy(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """``token_cross_entropy`` through ``torch.compile`` (compiled on the first call)."""
+    return _compiled_cross_entropy()(logits_BTV, labels_BT, reduction=reduction)
 
 
 def token_hits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

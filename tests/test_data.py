@@ -498,6 +498,31 @@ def test_pack_documents_is_a_valid_near_optimal_packing():
         pack_documents([10, 513], 512)
 
 
+def test_pack_documents_is_item_by_item_best_fit_decreasing():
+    """The vectorized first phase (items > capacity / 2 each open a bin) changes no decision of
+    plain best-fit decreasing: each item, longest first, into the least room that fits it, the
+    most recently filled of equal rooms."""
+
+    def reference(lengths, capacity):
+        bins, room, stamp = [], [], []
+        for t, i in enumerate(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))):
+            fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+            if fits:
+                b = min(fits, key=lambda b: (room[b], -stamp[b]))
+            else:
+                b = len(bins)
+                bins.append([]), room.append(capacity), stamp.append(0)
+            bins[b].append(i)
+            room[b] -= lengths[i]
+            stamp[b] = t
+        return bins
+
+    rng = random.Random(1)
+    for capacity in (64, 65):
+        lengths = [rng.choice([rng.randint(1, capacity), capacity // 2, capacity]) for _ in range(400)]
+        assert pack_documents(lengths, capacity) == reference(lengths, capacity)
+
+
 def test_long_documents_are_split_and_logged_once(tmp_path, caplog):
     path = tmp_path / "long.txt"
     long_doc = "".join(chr(ord("a") + i % 26) for i in range(1000))

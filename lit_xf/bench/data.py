@@ -51,6 +51,16 @@ def generate_corpus(path: Path, size_mb: float, seed: int = 0) -> Path:
     return path
 
 
+PEAK_RSS = r"""
+def peak_rss_mib(field="VmHWM"):
+    # this process's own high-water mark (ru_maxrss after exec also counts the forked parent's pages)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -59,9 +69,8 @@ kw = json.loads(sys.argv[1])
 dm = TextDataModule(**kw)
 dm.prepare_data()
 dt = time.perf_counter() - t0
-self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kids_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"seconds": dt, "peak_rss_mib": self_kib / 1024, "worker_peak_rss_mib": kids_kib / 1024,
+print(json.dumps({"seconds": dt, "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": kids_kib / 1024,
                   "store": str(dm.store_path)}))
 """
 
@@ -71,6 +80,7 @@ t0 = time.perf_counter()
 import lightning as L, torch
 from lit_xf import GPTConfig, LitTinyGPT
 from lit_xf.data import TextDataModule
+imports_mib = peak_rss_mib("VmRSS")
 kw = json.loads(sys.argv[1])
 first = {}
 class First(L.Callback):
@@ -84,14 +94,15 @@ trainer = L.Trainer(accelerator="cpu", max_steps=int(sys.argv[2]), logger=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                     num_sanity_val_steps=0, callbacks=[First()])
 trainer.fit(model, dm)
-print(json.dumps({"first_batch_s": first.get("s"), "peak_rss_mib":
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "params_mib": params_mib}))
+print(json.dumps({"first_batch_s": first.get("s"), "peak_rss_mib": peak_rss_mib(), "imports_rss_mib": imports_mib,
+                  "params_mib": params_mib}))
 """
 
 
 def _child(code: str, *args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path))
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
+    cmd = [sys.executable, "-c", PEAK_RSS + code, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -33,29 +33,55 @@ def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: indices of ``lengths`` grouped so each bin sums to <= capacity.
 
     Items go longest first into the open bin with the least room that still fits them (a new bin
-    when none does). Deterministic; ties go to the earliest-opened bin.
+    when none does). Deterministic; among bins with equal room the one filled most recently wins.
     """
-    lengths = [int(n) for n in lengths]
-    if any(n > capacity or n < 1 for n in lengths):
-        raise ValueError(f"every length must be in [1, {capacity}] to pack; got {min(lengths)}..{max(lengths)}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    room: list[int] = []  # sorted free space of the bins that still have some
-    room_bin: list[int] = []  # bin index of each room entry
-    for i in order:
-        n = lengths[i]
-        j = bisect.bisect_left(room, n)
-        if j == len(room):
-            b, left = len(bins), capacity - n
-            bins.append([i])
+    lengths = np.asarray([int(n) for n in lengths], dtype=np.int64)
+    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
+        raise ValueError(f"every length must be in [1, {capacity}] to pack; got {lengths.min()}..{lengths.max()}")
+    order, bin_of = _best_fit_decreasing(lengths, capacity)
+    return [g.tolist() for g in _group(order, bin_of)]
+
+
+def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """``order``: item indices longest first (ties: lower index first); ``bin_of[j]``: the bin of
+    item ``order[j]``, bins numbered as they open. Items longer than capacity / 2 each open a bin
+    (no earlier room can hold them: it is < capacity / 2), done at once; the rest go one by one to
+    the smallest room that fits (bisect over the sorted rooms)."""
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # [n] longest first
+    sizes = lengths[order]
+    n_big = int(np.count_nonzero(2 * sizes > capacity))
+    bin_of = np.empty(len(order), dtype=np.int64)
+    bin_of[:n_big] = np.arange(n_big)
+    # open rooms sorted ascending; equal rooms: the bin filled last first (bisect_left inserts leftmost)
+    big_room = capacity - sizes[:n_big]
+    has_room = np.flatnonzero(big_room > 0)
+    ranked = has_room[np.lexsort((-has_room, big_room[has_room]))]
+    room, room_bin = big_room[ranked].tolist(), ranked.tolist()
+    n_bins = n_big
+    small = sizes[n_big:].tolist()
+    out = [0] * len(small)
+    bisect_left = bisect.bisect_left
+    for j, n in enumerate(small):
+        k = bisect_left(room, n)
+        if k == len(room):
+            b, left = n_bins, capacity - n
+            n_bins += 1
         else:
-            b, left = room_bin.pop(j), room.pop(j) - n
-            bins[b].append(i)
+            b, left = room_bin.pop(k), room.pop(k) - n
+        out[j] = b
         if left > 0:
-            k = bisect.bisect_left(room, left)
+            k = bisect_left(room, left)
             room.insert(k, left)
             room_bin.insert(k, b)
-    return bins
+    bin_of[n_big:] = out
+    return order, bin_of
+
+
+def _group(items: np.ndarray, bin_of: np.ndarray) -> list[np.ndarray]:
+    """``items`` grouped by ``bin_of`` (bins in number order, items in their given order)."""
+    by_bin = np.argsort(bin_of, kind="stable")
+    counts = np.bincount(bin_of, minlength=int(bin_of.max()) + 1 if len(bin_of) else 0)
+    return np.split(items[by_bin], np.cumsum(counts)[:-1]) if len(items) else []
 
 
 @dataclass(frozen=True)
@@ -123,36 +149,44 @@ def _pieces(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.nd
     return doc.astype(np.int64), start.astype(np.int64), length.astype(np.int64)
 
 
-def _pack_window(length: np.ndarray, capacity: int, buffer: int, rng: np.random.Generator | None) -> list[list[int]]:
-    """Packed rows (lists of piece indices) from a window of ``buffer`` pieces in order (see module)."""
+def _pack_window(
+    length: np.ndarray, capacity: int, buffer: int, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Packed rows from a window of ``buffer`` pieces in order (see module): ``(idx, counts)``, the
+    piece indices of all rows one after the other and the pieces in each row."""
     n = len(length)
-    lens = length.tolist()
-    rows: list[list[int]] = []
-    pending: list[int] = []
+    out_idx: list[np.ndarray] = []
+    out_counts: list[np.ndarray] = []
+    pending = np.zeros(0, dtype=np.int64)
     pos = 0
     min_fill = capacity - capacity // RETURN_ROOM_DIVISOR
     while True:
         take = max(buffer - len(pending), 1)
-        pending.extend(range(pos, min(n, pos + take)))
+        pending = np.concatenate([pending, np.arange(pos, min(n, pos + take), dtype=np.int64)])
         pos = min(n, pos + take)
         last = pos >= n
-        bins = [[pending[i] for i in b] for b in pack_documents([lens[i] for i in pending], capacity)]
-        keep: set[int] = set()
+        order, bin_of = _best_fit_decreasing(length[pending], capacity)
+        n_bins = int(bin_of.max()) + 1 if len(bin_of) else 0
+        by_bin = np.argsort(bin_of, kind="stable")
+        items = pending[order[by_bin]]  # pieces bin by bin, each bin's in the order they went in
+        counts = np.bincount(bin_of, minlength=n_bins)
+        first = np.cumsum(counts) - counts
+        keep = np.zeros(n_bins, dtype=bool)
         if not last:
-            fills = [sum(lens[i] for i in b) for b in bins]
-            kept_pieces = 0
-            for b in sorted(range(len(bins)), key=lambda b: (fills[b], b)):
-                if fills[b] >= min_fill or kept_pieces + len(bins[b]) > buffer // 2:
-                    break
-                keep.add(b)
-                kept_pieces += len(bins[b])
-        emit = [bins[b] for b in range(len(bins)) if b not in keep]
+            fills = np.bincount(bin_of, weights=length[pending[order]], minlength=n_bins)
+            ranked = np.lexsort((np.arange(n_bins), fills))  # emptiest first, ties by bin number
+            fits = (fills[ranked] < min_fill) & (np.cumsum(counts[ranked]) <= buffer // 2)
+            n_keep = int(np.argmin(fits)) if not fits.all() else n_bins
+            keep[ranked[:n_keep]] = True
+        emit = np.flatnonzero(~keep)
         if rng is not None:
-            emit = [emit[i] for i in rng.permutation(len(emit))]
-        rows.extend(emit)
-        pending = [i for b in sorted(keep) for i in bins[b]]
+            emit = emit[rng.permutation(len(emit))]
+        out_idx.append(items[_runs(first[emit], counts[emit])])
+        out_counts.append(counts[emit])
+        kept = np.flatnonzero(keep)
+        pending = items[_runs(first[kept], counts[kept])]
         if last:
-            return rows
+            return np.concatenate(out_idx), np.concatenate(out_counts)
 
 
 def plan_rows(
@@ -174,9 +208,8 @@ def plan_rows(
     doc, start, length = _pieces(order, lengths, seq_len)
     if batch_mode == "padded":
         return RowPlan(doc, start, length, np.arange(len(doc) + 1, dtype=np.int64), seq_len)
-    rows = _pack_window(length, seq_len, max(int(buffer), 1), rng)
-    idx = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(doc))
-    row_start = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    idx, counts = _pack_window(length, seq_len, max(int(buffer), 1), rng)
+    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return RowPlan(doc[idx], start[idx], length[idx], row_start, seq_len)
 
 
