@@ -293,6 +293,17 @@ def forced_oom(out: Path, device: str, quick: bool) -> dict:
     }
 
 
+def _small_case(mode: str, device: str, quick: bool) -> tuple[GPTConfig, RunShape]:
+    """The 124M model at 16 x 2048 (``quick``: a tiny one at 2 x 64) in ``mode``, for the tag and cost checks."""
+    seq = 64 if quick else 2048
+    if quick:
+        arch = GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=seq)
+    else:
+        arch = size_arch("124M", seq)
+    precision = "bf16-mixed" if device == "cuda" else "32-true"
+    return arch, RunShape(batch_size=2 if quick else 16, seq_len=seq, batch_mode=mode, precision=precision)
+
+
 def breakdown_tags(out: Path, device: str, quick: bool) -> dict:
     """A short run with ``MemoryBreakdown`` and TensorBoard: the tags found in its event file."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -303,18 +314,7 @@ def breakdown_tags(out: Path, device: str, quick: bool) -> dict:
     result = {}
     for mode in ("padded", "packed"):
         logger = TensorBoardLogger(out / "tb", name=mode, default_hp_metric=False)
-        seq = 64 if quick else 2048
-        arch = (
-            size_arch("124M", seq)
-            if not quick
-            else GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=seq)
-        )
-        run = RunShape(
-            batch_size=2 if quick else 16,
-            seq_len=seq,
-            batch_mode=mode,
-            precision="bf16-mixed" if device == "cuda" else "32-true",
-        )
+        arch, run = _small_case(mode, device, quick)
         case = train_case(
             arch, run, 4, 1, device, extra_callbacks=[PeakMemoryMonitor(), MemoryBreakdown()], logger=logger
         )
@@ -334,18 +334,7 @@ def snapshot_cost(device: str, quick: bool) -> dict:
     """Median step time of the 124M model with the allocator history off, without and with Python stacks."""
     from lit_xf.callbacks import MemorySnapshot
 
-    seq = 64 if quick else 2048
-    arch = (
-        size_arch("124M", seq)
-        if not quick
-        else GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=seq)
-    )
-    run = RunShape(
-        batch_size=2 if quick else 16,
-        seq_len=seq,
-        batch_mode="packed",
-        precision="bf16-mixed" if device == "cuda" else "32-true",
-    )
+    arch, run = _small_case("packed", device, quick)
     out = {}
     for name, callbacks in (
         ("off", []),
