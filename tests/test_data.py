@@ -544,6 +544,31 @@ def test_long_documents_are_split_and_logged_once(tmp_path, caplog):
         check_contract(batch, len(batch["doc_lens"]), 256, dm.pad_id)
 
 
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_plan_pieces_cut_long_documents_in_order_in_int32(mode):
+    """Every document of a plan comes as its pieces of at most T tokens, in order, covering it
+    exactly once (short-only splits take the one-piece path); plans hold int32, and one rank's
+    share is the plan itself (no copy)."""
+    from lit_xf.data.plan import RowPlan, plan_rows
+
+    rng = np.random.default_rng(0)
+    for lengths in (rng.integers(1, 40, 300), np.concatenate([rng.integers(1, 200, 300), [64, 65, 128, 129]])):
+        order = rng.permutation(len(lengths)) + 1000
+        plan = plan_rows(order, lengths[order - 1000], 64, mode, buffer=50)
+        assert {a.dtype for a in (plan.doc, plan.start, plan.length, plan.row_start)} == {np.dtype(np.int32)}
+        by_doc: dict[int, list[tuple[int, int]]] = {}
+        for row in plan.rows(0, plan.n_rows):
+            assert sum(n for _, _, n in row) <= 64
+            for d, a, n in row:
+                by_doc.setdefault(d, []).append((a, n))
+        assert sorted(by_doc) == sorted(order.tolist())
+        for d, pieces in by_doc.items():
+            want = [(a, min(64, int(lengths[d - 1000]) - a)) for a in range(0, int(lengths[d - 1000]), 64)]
+            assert sorted(pieces) == want, d
+        assert plan.take(np.arange(plan.n_rows)) is plan
+        assert isinstance(plan.take(np.arange(0, plan.n_rows, 2)), RowPlan)
+
+
 def test_collate_handles_tiny_rows_by_hand():
     batch = collate_rows([[[1, 2, 3], [4, 5]], [[6]], [[7, 8, 9, 10, 11, 12]]], seq_len=6, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 0, 0, 0, 0, 0], [7, 8, 9, 10, 11, 12]]

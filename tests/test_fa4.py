@@ -46,21 +46,24 @@ def test_fa4_op_shapes_under_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        qkv = torch.empty(64, 8 + 2 * 2, 32, dtype=torch.bfloat16)  # H = 8, G = 2
+        stack = torch.empty(64, 8 + 2 * 2, 32, dtype=torch.bfloat16)  # H = 8, G = 2
+        apart = [torch.empty(64, h, 32, dtype=torch.bfloat16) for h in (8, 2, 2)]
         cu, seg_pos = torch.zeros(8, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
-        for grouped in (None, seg_pos):
-            out, lse = attn.fa4_forward(qkv, 2, cu, grouped, 32, True, [], 0)
-            assert out.shape == (64, 8, 32) and lse.shape == (8, 64) and lse.dtype == torch.float32
-            dqkv = attn.fa4_backward(out, qkv, 2, out, lse, cu, grouped, 32, True, 0)
-            assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
-        qkv1 = qkv.view(1, 64, 12, 32)  # block-sparse forward: one sequence
+        for qkv in ([stack], apart):
+            for grouped in (None, seg_pos):
+                out, lse = attn.fa4_forward(qkv, 2, cu, grouped, 32, True, [], 0)
+                assert out.shape == (64, 8, 32) and lse.shape == (8, 64) and lse.dtype == torch.float32
+                dqkv = attn.fa4_backward(out, qkv, 2, out, lse, cu, grouped, 32, True, 0)
+                assert [g.shape for g in dqkv] == [t.shape for t in qkv]
+                assert all(g.is_contiguous() for g in dqkv)
+        qkv1 = [stack.view(1, 64, 12, 32)]  # block-sparse forward: one sequence
         blocks = [torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)] * 2
         out, lse = attn.fa4_forward(qkv1, 2, cu, seg_pos, 32, True, blocks, 0)
         assert out.shape == (1, 64, 8, 32) and lse.shape == (1, 8, 64)
-        qkv4 = qkv.view(2, 32, 12, 32)
+        qkv4 = [stack.view(2, 32, 12, 32)]
         out, lse = attn.fa4_forward(qkv4, 2, None, None, 32, True, [], 0)
         assert out.shape == (2, 32, 8, 32) and lse.shape == (2, 8, 32)
-        assert attn.fa4_backward(out, qkv4, 2, out, lse, None, None, 32, True, 0).shape == qkv4.shape
+        assert attn.fa4_backward(out, qkv4, 2, out, lse, None, None, 32, True, 0)[0].shape == qkv4[0].shape
 
 
 def test_fa4_is_refused_clearly_where_it_cannot_run():
@@ -306,7 +309,13 @@ def _fa4_stand_in(q, k, v, cu_seqlens, seg_pos, causal, blocks, window=0, dout=N
 
 
 def split_qkv(qkv, G):
-    return qkv.split((qkv.shape[-2] - 2 * G, G, G), dim=-2)
+    """[q, k, v] as given, or the views of [stack]."""
+    return qkv[0].split((qkv[0].shape[-2] - 2 * G, G, G), dim=-2) if len(qkv) == 1 else qkv
+
+
+def like_qkv(grads, qkv):
+    """dq, dk, dv shaped as qkv: one stack or three tensors."""
+    return [torch.cat(grads, dim=-2)] if len(qkv) == 1 else list(grads)
 
 
 @pytest.fixture
@@ -314,21 +323,21 @@ def fa4_ops_on_cpu():
     """CPU kernels for lit_xf's two FA4 ops (the stand-in above), so the plans, reshapes and
     autograd wiring around FA4 run without a GPU."""
     lib = torch.library.Library("lit_xf", "IMPL")
-    lib.impl(
-        "fa4_forward",
-        lambda qkv, G, cu, seg_pos, _, causal, blocks, window: _fa4_stand_in(
-            *split_qkv(qkv, G), cu, seg_pos, causal, blocks, window
-        ),
-        "CPU",
-    )
+    seen = []  # the storage of every tensor the forward op received
+
+    def forward(qkv, G, cu, seg_pos, _, causal, blocks, window):
+        seen.append([t.untyped_storage().data_ptr() for t in qkv])
+        return _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, blocks, window)
+
+    lib.impl("fa4_forward", forward, "CPU")
     lib.impl(
         "fa4_backward",
-        lambda dout, qkv, G, out, lse, cu, seg_pos, _, causal, window: torch.cat(
-            _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, (), window, dout), dim=-2
+        lambda dout, qkv, G, out, lse, cu, seg_pos, _, causal, window: like_qkv(
+            _fa4_stand_in(*split_qkv(qkv, G), cu, seg_pos, causal, (), window, dout), qkv
         ),
         "CPU",
     )
-    yield
+    yield seen
     lib._destroy()
 
 
@@ -346,6 +355,21 @@ def test_fa4_plans_forward_and_backward_through_the_ops(fa4_ops_on_cpu, plan, kv
     q, k, v = random_qkv(torch.Generator().manual_seed(5), 3, T_, 4, KV[kv](4), 16, torch.bfloat16)
     got, want, real = run_kernel(plan, doc_lens, q, k, v, None, grad=True, stacked=call == "stacked")
     assert_matches(got, want, real, 2e-2)  # bf16 outputs and gradients; a wrong mask is off by O(1)
+
+
+@pytest.mark.parametrize("plan", ["fa4:per_document", "fa4:block_sparse", "fa4 dense"])
+def test_fa4_reads_q_k_v_apart_without_a_copy(fa4_ops_on_cpu, plan):
+    """q, k, v apart (after RoPE) reach FA4 as they are, not copied into a stack, and their
+    gradients come back contiguous (a stack's views would make every consumer copy them)."""
+    doc_lens = [[3, 40, 85], [128]] if plan != "fa4 dense" else [[128]] * 2
+    layout = DocLayout(doc_lens, 128)
+    qkv = random_qkv(torch.Generator().manual_seed(3), 2, 128, 4, 2, 16, torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in qkv)
+    kernel = attn.make_kernel(plan.split()[0])
+    ctx = kernel.prepare(layout, layout.position_ids(), None, n_heads=4, n_kv_heads=2, dtype=q.dtype, device=q.device)
+    kernel(q, k, v, ctx).sum().backward()
+    assert fa4_ops_on_cpu == [[t.untyped_storage().data_ptr() for t in (q, k, v)]]
+    assert all(t.grad is not None and t.grad.is_contiguous() for t in (q, k, v))
 
 
 def test_fa4_block_sparse_plan_needs_whole_blocks_and_causal_rows():

@@ -14,7 +14,8 @@ documents of the epoch into one stream and cuts it into rows of T tokens overlap
 - ``concat``: row r holds stream[r·(T-1) : r·(T-1) + T] (the last row may be shorter), as segments
   of the documents it spans; the row is one causal sequence.
 
-Memory: 24 bytes per piece for the plan (documents shorter than T are one piece), nothing per token.
+Memory: 16 bytes per piece for the plan (int32 document, start and length, int32 row bounds;
+documents shorter than T are one piece), nothing per token.
 """
 
 from __future__ import annotations
@@ -84,15 +85,24 @@ def _group(items: np.ndarray, bin_of: np.ndarray) -> list[np.ndarray]:
     return np.split(items[by_bin], np.cumsum(counts)[:-1]) if len(items) else []
 
 
+def compact(a: np.ndarray) -> np.ndarray:
+    """``a`` as int32 where its values fit (plans hold one entry per piece: half the memory of
+    int64 on a corpus of millions of documents), else as it is."""
+    a = np.asarray(a)
+    if a.dtype == np.int32 or (a.size and (a.min() < -(2**31) or a.max() >= 2**31)):
+        return a
+    return a.astype(np.int32)
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """Rows as runs of pieces: row r is pieces ``row_start[r] : row_start[r + 1]``. ``joined``: the
     pieces of a row form one sequence (``concat``), else each is a document of its own."""
 
-    doc: np.ndarray  # [P] int64 document index of each piece
-    start: np.ndarray  # [P] int64 first token of the piece within its document
-    length: np.ndarray  # [P] int64 tokens in the piece
-    row_start: np.ndarray  # [R + 1] int64
+    doc: np.ndarray  # [P] document index of each piece (int32 where it fits: ``compact``)
+    start: np.ndarray  # [P] first token of the piece within its document
+    length: np.ndarray  # [P] tokens in the piece
+    row_start: np.ndarray  # [R + 1]
     seq_len: int
     joined: bool = False
 
@@ -105,15 +115,17 @@ class RowPlan:
         return int(self.length.sum()) / (self.n_rows * self.seq_len) if self.n_rows else 0.0
 
     def take(self, rows: np.ndarray) -> RowPlan:
-        """The plan of rows ``rows`` (in that order)."""
+        """The plan of rows ``rows`` (in that order); the plan itself where that is all its rows."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == self.n_rows and np.array_equal(rows, np.arange(self.n_rows)):
+            return self  # one rank: no copy
         counts = self.row_start[rows + 1] - self.row_start[rows]
         idx = _runs(self.row_start[rows], counts)
         return RowPlan(
             self.doc[idx],
             self.start[idx],
             self.length[idx],
-            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            compact(np.concatenate([[0], np.cumsum(counts)])),
             self.seq_len,
             self.joined,
         )
@@ -139,14 +151,21 @@ def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _pieces(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Documents ``order`` (lengths ``lengths``) cut into pieces of at most ``seq_len`` tokens."""
-    n_chunks = (lengths + seq_len - 1) // seq_len
-    doc = np.repeat(order, n_chunks)
-    first = np.cumsum(n_chunks) - n_chunks
-    k = np.arange(len(doc), dtype=np.int64) - np.repeat(first, n_chunks)
-    start = k * seq_len
-    length = np.minimum(seq_len, np.repeat(lengths, n_chunks) - start)
-    return doc.astype(np.int64), start.astype(np.int64), length.astype(np.int64)
+    """Documents ``order`` (lengths ``lengths``) cut into pieces of at most ``seq_len`` tokens:
+    ``(doc, start, length)`` per piece. Temporaries of the split's size are int32; only the
+    documents longer than ``seq_len`` get per-piece arithmetic."""
+    long = np.flatnonzero(lengths > seq_len)
+    if not len(long):  # one piece per document
+        return compact(order), np.zeros(len(order), dtype=np.int32), compact(lengths)
+    n_chunks = np.ones(len(order), dtype=np.int32)
+    n_chunks[long] = (lengths[long].astype(np.int64) + seq_len - 1) // seq_len
+    doc, length = np.repeat(compact(order), n_chunks), np.repeat(compact(lengths), n_chunks)
+    start = np.zeros(len(doc), dtype=length.dtype)
+    first = np.cumsum(n_chunks, dtype=np.int64)[long] - n_chunks[long]  # each long document's first piece
+    at = _runs(first, n_chunks[long].astype(np.int64))  # the pieces of long documents
+    start[at] = (at - np.repeat(first, n_chunks[long])) * seq_len
+    length[at] = np.minimum(seq_len, length[at] - start[at])
+    return doc, start, length
 
 
 def _pack_window(
@@ -155,14 +174,15 @@ def _pack_window(
     """Packed rows from a window of ``buffer`` pieces in order (see module): ``(idx, counts)``, the
     piece indices of all rows one after the other and the pieces in each row."""
     n = len(length)
+    index_t = np.int32 if n < 2**31 else np.int64
     out_idx: list[np.ndarray] = []
     out_counts: list[np.ndarray] = []
-    pending = np.zeros(0, dtype=np.int64)
+    pending = np.zeros(0, dtype=index_t)
     pos = 0
     min_fill = capacity - capacity // RETURN_ROOM_DIVISOR
     while True:
         take = max(buffer - len(pending), 1)
-        pending = np.concatenate([pending, np.arange(pos, min(n, pos + take), dtype=np.int64)])
+        pending = np.concatenate([pending, np.arange(pos, min(n, pos + take), dtype=index_t)])
         pos = min(n, pos + take)
         last = pos >= n
         order, bin_of = _best_fit_decreasing(length[pending], capacity)
@@ -201,15 +221,15 @@ def plan_rows(
     shuffles the rows each packing pass emits (``packed``) or all rows (``concat``)."""
     if batch_mode not in BATCH_MODES:
         raise ValueError(f"batch_mode={batch_mode!r} is not one of {BATCH_MODES}")
-    order = np.asarray(order, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
+    order, lengths = compact(order), compact(lengths)
     if batch_mode == "concat":
         return _concat_rows(order, lengths, seq_len, rng)
     doc, start, length = _pieces(order, lengths, seq_len)
+    del order, lengths
     if batch_mode == "padded":
-        return RowPlan(doc, start, length, np.arange(len(doc) + 1, dtype=np.int64), seq_len)
+        return RowPlan(doc, start, length, compact(np.arange(len(doc) + 1)), seq_len)
     idx, counts = _pack_window(length, seq_len, max(int(buffer), 1), rng)
-    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    row_start = compact(np.concatenate([[0], np.cumsum(counts)]))
     return RowPlan(doc[idx], start[idx], length[idx], row_start, seq_len)
 
 
@@ -232,5 +252,5 @@ def _concat_rows(order: np.ndarray, lengths: np.ndarray, seq_len: int, rng) -> R
     hi = np.repeat(row_hi, counts)
     seg_start = np.maximum(lo, cum[j]) - cum[j]
     seg_len = np.minimum(hi, cum[j + 1]) - cum[j] - seg_start
-    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return RowPlan(order[j], seg_start, seg_len, row_start, seq_len, joined=True)
+    row_start = compact(np.concatenate([[0], np.cumsum(counts)]))
+    return RowPlan(order[j], compact(seg_start), compact(seg_len), row_start, seq_len, joined=True)

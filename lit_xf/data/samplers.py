@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_xf.data.plan import RowPlan, plan_rows
+from lit_xf.data.plan import RowPlan, compact, plan_rows
 from lit_xf.data.rows import Batch, make_batch, read_rows
 from lit_xf.data.store import TokenDocs, open_store
 
@@ -67,7 +67,7 @@ class EpochBatches(Dataset):
     ) -> None:
         self._docs = docs if isinstance(docs, TokenDocs) else None
         self.store_path = None if isinstance(docs, TokenDocs) else Path(docs)
-        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        self.doc_ids = compact(np.asarray(doc_ids, dtype=np.int64))
         self.seq_len, self.batch_mode, self.batch_size, self.pad_id = seq_len, batch_mode, batch_size, pad_id
         self.shuffle, self.seed, self.buffer, self.drop_last = shuffle, seed, buffer, drop_last
         self.num_replicas, self.rank = _world(num_replicas, rank)
@@ -91,11 +91,13 @@ class EpochBatches(Dataset):
     def plan(self, epoch: int = 0) -> RowPlan:
         """Every row of the split in ``epoch`` (all ranks)."""
         if self._lengths is None:
-            self._lengths = self.docs.lengths()[self.doc_ids]  # [len(doc_ids)] int64
+            self._lengths = compact(self.docs.lengths()[self.doc_ids])  # [len(doc_ids)]
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             perm = rng.permutation(len(self.doc_ids))
-            return plan_rows(self.doc_ids[perm], self._lengths[perm], self.seq_len, self.batch_mode, self.buffer, rng)
+            order, lengths = self.doc_ids[perm], self._lengths[perm]
+            del perm  # the planner's temporaries come on top of what is held here
+            return plan_rows(order, lengths, self.seq_len, self.batch_mode, self.buffer, rng)
         return plan_rows(self.doc_ids, self._lengths, self.seq_len, self.batch_mode, self.buffer)
 
     def share(self, epoch: int = 0) -> RowPlan:

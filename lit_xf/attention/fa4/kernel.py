@@ -83,21 +83,28 @@ class Fa4Attention(AttentionKernel[Fa4Plan]):
         return Fa4Plan(fa4_varlen(layout, self.grouping).to(device), window)
 
     def _attend(self, q_BTHK, k_BTGK, v_BTGK, ctx: AttentionContext[Fa4Plan]):
-        # q, k, v apart (rotated by RoPE): one copy into the stack here, none in the backward
-        return self.attend_qkv(torch.cat((q_BTHK, k_BTGK, v_BTGK), dim=2), k_BTGK.shape[2], ctx)
+        # q, k, v apart (RoPE's rotated q and k): FA4 reads them as they are, and its backward
+        # writes three contiguous gradients (a stack here would copy q, k, v and keep the copy)
+        return self._run([q_BTHK, k_BTGK, v_BTGK], k_BTGK.shape[2], ctx)
 
     def attend_qkv(self, qkv_BTCK, n_kv_heads, ctx: AttentionContext[Fa4Plan]):
-        causal, G, window = ctx.layout.causal, n_kv_heads, ctx.plan.window
-        B, T, C, K = qkv_BTCK.shape
-        H = C - 2 * G
-        varlen = ctx.plan.varlen
+        return self._run([qkv_BTCK], n_kv_heads, ctx)
+
+    def _run(self, qkv: list[torch.Tensor], G: int, ctx: AttentionContext[Fa4Plan]) -> torch.Tensor:
+        """FA4 on ``qkv`` ([q, k, v] or [stack], each [B, T, heads, K]): dense rows as they are,
+        block-diagonal rows as N = B·T tokens ([N, heads, K], or [1, N, heads, K] block-sparse)."""
+        causal, window, varlen = ctx.layout.causal, ctx.plan.window, ctx.plan.varlen
+        B, T, _, K = qkv[0].shape
+        H = qkv[0].shape[2] - 2 * G if len(qkv) == 1 else qkv[0].shape[2]
         if varlen is None:
-            return fa4_forward(qkv_BTCK, G, None, None, T, causal, [], window)[0]
-        if varlen.blocks:  # one sequence of N = B·T tokens: [1, N, C, K]
+            return fa4_forward(qkv, G, None, None, T, causal, [], window)[0]
+        if varlen.blocks:  # one sequence of N = B·T tokens
+            tokens = [t.reshape(1, B * T, *t.shape[2:]) for t in qkv]
             args = (varlen.cu_seqlens, varlen.seg_pos, T, causal, list(varlen.blocks), window)
-            return fa4_forward(qkv_BTCK.reshape(1, B * T, C, K), G, *args)[0].view(B, T, H, K)
-        args = (varlen.cu_seqlens, varlen.seg_pos, T, causal, [], window)
-        return fa4_forward(qkv_BTCK.reshape(B * T, C, K), G, *args)[0].view(B, T, H, K)
+        else:
+            tokens = [t.reshape(B * T, *t.shape[2:]) for t in qkv]
+            args = (varlen.cu_seqlens, varlen.seg_pos, T, causal, [], window)
+        return fa4_forward(tokens, G, *args)[0].view(B, T, H, K)
 
     def __repr__(self) -> str:
         return f"Fa4Attention(grouping={self.grouping!r})"
