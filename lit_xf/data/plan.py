@@ -157,13 +157,16 @@ def _pieces(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.nd
     long = np.flatnonzero(lengths > seq_len)
     if not len(long):  # one piece per document
         return compact(order), np.zeros(len(order), dtype=np.int32), compact(lengths)
+    chunks = (lengths[long].astype(np.int64) + seq_len - 1) // seq_len  # pieces of each long document
     n_chunks = np.ones(len(order), dtype=np.int32)
-    n_chunks[long] = (lengths[long].astype(np.int64) + seq_len - 1) // seq_len
+    n_chunks[long] = chunks
     doc, length = np.repeat(compact(order), n_chunks), np.repeat(compact(lengths), n_chunks)
+    del n_chunks
     start = np.zeros(len(doc), dtype=length.dtype)
-    first = np.cumsum(n_chunks, dtype=np.int64)[long] - n_chunks[long]  # each long document's first piece
-    at = _runs(first, n_chunks[long].astype(np.int64))  # the pieces of long documents
-    start[at] = (at - np.repeat(first, n_chunks[long])) * seq_len
+    first = long + np.cumsum(chunks - 1) - (chunks - 1)  # each long document's first piece
+    k = _runs(np.zeros_like(chunks), chunks)  # piece number within its document
+    at = np.repeat(first, chunks) + k
+    start[at] = k * seq_len
     length[at] = np.minimum(seq_len, length[at] - start[at])
     return doc, start, length
 
@@ -175,7 +178,8 @@ def _pack_window(
     piece indices of all rows one after the other and the pieces in each row."""
     n = len(length)
     index_t = np.int32 if n < 2**31 else np.int64
-    out_idx: list[np.ndarray] = []
+    out_idx = np.empty(n, dtype=index_t)  # every piece is emitted once: rows fill it in order
+    filled = 0
     out_counts: list[np.ndarray] = []
     pending = np.zeros(0, dtype=index_t)
     pos = 0
@@ -201,12 +205,14 @@ def _pack_window(
         emit = np.flatnonzero(~keep)
         if rng is not None:
             emit = emit[rng.permutation(len(emit))]
-        out_idx.append(items[_runs(first[emit], counts[emit])])
+        emitted = items[_runs(first[emit], counts[emit])]
+        out_idx[filled : filled + len(emitted)] = emitted
+        filled += len(emitted)
         out_counts.append(counts[emit])
         kept = np.flatnonzero(keep)
         pending = items[_runs(first[kept], counts[kept])]
         if last:
-            return np.concatenate(out_idx), np.concatenate(out_counts)
+            return out_idx, np.concatenate(out_counts)
 
 
 def plan_rows(
@@ -230,7 +236,10 @@ def plan_rows(
         return RowPlan(doc, start, length, compact(np.arange(len(doc) + 1)), seq_len)
     idx, counts = _pack_window(length, seq_len, max(int(buffer), 1), rng)
     row_start = compact(np.concatenate([[0], np.cumsum(counts)]))
-    return RowPlan(doc[idx], start[idx], length[idx], row_start, seq_len)
+    doc = doc[idx]  # one at a time: each piece array is freed as its reordered copy is made
+    start = start[idx]
+    length = length[idx]
+    return RowPlan(doc, start, length, row_start, seq_len)
 
 
 def _concat_rows(order: np.ndarray, lengths: np.ndarray, seq_len: int, rng) -> RowPlan:
