@@ -271,8 +271,10 @@ def test_auto_measures_real_cpu_kernels(tmp_path, stacked):
 @pytest.mark.parametrize("mode", ["packed", "padded"])
 def test_gpu_auto_is_within_5_percent_of_the_fastest_kernel(tmp_path, mode):
     """Packed rows of log-normal documents, and the same documents padded one per row (bf16, H=16,
-    K=128, fwd+bwd): auto's choice, timed call by call alternately with every kernel that runs the
-    case (as ``lit-xf bench attention`` compares), is within 5% of the fastest."""
+    K=128, fwd+bwd): the kernel auto chose, timed call by call alternately with every kernel that
+    runs the case (as ``lit-xf bench attention`` compares), is within 5% of the fastest. auto's own
+    calls run that kernel on that kernel's plan (checked here), so the choice is what is timed: two
+    timings of one kernel differ by up to ~6% at this size (3 ms calls), which would drown a 5% bound."""
     from lit_xf.bench.attention import fwd_bwd_case
     from lit_xf.bench.packing import lognormal_doc_lens
     from lit_xf.bench.timing import time_call
@@ -290,11 +292,14 @@ def test_gpu_auto_is_within_5_percent_of_the_fastest_kernel(tmp_path, mode):
             row.append(n)
         layout = DocLayout(rows + [row], 4096)
     auto = AutoAttention(cache_dir=tmp_path)
-    step, *_ = fwd_bwd_case("auto", layout, H, H, K, dtype, device, kernel=auto)
+    *_, ctx = fwd_bwd_case("auto", layout, H, H, K, dtype, device, kernel=auto)
     choice = auto.choices[next(iter(auto.choices))]
+    own = make_kernel(choice.kernel).prepare(
+        layout, layout.position_ids(device), None, n_heads=H, n_kv_heads=H, dtype=dtype, device=device
+    )
+    assert ctx.kernel.name == choice.kernel and ctx.plan.describe() == own.plan.describe()
     names = list(choice.times_ms)
     steps = {n: fwd_bwd_case(n, layout, H, H, K, dtype, device)[0] for n in names}
-    steps["auto"] = step
     for fn in steps.values():
         for _ in range(3):
             fn()
@@ -304,5 +309,5 @@ def test_gpu_auto_is_within_5_percent_of_the_fastest_kernel(tmp_path, mode):
         for n in order if i % 2 == 0 else order[::-1]:
             times[n].append(time_call(steps[n], device))
     median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-    best = min((n for n in median if n != "auto"), key=median.get)
-    assert median["auto"] <= 1.05 * median[best], (choice.reason, median)
+    best = min(median, key=median.get)
+    assert median[choice.kernel] <= 1.05 * median[best], (choice.reason, median)
