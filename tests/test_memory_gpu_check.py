@@ -92,6 +92,10 @@ def test_its_results_file_renders_as_a_results_reference_section(tmp_path):
                 "predicted_batch_size": 5,
                 "largest_trained_batch_size": 5,
                 "largest_tokens_per_step": 40960,
+                "runs": {
+                    "5": {"tokens_per_s": 20000.0, "mfu": 0.41, "ratio": 0.97},
+                    "6": {"oom": "CUDA out of memory"},
+                },
             }
         ],
     }
@@ -100,3 +104,4 @@ def test_its_results_file_renders_as_a_results_reference_section(tmp_path):
     text = "\n\n".join(rr.render_section(rr.Results(tmp_path), rr.MEMORY_SECTION, set()))
     assert "| 124M packed | sdpa | 3.00 | 3.00 | 1.000 | block activations |" in text
     assert "checkpointing `full`: 40960 tokens" in text and "python x" in text
+    assert "out of memory at 6), 20.0k tokens/s, MFU 41.0% at lit_xf's count, estimate / measured 0.970" in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -145,6 +146,7 @@ def _efficiency(data: dict) -> dict:
 
 def bench_data(args) -> list[dict]:
     work = Path(args.dir)
+    shutil.rmtree(work / "stores", ignore_errors=True)  # the prepare rows time a fresh prepare, never a reused store
     rows = []
     corpora = {"large": args.size_mb, "small": args.small_mb}
     stores = {}
