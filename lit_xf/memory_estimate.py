@@ -47,7 +47,8 @@ accumulation). The foreach AdamW (CPU, or fp16 with clipping) adds one 4·P temp
 none.
 
 The peak is the largest of these moments: the forward's end (+ the loss's fp32 hidden input under
-mixed), the loss's backward (+ dh, dW), each block's backward from the last to the first (the
+mixed, + the previous step's gradients: Lightning's ``zero_grad`` runs after ``training_step``, before
+the backward, so they live through every forward after the first), the loss's backward (+ dh, dW), each block's backward from the last to the first (the
 remaining blocks' activations, the gradients made so far and a block's backward temporaries:
 2·r·D + c·s·F per token with c = 2 for GELU, 4 for SwiGLU, + 2·s·H·T of naive's score
 gradients, + s bytes per weight of the block's largest matrix), the embedding's backward
@@ -318,7 +319,8 @@ def estimate(m: ModelDims, run: RunShape) -> Estimate:
     acts = {"block activations": sum(kept), "batch": batch, "attention plan": shared}
     logits = {"logits (loss)": N * V * s, "head activations": head_saved - N * V * s}
     phases: dict[str, dict[str, int]] = {}
-    phases["forward end"] = moment({**acts, **logits, "backward temporaries": N * r * D if mixed else 0})
+    fwd_extra = {"gradients": grads_all, "backward temporaries": N * r * D if mixed else 0}  # the last step's grads
+    phases["forward end"] = moment({**acts, **logits, **fwd_extra})
     phases["loss backward"] = moment({**acts, **logits, "backward temporaries": 4 * N * D + 4 * V * D})
     ffn_tmp = N * (2 * r * D + (4 if m.ffn == "swiglu" else 2) * s * m.ffn_hidden)
     if kind == "scores":

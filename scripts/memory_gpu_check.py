@@ -347,6 +347,34 @@ def snapshot_cost(device: str, quick: bool) -> dict:
     return out
 
 
+def reestimate(results: dict) -> None:
+    """Every case's estimate recomputed from its recorded shape by today's ``estimate`` (pure
+    arithmetic, no GPU); the measured peaks stay as they were measured."""
+    from lit_xf.memory_facts import config_dims
+
+    archs = {name: arch for name, arch, _, _ in config_cases(False)}
+
+    def redo(r: dict, arch: GPTConfig) -> None:
+        est = estimate(config_dims(arch), RunShape(**r["shape"]))
+        r.update(estimate_bytes=est.peak, estimate_phase=est.phase, dominant=est.dominant)
+        if r.get("measured_bytes"):
+            r["ratio"] = est.peak / r["measured_bytes"]
+
+    for name, r in (results.get("configs") or {}).items():
+        redo(r, archs[name])
+    for name, r in (results.get("sizes") or {}).items():
+        redo(r, size_arch(name.split()[0], r["shape"]["seq_len"]))
+    for big in results.get("largest") or []:
+        arch = size_arch(big["size"], big["seq_len"], big["checkpointing"])
+        for r in big["runs"].values():
+            redo(r, arch)
+        run = RunShape(1, big["seq_len"], "packed", activation_checkpointing=big["checkpointing"])
+        big["predicted_batch_size"] = largest_batch_size(
+            config_dims(arch), run, results["run"]["total_memory_bytes"]
+        )
+    results["rows"] = result_rows(results)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for memory_gpu_check.json and the runs")
@@ -354,8 +382,25 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU plumbing check)")
     parser.add_argument("--steps", type=int, default=4, help="training steps per case (default 4: 2 measured)")
     parser.add_argument("--parts", default="configs,sizes,largest,oom,tags,cost", help="comma-separated parts")
+    parser.add_argument(
+        "--reestimate",
+        action="store_true",
+        help="recompute the estimates of <out>/memory_gpu_check.json from its recorded shapes (CPU) and exit",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.reestimate:
+        path = out / "memory_gpu_check.json"
+        results = json.loads(path.read_text())
+        reestimate(results)
+        given = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python scripts/memory_gpu_check.py", *given])
+        results["meta"]["command"] += f" && {command} ({time.strftime('%Y-%m-%d')})"
+        tmp = out / ".memory_gpu_check.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+        print(summary(results))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     capacity = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else GPUS["h200"]

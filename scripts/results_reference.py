@@ -485,7 +485,9 @@ MEMORY_SECTION = dict(
     q="How close is `lit-xf estimate` to the peak a training step allocates, for the shipped configs and three "
     "model sizes, padded and packed, and how large a step trains with and without checkpointing?",
     a="For the GPT-2 configs and the three model sizes, padded and packed, the estimate is within a tenth of the "
-    "measured peak either way (the goal). For the small configs, whose peaks are a fraction of a GiB, it is not: "
+    "measured peak either way (the goal); the sizes came closest once the estimate counted the previous step's "
+    "gradients in the forward (Lightning zeroes them after `training_step`). The estimates are today's arithmetic "
+    "on the recorded shapes (`--reestimate`, last command), the measured peaks the GPU runs'. For the small configs, whose peaks are a fraction of a GiB, it is not: "
     "there, allocations the estimate does not model weigh as much as the terms it does. The largest "
     "step of a model of about a billion parameters at rows of the longest length tried trains above the MFU goal "
     "with and without full checkpointing, checkpointing taking several times the tokens per step (notes); the plain "

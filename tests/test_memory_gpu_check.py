@@ -105,3 +105,37 @@ def test_its_results_file_renders_as_a_results_reference_section(tmp_path):
     assert "| 124M packed | sdpa | 3.00 | 3.00 | 1.000 | block activations |" in text
     assert "checkpointing `full`: 40960 tokens" in text and "python x" in text
     assert "out of memory at 6), 20.0k tokens/s, MFU 41.0% at lit_xf's count, estimate / measured 0.970" in text
+
+
+def test_reestimate_recomputes_the_estimates_and_keeps_the_measured_peaks(tmp_path):
+    """``--reestimate``: today's estimate of every recorded shape (configs, sizes, largest runs), the
+    measured bytes untouched, the ratio their quotient, and the command appended to the file's."""
+    from lit_xf.memory_estimate import RunShape, estimate
+    from lit_xf.memory_facts import config_dims
+
+    shape = {"batch_size": 2, "seq_len": 2048, "batch_mode": "packed", "precision": "bf16-mixed"}
+    results = {
+        "meta": {"command": "python first"},
+        "run": {"total_memory_bytes": 80 * 2**30},
+        "sizes": {"124M packed": {"shape": shape, "estimate_bytes": 1, "measured_bytes": 5 * 2**30}},
+        "largest": [
+            {
+                "size": "124M",
+                "seq_len": 2048,
+                "checkpointing": "full",
+                "predicted_batch_size": 1,
+                "largest_trained_batch_size": 2,
+                "largest_tokens_per_step": 4096,
+                "runs": {"2": {"shape": shape | {"activation_checkpointing": "full"}, "estimate_bytes": 1}},
+            }
+        ],
+    }
+    (tmp_path / "memory_gpu_check.json").write_text(json.dumps(results))
+    assert check.main(["--out", str(tmp_path), "--reestimate"]) == 0
+    new = json.loads((tmp_path / "memory_gpu_check.json").read_text())
+    want = estimate(config_dims(check.size_arch("124M", 2048)), RunShape(**shape)).peak
+    size = new["sizes"]["124M packed"]
+    assert size["estimate_bytes"] == want and size["measured_bytes"] == 5 * 2**30
+    assert size["ratio"] == want / (5 * 2**30) and new["rows"][0]["ratio"] == size["ratio"]
+    assert new["largest"][0]["runs"]["2"]["estimate_bytes"] > 1 and new["largest"][0]["predicted_batch_size"] > 1
+    assert new["meta"]["command"].startswith("python first && python ") and "--reestimate" in new["meta"]["command"]
