@@ -47,12 +47,13 @@ accumulation). The foreach AdamW (CPU, or fp16 with clipping) adds one 4·P temp
 none.
 
 The peak is the largest of these moments: the forward's end (+ the loss's fp32 hidden input under
-mixed, + the previous step's gradients: Lightning's ``zero_grad`` runs after ``training_step``, before
-the backward, so they live through every forward after the first), the loss's backward (+ dh, dW), each block's backward from the last to the first (the
-remaining blocks' activations, the gradients made so far and a block's backward temporaries:
-2·r·D + c·s·F per token with c = 2 for GELU, 4 for SwiGLU, + 2·s·H·T of naive's score
-gradients, + s bytes per weight of the block's largest matrix), the embedding's backward
-(all gradients + a dense V·D fp32 gradient) and the optimizer step (all gradients + temporaries).
+mixed, + the previous step's gradients: Lightning's ``zero_grad`` runs after ``training_step``,
+before the backward, so they live through every forward after the first), the loss's backward (+
+dh, dW), each block's backward from the last to the first (the remaining blocks' activations, the
+gradients made so far and a block's backward temporaries: 2·r·D + c·s·F per token with c = 2 for
+GELU, 4 for SwiGLU, + 2·s·H·T of naive's score gradients, + s bytes per weight of the block's
+largest matrix), the embedding's backward (all gradients + a dense V·D fp32 gradient) and the
+optimizer step (all gradients + temporaries).
 
 Kernels. ``auto`` is estimated as an O(T) kernel: on a GPU it picks the fastest measured one and
 those were cuDNN / flash SDPA for plain causal rows and fa4 / xformers block-diagonal for packed

@@ -369,9 +369,7 @@ def reestimate(results: dict) -> None:
         for r in big["runs"].values():
             redo(r, arch)
         run = RunShape(1, big["seq_len"], "packed", activation_checkpointing=big["checkpointing"])
-        big["predicted_batch_size"] = largest_batch_size(
-            config_dims(arch), run, results["run"]["total_memory_bytes"]
-        )
+        big["predicted_batch_size"] = largest_batch_size(config_dims(arch), run, results["run"]["total_memory_bytes"])
     results["rows"] = result_rows(results)
 
 
