@@ -627,7 +627,7 @@ def test_resume_mid_epoch_skips_consumed_batches():
     for _ in range(5):
         next(it)
     state = dm.state_dict()
-    assert state == {"epoch": 0, "batches_consumed": 5}
+    assert state == {"epoch": 0, "batches_consumed": 5, "world_size": 1, "batch_size": 8}
 
     resumed = TextDataModule(**kwargs)
     resumed.load_state_dict(state)
@@ -637,6 +637,37 @@ def test_resume_mid_epoch_skips_consumed_batches():
     assert all(torch.equal(x, y) for x, y in zip(rest, reference[5:], strict=True))
     # the skip applies once: the next pass over an epoch is whole
     assert len(list(resumed.train_dataloader())) == len(reference)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_where_the_ranks_left_off(monkeypatch):
+    """2 ranks x 3 batches consumed the epoch's first 2·3·b rows (rank r holds rows r, r + 2, ...):
+    one rank resumed from that state skips 6 batches, and the two runs together see every row of
+    the epoch once, in the one-rank order after the resume point. A changed batch size counts in rows."""
+    from lit_xf.data import samplers
+
+    kwargs = dict(corpus="counting", counting_documents=400, counting_vocab=997, seq_len=64, batch_size=8)
+    one_rank = first_batches(make_dm(**kwargs), 10**6)
+    before, states = [], []
+    for r in (0, 1):
+        monkeypatch.setattr(samplers, "world_and_rank", lambda n=None, k=None, r=r: (n or 2, r if k is None else k))
+        dm = make_dm(**kwargs)
+        it = iter(dm.train_dataloader())
+        before += [next(it)["input_ids"] for _ in range(3)]
+        states.append(dm.state_dict())
+    monkeypatch.undo()
+    assert states[0] == states[1] == {"epoch": 0, "batches_consumed": 3, "world_size": 2, "batch_size": 8}
+    resumed = make_dm(**kwargs)
+    resumed.load_state_dict(states[0])
+    rest = [b["input_ids"] for b in resumed.train_dataloader()]
+    assert len(rest) == len(one_rank) - 6 and all(torch.equal(x, y) for x, y in zip(rest, one_rank[6:], strict=True))
+
+    def rows(batches):
+        return sorted(tuple(row.tolist()) for b in batches for row in b)
+
+    assert rows(before) == rows(one_rank[:6])
+    half = make_dm(**kwargs | {"batch_size": 4})  # the same rows, counted in batches of 4
+    half.load_state_dict(states[0])
+    assert rows(b["input_ids"] for b in half.train_dataloader()) == rows(one_rank[6:])
 
 
 def test_drop_last_keeps_every_training_batch_full_and_resumes():
@@ -705,7 +736,7 @@ def test_resume_through_a_lightning_checkpoint(tmp_path):
     for epoch, step in [(0, 4), (0, 10), (1, 12)]:
         ckpt = tmp_path / f"epoch={epoch}-step={step}.ckpt"
         state = torch.load(ckpt, weights_only=False)["TextDataModule"]
-        assert state == {"epoch": epoch, "batches_consumed": step - 10 * epoch}
+        assert state == {"epoch": epoch, "batches_consumed": step - 10 * epoch, "world_size": 1, "batch_size": 16}
         resumed = Recorder()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

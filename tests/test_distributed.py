@@ -247,6 +247,13 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     mp.start_processes(_worker, args=(str(out), _free_port()), nprocs=WORLD, start_method="spawn")
     names = ("ddp", "ddp_resumed", "fsdp", "fsdp_resumed", "validate", "epoch")
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in range(WORLD)] for n in names}
+    # the DDP run's step-2 checkpoint resumed by one process
+    dm = TextDataModule(**DATA)
+    recorder = Recorder(out / "one_process_resumed.pt")
+    one = TRAINER | {"devices": 1}
+    trainer = L.Trainer(max_steps=4, callbacks=[recorder], enable_checkpointing=False, **one)
+    trainer.fit(make_model(dm.vocab_size), dm, ckpt_path=out / "ddp" / "epoch=0-step=2.ckpt")
+    runs["one_process_resumed"] = torch.load(recorder.path, weights_only=False)
     return {**runs, "fsdp_checkpoint": out / "fsdp" / "epoch=0-step=2.ckpt"}
 
 
@@ -279,6 +286,21 @@ def test_ddp_trains_packed_rows_of_its_own_and_resumes(runs, expected_batches):
     for run in ("ddp", "ddp_resumed"):
         for step in runs[run][0]["steps"]:  # train/loss is global: the same on both ranks
             assert runs[run][0]["steps"][step]["logged"] == runs[run][1]["steps"][step]["logged"]
+
+
+@pytest.mark.slow
+def test_one_process_resumes_a_two_rank_checkpoint_where_the_ranks_left_off(runs):
+    """2 ranks x 2 batches took the epoch's first 2·2·b rows; one process resumed from their
+    step-2 checkpoint goes on with its own batch 4 (and 5), not with rows the ranks trained on."""
+    dm = TextDataModule(**DATA)
+    dm.setup()
+    ds = dm.dataset("train", num_replicas=1, rank=0)
+    resumed = runs["one_process_resumed"]
+    assert resumed["sampler"] == ("EpochSampler", 1, 0) and resumed["global_step"] == 4
+    assert sorted(resumed["steps"]) == [2, 3]
+    for step, k in ((2, 4), (3, 5)):
+        assert torch.equal(resumed["steps"][step]["input_ids"], ds[(0, k)]["input_ids"])
+        assert np.isfinite(resumed["steps"][step]["loss"])
 
 
 @pytest.mark.slow

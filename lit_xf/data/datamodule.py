@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from lit_xf.data.plan import BATCH_MODES
 from lit_xf.data.rows import Row, read_rows, split_arrays
-from lit_xf.data.samplers import EpochBatches, EpochSampler, ResumableLoader, first_item
+from lit_xf.data.samplers import EpochBatches, EpochSampler, ResumableLoader, first_item, world_and_rank
 from lit_xf.data.sources import (
     BUILTIN_CORPORA,
     corpus_fingerprint,
@@ -234,7 +234,7 @@ class TextDataModule(LightningDataModule):
         self.store_path: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         self._train_sampler: EpochSampler | None = None
-        self._resume: tuple[int, int] | None = None
+        self._resume: dict[str, int] | None = None
 
     # ---- vocabulary facts, known right after __init__ (for LightningCLI argument links) ----
 
@@ -457,7 +457,7 @@ class TextDataModule(LightningDataModule):
                 f"< batch_size={self.batch_size}; lower batch_size or set drop_last=False"
             )
         if self._resume is not None:
-            sampler.resume(*self._resume)
+            sampler.resume(*self._resume_at(self._resume, sampler.num_replicas))
             self._resume = None
         self._train_sampler = sampler
         return loader
@@ -486,8 +486,9 @@ class TextDataModule(LightningDataModule):
     # ---- resuming mid-epoch ----
 
     def state_dict(self) -> dict[str, int]:
-        """``epoch`` and ``batches_consumed`` in it, from the Trainer's progress when fitting,
-        else from the train sampler (batches handed out)."""
+        """``epoch`` and ``batches_consumed`` in it by each rank, from the Trainer's progress when
+        fitting, else from the train sampler (batches handed out); and the ``world_size`` and
+        ``batch_size`` they were counted in."""
         epoch, consumed = 0, 0
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
@@ -495,14 +496,39 @@ class TextDataModule(LightningDataModule):
             consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         elif self._train_sampler is not None:
             epoch, consumed = self._train_sampler.epoch, self._train_sampler.batches_yielded
-        return {"epoch": int(epoch), "batches_consumed": int(consumed)}
+        world = self._train_sampler.num_replicas if self._train_sampler is not None else world_and_rank()[0]
+        return {
+            "epoch": int(epoch),
+            "batches_consumed": int(consumed),
+            "world_size": int(world),
+            "batch_size": int(self.batch_size),
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Make the next train pass over ``epoch`` skip its first ``batches_consumed`` batches."""
-        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+        """Make the next train pass over ``epoch`` skip the rows the saved run consumed, on any
+        number of ranks (a checkpoint of 2 ranks resumes on 1 where they left off)."""
+        self._resume = dict(state_dict)
         if self._train_sampler is not None:
-            self._train_sampler.resume(*self._resume)
+            self._train_sampler.resume(*self._resume_at(self._resume, self._train_sampler.num_replicas))
             self._resume = None
+
+    def _resume_at(self, state: dict[str, int], world: int) -> tuple[int, int]:
+        """(epoch, batches to skip per rank) for ``world`` ranks. Rank r's batch k holds the epoch's
+        rows r + W·j for j in [k·b, (k+1)·b), so after k batches on each of W ranks the first
+        k·b·W rows are done, whatever W: skip ⌊k·b·W / (b'·W')⌋ batches now. Checkpoints without
+        ``world_size`` / ``batch_size`` count in this run's."""
+        rows = int(state["batches_consumed"]) * int(state.get("batch_size", self.batch_size))
+        rows *= int(state.get("world_size", world))
+        skip, repeat = divmod(rows, self.batch_size * world)
+        if repeat:
+            log.warning(
+                "resuming on %d rank(s) with batch_size=%d from a checkpoint counted in other units: the epoch's "
+                "next %d row(s) were already trained on and come again",
+                world,
+                self.batch_size,
+                repeat,
+            )
+        return int(state["epoch"]), skip
 
 
 def _xformers_usable() -> bool:

@@ -33,7 +33,7 @@ from lit_xf.data.rows import Batch, make_batch, read_rows
 from lit_xf.data.store import TokenDocs, open_store
 
 
-def _world(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
+def world_and_rank(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
     """(world size, rank): those given, else the initialized process group's, else (1, 0)."""
     world, this_rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -70,7 +70,7 @@ class EpochBatches(Dataset):
         self.doc_ids = compact(np.asarray(doc_ids, dtype=np.int64))
         self.seq_len, self.batch_mode, self.batch_size, self.pad_id = seq_len, batch_mode, batch_size, pad_id
         self.shuffle, self.seed, self.buffer, self.drop_last = shuffle, seed, buffer, drop_last
-        self.num_replicas, self.rank = _world(num_replicas, rank)
+        self.num_replicas, self.rank = world_and_rank(num_replicas, rank)
         self.window, self.xformers_bias, self.pin = window, xformers_bias, pin
         self._lengths: np.ndarray | None = None
         self._share: tuple[int, RowPlan] | None = None
