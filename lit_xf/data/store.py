@@ -24,6 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def encode_chunk(
         for doc in ids:
             doc.append(eos_id)
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    return np.fromiter((t for doc in ids for t in doc), dtype=dtype, count=int(lens.sum())), lens
+    return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum())), lens
 
 
 def _init_worker(spec: str, eos_id: int | None, dtype: str) -> None:
