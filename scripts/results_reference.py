@@ -522,8 +522,8 @@ SCALE_SECTIONS = [
             c=R.meta(DATA[0])["cpu_count"], load=", ".join(f"{R.rows(f)[0]['tokenizer']} {R.meta(f)['loadavg_at_end']}"
                                                           for f in DATA)),
         q="How fast does `lit-xf prepare` tokenize a corpus, and with how much memory?",
-        a="The byte tokenizer near disk speed; BPE at about half the per-core goal of the data issue; the memory "
-        "does not grow with the corpus.",
+        a="The byte tokenizer near disk speed; BPE on the large corpus just under the data issue's per-core goal; "
+        "the memory does not grow with the corpus.",
     ),
     dict(
         title="Loader, fit and packing", level=3, files=DATA,
