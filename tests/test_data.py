@@ -14,6 +14,7 @@ from importlib import metadata
 import numpy as np
 import pytest
 import torch
+from batch_cases import batch_documents
 
 from lit_xf import data
 from lit_xf.data import (
@@ -72,17 +73,6 @@ def fortunes_packed() -> TextDataModule:
 @pytest.fixture(scope="module")
 def fortunes_padded() -> TextDataModule:
     return make_dm(corpus="fortunes", batch_mode="padded", seq_len=512, batch_size=8)
-
-
-def batch_documents(batch) -> list[tuple[int, ...]]:
-    """Every document of a batch, read back from input_ids with doc_lens."""
-    docs = []
-    for b, lens in enumerate(batch["doc_lens"]):
-        start = 0
-        for n in lens:
-            docs.append(tuple(batch["input_ids"][b, start : start + n].tolist()))
-            start += n
-    return docs
 
 
 def check_contract(batch, batch_size: int, seq_len: int, pad_id: int) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from batch_cases import batch_documents
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
@@ -219,17 +220,6 @@ def _worker(local_rank: int, out: str, port: int) -> None:
     gathered = [None] * WORLD
     torch.distributed.all_gather_object(gathered, (loader.sampler.rank, loader.sampler.num_replicas, mine))
     torch.save(gathered, out / f"epoch_rank{local_rank}.pt")
-
-
-def batch_documents(batch) -> list[tuple[int, ...]]:
-    """Every document of a batch, read back from input_ids with doc_lens."""
-    docs = []
-    for b, lens in enumerate(batch["doc_lens"]):
-        start = 0
-        for n in lens:
-            docs.append(tuple(batch["input_ids"][b, start : start + n].tolist()))
-            start += n
-    return docs
 
 
 def _free_port() -> int:

@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from batch_cases import batch_documents
 
 from lit_xf.data import (
     ByteTokenizer,
@@ -31,16 +32,6 @@ def texts(n: int = 300, seed: int = 0) -> list[str]:
 
 def write_jsonl(path, docs, field="text"):
     path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
-
-
-def batch_docs(batch) -> list[tuple[int, ...]]:
-    out = []
-    for b, lens in enumerate(batch["doc_lens"]):
-        start = 0
-        for n in lens:
-            out.append(tuple(batch["input_ids"][b, start : start + n].tolist()))
-            start += n
-    return out
 
 
 def test_store_round_trips_every_document_and_parallel_prepare_matches(tmp_path):
@@ -206,7 +197,7 @@ def test_one_epoch_over_2_ranks_x_2_workers_yields_each_train_document_once(mode
         batches = list(loader)
         n_batches.append(len(batches))
         for batch in batches:
-            seen.update(batch_docs(batch))
+            seen.update(batch_documents(batch))
     assert n_batches[0] == n_batches[1]  # ranks step together
     plan = dm.dataset("train", num_replicas=1, rank=0).plan(0)
     left_out = plan.n_rows % 2  # the remainder rule: fewer rows than ranks are left out of the epoch
