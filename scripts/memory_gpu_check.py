@@ -347,6 +347,13 @@ def snapshot_cost(device: str, quick: bool) -> dict:
     return out
 
 
+def write_results(out: Path, results: dict) -> None:
+    """``<out>/memory_gpu_check.json``, replaced whole (a killed run leaves the previous file)."""
+    tmp = out / ".memory_gpu_check.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "memory_gpu_check.json")
+
+
 def reestimate(results: dict) -> None:
     """Every case's estimate recomputed from its recorded shape by today's ``estimate`` (pure
     arithmetic, no GPU); the measured peaks stay as they were measured."""
@@ -388,15 +395,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.reestimate:
-        path = out / "memory_gpu_check.json"
-        results = json.loads(path.read_text())
+        results = json.loads((out / "memory_gpu_check.json").read_text())
         reestimate(results)
         given = sys.argv[1:] if argv is None else argv
         command = " ".join(["python scripts/memory_gpu_check.py", *given])
         results["meta"]["command"] += f" && {command} ({time.strftime('%Y-%m-%d')})"
-        tmp = out / ".memory_gpu_check.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        write_results(out, results)
         print(summary(results))
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -427,9 +431,7 @@ def main(argv=None) -> int:
     def save():
         results["run"]["seconds"] = time.perf_counter() - started
         results["rows"] = result_rows(results)
-        tmp = out / ".memory_gpu_check.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out / "memory_gpu_check.json")
+        write_results(out, results)
 
     if "configs" in parts:
         results["configs"] = {}

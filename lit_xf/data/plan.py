@@ -231,7 +231,6 @@ def plan_rows(
     if batch_mode == "concat":
         return _concat_rows(order, lengths, seq_len, rng)
     doc, start, length = _pieces(order, lengths, seq_len)
-    del order, lengths
     if batch_mode == "padded":
         return RowPlan(doc, start, length, compact(np.arange(len(doc) + 1)), seq_len)
     idx, counts = _pack_window(length, seq_len, max(int(buffer), 1), rng)

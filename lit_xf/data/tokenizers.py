@@ -178,8 +178,8 @@ class FileTokenizer:
 
 
 def _encode_fast(hf, texts: list[str], **kwargs):
-    """``encode_batch`` without the character offsets (``encode_batch_fast``, tokenizers >= 0.20: the
-    same ids, ~15% faster on BPE; 4.5 -> 5.2 MB/s on one core here), else ``encode_batch``."""
+    """``encode_batch`` without the character offsets (``encode_batch_fast``, tokenizers >= 0.20:
+    the same ids, faster; docs/benchmarks-data-memory.md has the prepare rates), else ``encode_batch``."""
     fast = getattr(hf, "encode_batch_fast", None)
     return (fast or hf.encode_batch)(texts, **kwargs)
 
