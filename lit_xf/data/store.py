@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lit_xf.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
+from lit_xf.data.tokenizers import ByteTokenizer, Tokenizer, encode_documents, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TokenDocs:
     @classmethod
     def from_lists(cls, docs: Sequence[Sequence[int]]) -> TokenDocs:
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        tokens = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
+        tokens = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
         return cls(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
@@ -154,7 +154,7 @@ def encode_chunk(
         out[is_eos] = eos_id
         out[~is_eos] = body
         return out, lens
-    ids = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+    ids = encode_documents(tokenizer, texts, append_eos=False)
     if eos_id is not None:
         for doc in ids:
             doc.append(eos_id)
@@ -210,22 +210,19 @@ def build_store(
     tokenizer_spec: str,
     meta: dict[str, Any],
     *,
-    append_eos: bool = True,
     eos_id: int | None | object = TOKENIZER_EOS,
     workers: int | None = None,
     total_bytes: int | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> TokenDocs:
     """Tokenize ``documents`` with ``tokenizer_spec`` (``load_tokenizer``) into a store at ``dest``,
     atomically (a temporary folder renamed into place). ``workers``: encoding processes (default:
     every core; corpora under 8 MB are encoded in-process). If another process finished the same
     store first, its store is kept. ``eos_id``: the id appended after each document (default the
-    tokenizer's own). Returns the opened store."""
+    tokenizer's own; None: none). Returns the opened store."""
     dest = Path(dest)
     tokenizer = load_tokenizer(tokenizer_spec)
     if eos_id is TOKENIZER_EOS:
         eos_id = tokenizer.eos_id
-    eos_id = eos_id if append_eos else None
     dtype = token_dtype(tokenizer.vocab_size)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if total_bytes is not None and total_bytes < POOL_MIN_BYTES:
