@@ -359,14 +359,12 @@ class TinyGPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.max_seq_len}")
         device = input_ids.device
         window = self.attention_window
-        if layout is None or not layout.fits(B, T, window):
-            layout, attn_bias = None, None  # the batch's facts are for another shape or window
-        if layout is not None:
-            pass  # the batch's, built in a loader worker
-        elif doc_lens is None:
-            layout = DocLayout.full_rows(B, T, window=window)
-        else:
-            layout = DocLayout(doc_lens, T, window=window)
+        if layout is None or not layout.fits(B, T, window):  # none from the batch, or for another shape
+            attn_bias = None
+            if doc_lens is None:
+                layout = DocLayout.full_rows(B, T, window=window)
+            else:
+                layout = DocLayout(doc_lens, T, window=window)
         if attn_bias is not None and not bias_on_device(attn_bias, device):
             attn_bias = None
         if position_ids is None:
